@@ -1,0 +1,25 @@
+# The two commands in the README: `make demo` and `make test`. Both set up
+# what is missing first and are fast when everything is already there.
+VENV := .venv
+VMLOADER := $(VENV)/bin/vmloader
+IMAGE ?= debian-12
+
+.PHONY: setup image demo test unit bench
+
+setup:
+	@scripts/setup-host.sh
+
+image: setup
+	@$(VMLOADER) images build $(IMAGE)
+
+demo: image
+	$(VMLOADER) run --image $(IMAGE) -- sh -c 'echo "kernel:   $$(uname -sr)"; echo "hostname: $$(hostname)"; echo "id:       $$(id)"'
+
+test: image
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+unit: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
+
+bench: image
+	$(VENV)/bin/python bench/run_overhead.py

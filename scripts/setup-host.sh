@@ -1,0 +1,43 @@
+#!/bin/sh
+# Set up what vmloader needs on this worker; safe to run again (fast when done).
+#  - Debian packages (as root, only those missing)
+#  - the libvirt daemons (no systemd here: started by hand when none runs)
+#  - a venv at .venv with vmloader installed in editable mode
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+debootstrap e2fsprogs python3-venv"
+
+missing=""
+for pkg in $PACKAGES; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages:$missing — install them as root (apt-get install$missing)" >&2
+    exit 1
+  fi
+  echo "setup: installing Debian packages:$missing"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+if [ "$(id -u)" = 0 ]; then
+  if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+    echo "setup: starting virtlogd and libvirtd"
+    [ -e /run/virtlogd.pid ] && kill -0 "$(cat /run/virtlogd.pid)" 2>/dev/null || virtlogd -d
+    [ -e /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null || libvirtd -d
+    for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+  fi
+fi
+
+stamp=.venv/.vmloader-setup
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating the Python environment in .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,88 @@
+"""Fixtures for tests that boot real VMs through libvirt + QEMU.
+
+The guest image is built (or found up to date) in the real default cache,
+so CI reuses it across runs; every test gets its own state dir (jobs and
+snapshots) so they cannot see each other's leftovers.
+"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmloader.bootstrapper import build, catalog, config
+from vmloader.bootstrapper.cache import ImageCache
+
+IMAGE = "debian-12"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture(scope="session")
+def built_image():
+    """The default image, built once into the shared cache (fast when up to date)."""
+    cfg = config.load()
+    cache = ImageCache(cfg.cache_dir)
+    entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(IMAGE)
+    return build.build_image(entry, cache, progress=lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture
+def vm_env(tmp_path, built_image):
+    env = dict(os.environ)
+    env["VMLOADER_STATE_DIR"] = str(tmp_path / "state")
+    env.pop("VMLOADER_REPOSITORY", None)
+    return env
+
+
+@pytest.fixture
+def vmloader(vm_env, tmp_path):
+    """Run the real `vmloader` CLI in a subprocess; returns a Run."""
+    def call(*args, input: bytes = b"", env_extra=None, cwd=None, timeout=600) -> Run:
+        env = dict(vm_env, **(env_extra or {}))
+        proc = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", *args],
+                              input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env, cwd=cwd or tmp_path, timeout=timeout)
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+    return call
+
+
+@pytest.fixture
+def state_dir(vm_env) -> Path:
+    return Path(vm_env["VMLOADER_STATE_DIR"])
+
+
+def libvirt_domains() -> list:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    return [line for line in out.split() if line.startswith("vmloader-")]
+
+
+@pytest.fixture
+def no_leftovers(state_dir):
+    """After the test: no vmloader domain is left and no overlay outside the snapshot store."""
+    before = set(libvirt_domains())
+    yield
+    assert set(libvirt_domains()) - before == set()
+    jobs = state_dir / "jobs"
+    if jobs.exists():
+        assert list(jobs.glob("*/overlay.qcow2")) == []

@@ -1,0 +1,1 @@
+"""Worker-side half of vmloader: detection, images, VMs, jobs, snapshots."""

@@ -1,0 +1,185 @@
+"""Build guest images from Debian packages: debootstrap, agent, ext4, qcow2.
+
+No mounts are needed: debootstrap fills a directory, `mke2fs -d` turns it
+into a filesystem image, `qemu-img convert` into qcow2. The slow debootstrap
+step is cached as a directory keyed by a hash of the recipe, so rebuilding
+after an agent change takes seconds.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import proc
+from .cache import ImageCache, sha256_file
+from .catalog import Artifact, ImageEntry, Recipe
+from .errors import ImageBuildError
+
+BUILDER_VERSION = "1"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]          # the vmloader package
+AGENT_FILES = ("__init__.py", "protocol.py", "agent")
+GUEST_USER = ("vmloader", 1000)
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    print(f"vmloader: {message}", file=sys.stderr, flush=True)
+
+
+def _agent_sources() -> list:
+    files = []
+    for name in AGENT_FILES:
+        path = PACKAGE_ROOT / name
+        files.extend(sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+                     if path.is_dir() else [path])
+    return files
+
+
+def recipe_key(recipe: Recipe) -> str:
+    """Identifies the debootstrap tree: changes only when the package set does."""
+    text = json.dumps({"recipe": recipe.to_dict(), "builder": BUILDER_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def image_key(entry: ImageEntry) -> str:
+    """Identifies the finished image: recipe + agent + init + sizes."""
+    digest = hashlib.sha256(recipe_key(entry.recipe).encode())
+    digest.update(f"{entry.disk_gib}:{entry.cmdline}".encode())
+    for path in _agent_sources():
+        digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _packages(recipe: Recipe) -> list:
+    extra = ["systemd-sysv"] if recipe.init == "systemd" else []
+    return list(recipe.packages) + extra
+
+
+def _debootstrap(recipe: Recipe, cache: ImageCache, progress: Progress) -> Path:
+    tree = cache.root / "rootfs" / recipe_key(recipe)
+    if (tree / ".vmloader-complete").exists():
+        progress(f"reusing cached debootstrap tree for {recipe.suite}")
+        return tree
+    if os.geteuid() != 0:
+        raise ImageBuildError("building images needs root (debootstrap creates device nodes and chowns files)",
+                              hint="run `sudo vmloader images build NAME`, or pull a built image")
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    progress(f"debootstrap {recipe.suite} ({len(_packages(recipe))} extra packages; about a minute)")
+    started = time.monotonic()
+    proc.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(_packages(recipe)),
+              recipe.suite, str(tree)], phase="image build",
+             hint="check that the Debian mirror is reachable and debootstrap is installed")
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
+        shutil.rmtree(tree / junk, ignore_errors=True)
+    (tree / ".vmloader-complete").write_text(recipe.suite + "\n")
+    progress(f"debootstrap done in {time.monotonic() - started:.0f} s")
+    return tree
+
+
+def _add_guest_user(root: Path) -> None:
+    name, uid = GUEST_USER
+    passwd = (root / "etc/passwd").read_text()
+    if f"\n{name}:" in "\n" + passwd:
+        return
+    with open(root / "etc/passwd", "a") as f:
+        f.write(f"{name}:x:{uid}:{uid}:vmloader job user:/home/{name}:/bin/sh\n")
+    with open(root / "etc/group", "a") as f:
+        f.write(f"{name}:x:{uid}:\n")
+    with open(root / "etc/shadow", "a") as f:
+        f.write(f"{name}:!:19000:0:99999:7:::\n")
+    for path in (root / "home" / name, root / "work"):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, uid, uid)
+
+
+def _install_agent(root: Path, recipe: Recipe) -> None:
+    lib = root / "usr/lib/vmloader"
+    shutil.rmtree(lib, ignore_errors=True)
+    for path in _agent_sources():
+        dest = lib / "vmloader" / path.relative_to(PACKAGE_ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    agent_dir = PACKAGE_ROOT / "agent"
+    shutil.copyfile(agent_dir / "guest-setup", lib / "guest-setup")
+    os.chmod(lib / "guest-setup", 0o755)
+    shutil.copyfile(agent_dir / "vmloader-init", root / "sbin/vmloader-init")
+    os.chmod(root / "sbin/vmloader-init", 0o755)
+    if recipe.init == "systemd":
+        unit = root / "etc/systemd/system/vmloader-agent.service"
+        shutil.copyfile(agent_dir / "vmloader-agent.service", unit)
+        wants = root / "etc/systemd/system/sysinit.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        link = wants / "vmloader-agent.service"
+        if not link.is_symlink():
+            link.symlink_to("/etc/systemd/system/vmloader-agent.service")
+
+
+def _boot_files(root: Path) -> tuple:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    initrds = sorted((root / "boot").glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise ImageBuildError(f"no kernel or initrd in {root}/boot",
+                              hint="the recipe must include a linux-image package and initramfs-tools")
+    return kernels[-1], initrds[-1]
+
+
+def default_cmdline(recipe: Recipe) -> str:
+    init = "" if recipe.init == "systemd" else " init=/sbin/vmloader-init"
+    return "root=/dev/vda rw console=ttyS0 quiet" + init
+
+
+def build_image(entry: ImageEntry, cache: ImageCache, *, force: bool = False,
+                progress: Progress = stderr_progress) -> ImageEntry:
+    """Build `entry` (which must have a recipe) into the cache; returns the built entry."""
+    if entry.recipe is None:
+        raise ImageBuildError(f"image {entry.name} has no recipe to build from",
+                              hint="pull it from a repository instead")
+    key = image_key(entry)
+    version = f"{entry.version}.{key[:12]}"
+    existing = cache.built_manifest().find(f"{entry.name}@{version}", need_artifacts=True)
+    if existing and not force and cache.has_all(existing):
+        progress(f"image {entry.name} is up to date ({version})")
+        return existing
+    tree = _debootstrap(entry.recipe, cache, progress)
+    work = cache.scratch_dir(f"build-{entry.name}")
+    try:
+        return _assemble(entry, version, tree, work, cache, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
+              cache: ImageCache, progress: Progress) -> ImageEntry:
+    root = work / "root"
+    progress("copying the root tree and installing the agent")
+    proc.run(["cp", "-a", "--reflink=auto", str(tree), str(root)], phase="image build")
+    (root / ".vmloader-complete").unlink(missing_ok=True)
+    _add_guest_user(root)
+    _install_agent(root, entry.recipe)
+    kernel, initrd = _boot_files(root)
+    progress(f"writing a {entry.disk_gib} GiB ext4 filesystem")
+    raw = work / "disk.raw"
+    proc.run(["mke2fs", "-q", "-t", "ext4", "-L", "vmroot", "-d", str(root), str(raw),
+              f"{entry.disk_gib}G"], phase="image build")
+    progress("converting to qcow2")
+    disk = work / "disk.qcow2"
+    proc.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], phase="image build")
+    artifacts = {}
+    for kind, path in (("disk", disk), ("kernel", kernel), ("initrd", initrd)):
+        art = Artifact(url=f"{entry.name}/{version}/{path.name}", sha256=sha256_file(path),
+                       size=path.stat().st_size)
+        cache.insert_file(path, art)
+        artifacts[kind] = art
+    built = replace(entry, version=version, artifacts=artifacts,
+                    cmdline=entry.cmdline or default_cmdline(entry.recipe))
+    cache.record_built(built)
+    progress(f"built {built.ref} (disk {artifacts['disk'].size / 2**20:.0f} MiB)")
+    return built

@@ -1,0 +1,185 @@
+"""The `vmloader` command: a thin layer over the library that maps errors to exit codes."""
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import build, catalog, config as config_mod, hypervisors, virt
+from .cache import ImageCache, repository_for
+from .errors import EXIT_INFRA, UsageError, VMLoaderError
+from .job import JobRunner, JobSpec
+from .snapshots import POLICIES, SnapshotStore
+
+
+def _env_pair(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected K=V, got {text!r}")
+    return key, value
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a command in a fresh VM")
+    p.add_argument("--image", required=True, help="image name, e.g. debian-12 (or NAME@VERSION)")
+    p.add_argument("--cpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MiB")
+    p.add_argument("--root", action="store_true", help="run the command as root in the guest")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop the job after S seconds (exit 124)")
+    p.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V")
+    p.add_argument("--input", action="append", default=[], metavar="PATH",
+                   help="copy a file into the guest work dir before the command")
+    p.add_argument("--output", action="append", default=[], metavar="PATH",
+                   help="copy a path (relative to the guest work dir) back after the command")
+    p.add_argument("--output-dir", default=".", help="where --output files land (default: .)")
+    p.add_argument("--snapshot", choices=POLICIES, help="keep the VM's disk state (default on-failure)")
+    p.add_argument("--network", choices=("user", "none"), default="user")
+    p.add_argument("--hypervisor", choices=("kvm", "qemu", "xen"), help="force a hypervisor")
+    p.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    p.add_argument("--job-id", help="use this job id (default: generated)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON result; the command's output goes to files in the job dir")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmloader", description="Run batch jobs in throwaway VMs.")
+    parser.add_argument("--debug", action="store_true", help="log every host command; tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_run(sub)
+    hv = sub.add_parser("hypervisors", help="which hypervisors are usable here, and why")
+    hv.add_argument("--json", action="store_true")
+    images = sub.add_parser("images", help="build and list guest images").add_subparsers(dest="images_cmd", required=True)
+    b = images.add_parser("build", help="build an image from its recipe (root)")
+    b.add_argument("name")
+    b.add_argument("--init", choices=("fast", "systemd"), default="fast",
+                   help="systemd: boot systemd with the agent as a unit (for jobs needing services)")
+    b.add_argument("--force", action="store_true")
+    lst = images.add_parser("list", help="known images and whether they are cached")
+    lst.add_argument("--json", action="store_true")
+    snap = sub.add_parser("snapshot", help="kept job states").add_subparsers(dest="snap_cmd", required=True)
+    for name in ("list", "show", "rm"):
+        sp = snap.add_parser(name)
+        if name != "list":
+            sp.add_argument("id")
+        sp.add_argument("--json", action="store_true")
+    return parser
+
+
+def _emit(data, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def _cache(cfg: config_mod.Config) -> ImageCache:
+    return ImageCache(cfg.cache_dir, [repository_for(r) for r in cfg.repositories])
+
+
+def _probes() -> hypervisors.HostProbes:
+    return hypervisors.HostProbes()
+
+
+def cmd_run(args, cfg) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    spec = JobSpec(image=args.image, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
+                   root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
+                   outputs=tuple(args.output), output_dir=Path(args.output_dir),
+                   snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
+                   console=args.console, capture_dir=args.json, job_id=args.job_id)
+    choose = lambda: hypervisors.choose(hypervisors.detect(_probes()), args.hypervisor)
+    runner = JobRunner(cfg, _cache(cfg), SnapshotStore(cfg.snapshots_dir), choose,
+                       stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
+    result = runner.run(spec)
+    if args.json:
+        _emit(result.to_dict(), True, "")
+    else:
+        if result.error:
+            err = VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"])
+            print(err.user_text(), file=sys.stderr)
+        where = f"; snapshot {result.snapshot} in {cfg.snapshots_dir / result.snapshot}" if result.snapshot else ""
+        print(f"vmloader: job {result.job_id}: {result.outcome} (exit {result.exit_status}){where}",
+              file=sys.stderr)
+    return result.exit_status
+
+
+def cmd_hypervisors(args, cfg) -> int:
+    found = hypervisors.detect(_probes())
+    text = "\n".join(f"{h.name:6} {'usable' if h.usable else 'unusable':9} {h.reason}" for h in found)
+    _emit([h.to_dict() for h in found], args.json, text)
+    return 0
+
+
+def cmd_images(args, cfg) -> int:
+    cache = _cache(cfg)
+    if args.images_cmd == "build":
+        entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(args.name)
+        if entry is None or not entry.buildable:
+            raise UsageError(f"no recipe for image {args.name!r}",
+                             hint="images with recipes: " + ", ".join(
+                                 catalog.load_manifest(catalog.EMBEDDED_MANIFEST).names()))
+        if args.init == "systemd":
+            from dataclasses import replace
+            entry = replace(entry, name=entry.name + "-systemd",
+                            recipe=replace(entry.recipe, init="systemd"))
+        built = build.build_image(entry, cache, force=args.force)
+        print(built.ref)
+        return 0
+    rows = []
+    for name in cache.known_names():
+        try:
+            resolved = cache.resolve(name)
+            rows.append({"name": name, "version": resolved.entry.version, "cached": True,
+                         "disk": str(resolved.disk)})
+        except VMLoaderError as exc:
+            rows.append({"name": name, "version": None, "cached": False, "note": exc.message})
+    text = "\n".join(f"{r['name']:20} {'cached ' + r['version'] if r['cached'] else 'not cached'}" for r in rows)
+    _emit(rows, args.json, text)
+    return 0
+
+
+def cmd_snapshot(args, cfg) -> int:
+    store = SnapshotStore(cfg.snapshots_dir)
+    if args.snap_cmd == "list":
+        snaps = store.list()
+        text = "\n".join(f"{s.meta.id}  {s.meta.image:28} exit {s.meta.exit_status:<4} {' '.join(s.meta.command)}"
+                         for s in snaps) or "no snapshots"
+        _emit([s.to_dict() for s in snaps], args.json, text)
+    elif args.snap_cmd == "show":
+        snap = store.get(args.id)
+        data = snap.to_dict()
+        _emit(data, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    else:
+        store.remove(args.id)
+        _emit({"removed": args.id}, args.json, f"removed snapshot {args.id}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="vmloader: %(message)s")
+    virt.silence_libvirt_errors()
+    try:
+        cfg = config_mod.load()
+        return COMMANDS[args.cmd](args, cfg)
+    except VMLoaderError as exc:
+        if args.debug:
+            raise
+        print(exc.user_text(), file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps(exc.to_dict(), indent=2))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,148 @@
+"""One typed, frozen configuration object, built from file + environment + flags.
+
+Every setting is declared once in SETTINGS: its config-file key, its
+environment variable and how to parse it. Files are read in order
+(/etc/vmloader/config.toml, then ~/.config/vmloader/config.toml), then the
+environment, then explicit overrides (CLI flags) win.
+"""
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from .errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/vmloader/config.toml")
+
+
+def _user_config() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "vmloader" / "config.toml"
+
+
+def _default_cache_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/vmloader")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "vmloader"
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/vmloader")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "vmloader"
+
+
+def _path(value: Any) -> Path:
+    return Path(os.path.expanduser(str(value)))
+
+
+def _str_list(value: Any) -> tuple:
+    if isinstance(value, str):
+        return tuple(v for v in value.split() if v)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError("expected a list of strings or a space-separated string")
+
+
+def _policy(value: Any) -> str:
+    text = str(value).replace("_", "-")
+    if text not in ("always", "on-failure", "never"):
+        raise ValueError("expected always, on-failure or never")
+    return text
+
+
+def _positive_int(value: Any) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("expected a positive whole number")
+    return number
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    env: str
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: Sequence[Setting] = (
+    Setting("cache_dir", "VMLOADER_CACHE_DIR", _path, "verified image cache"),
+    Setting("state_dir", "VMLOADER_STATE_DIR", _path, "job dirs and snapshot store"),
+    Setting("repositories", "VMLOADER_REPOSITORY", _str_list,
+            "image repository URLs or directories, tried in order"),
+    Setting("libvirt_uri", "VMLOADER_LIBVIRT_URI", str, "libvirt URI (default: by hypervisor and user)"),
+    Setting("snapshot_policy", "VMLOADER_SNAPSHOT", _policy, "default --snapshot policy"),
+    Setting("boot_timeout", "VMLOADER_BOOT_TIMEOUT", _positive_int,
+            "seconds a guest may take to reach the agent"),
+    Setting("memory_mib", "VMLOADER_MEMORY", _positive_int, "default guest memory (MiB)"),
+    Setting("cpus", "VMLOADER_CPUS", _positive_int, "default guest vCPUs"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: Path
+    state_dir: Path
+    repositories: tuple = ()
+    libvirt_uri: Optional[str] = None
+    snapshot_policy: str = "on-failure"
+    boot_timeout: int = 180
+    memory_mib: int = 1024
+    cpus: int = 1
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.state_dir / "snapshots"
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}",
+                          hint="fix the file or remove it") from None
+
+
+def _parse(setting: Setting, value: Any, origin: str) -> Any:
+    try:
+        return setting.parse(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad value {value!r} for {setting.key} in {origin}: {exc}",
+                          hint=f"{setting.key}: {setting.help}") from None
+
+
+def load(overrides: Optional[Mapping[str, Any]] = None,
+         environ: Optional[Mapping[str, str]] = None,
+         files: Optional[Sequence[Path]] = None) -> Config:
+    environ = os.environ if environ is None else environ
+    files = (SYSTEM_CONFIG, _user_config()) if files is None else files
+    values: dict = {"cache_dir": _default_cache_dir(), "state_dir": _default_state_dir()}
+    known = {s.key: s for s in SETTINGS}
+    for path in files:
+        for key, value in _read_file(Path(path)).items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r} in {path}",
+                                  hint="known settings: " + ", ".join(sorted(known)))
+            values[key] = _parse(known[key], value, str(path))
+    for setting in SETTINGS:
+        if environ.get(setting.env):
+            values[setting.key] = _parse(setting, environ[setting.env], setting.env)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _parse(known[key], value, "the command line")
+    return Config(**values)

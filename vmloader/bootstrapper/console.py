@@ -1,0 +1,72 @@
+"""The guest's serial console log: tail it for errors, follow it live with inotify."""
+import threading
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+import pyinotify
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of the console log, or '' when there is none."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class ConsoleFollower:
+    """Copies what the guest prints on its console to `out` as it appears.
+
+    Watches the log's directory (the log may not exist yet when the job
+    starts) for writes with inotify instead of polling the file.
+    """
+
+    def __init__(self, path: Path, out: BinaryIO):
+        self.path = Path(path)
+        self.out = out
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "ConsoleFollower":
+        self._thread = threading.Thread(target=self._run, name="console-follow", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._copy_new()
+
+    def _run(self) -> None:
+        manager = pyinotify.WatchManager()
+        notifier = pyinotify.Notifier(manager, default_proc_fun=lambda event: None, timeout=200)
+        mask = pyinotify.IN_MODIFY | pyinotify.IN_CREATE | pyinotify.IN_CLOSE_WRITE
+        manager.add_watch(str(self.path.parent), mask)
+        try:
+            while not self._stop.is_set():
+                if notifier.check_events():
+                    notifier.read_events()
+                    notifier.process_events()
+                self._copy_new()
+        finally:
+            notifier.stop()
+
+    def _copy_new(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        if data:
+            self._offset += len(data)
+            self.out.write(data)
+            self.out.flush()

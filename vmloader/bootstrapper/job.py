@@ -1,0 +1,404 @@
+"""One VM per job: resolve the image, boot a throwaway overlay, run the command
+through the agent, collect outputs, keep or drop the disk state, tear down.
+
+Whatever fails, the finally-path runs: the domain is destroyed, the overlay
+is either preserved as a snapshot or deleted, and the job record (metadata +
+console log) stays in the job directory.
+"""
+import json
+import os
+import pwd
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Mapping, Optional
+
+import libvirt
+
+from . import proc, virt
+from .agentclient import AgentClient, ExecResult, ExecTimeout
+from .cache import ImageCache, ResolvedImage
+from .console import ConsoleFollower, tail
+from .config import Config
+from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
+                     NetworkSpec, domain_xml)
+from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
+                     GuestTimeout, UsageError, VMLoaderError)
+from .hypervisors import Hypervisor
+from .snapshots import SnapshotMeta, SnapshotStore, should_keep
+from .timings import PhaseTimer
+
+GUEST_WORKDIR = "/work"
+GUEST_USER = "vmloader"
+TAIL_BYTES = 64 * 1024
+POWEROFF_WAIT = 15.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    image: str
+    command: tuple
+    cpus: Optional[int] = None
+    memory_mib: Optional[int] = None
+    root: bool = False
+    timeout: Optional[float] = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    inputs: tuple = ()
+    outputs: tuple = ()
+    output_dir: Path = Path(".")
+    snapshot: str = "on-failure"
+    network: str = "user"
+    console: bool = False
+    capture_dir: bool = False      # --json: command output goes to files in the job dir
+    job_id: Optional[str] = None
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    exit_status: int
+    outcome: str
+    image: str = ""
+    hypervisor: str = ""
+    timings: dict = field(default_factory=dict)
+    snapshot: Optional[str] = None
+    job_dir: str = ""
+    console_log: str = ""
+    stdout_path: Optional[str] = None
+    stderr_path: Optional[str] = None
+    error: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def exit_status(result: ExecResult) -> int:
+    """docker-run conventions: own code; 128+N for signal N; 126/127; 125 for ours."""
+    if result.error == "not_found":
+        return EXIT_NOT_FOUND
+    if result.error == "not_executable":
+        return EXIT_NOT_EXECUTABLE
+    if result.error:
+        return EXIT_INFRA
+    if result.signal:
+        return 128 + result.signal
+    return result.exit_code if result.exit_code is not None else EXIT_INFRA
+
+
+def outcome_of(status: int) -> str:
+    return {0: "succeeded", EXIT_TIMEOUT: "timeout", EXIT_INFRA: "infrastructure-error",
+            EXIT_NOT_EXECUTABLE: "not-executable", EXIT_NOT_FOUND: "not-found"}.get(
+        status, "killed-by-signal" if status > 128 else "failed")
+
+
+def validate(spec: JobSpec) -> None:
+    if not spec.command:
+        raise UsageError("no command given", hint="vmloader run --image NAME -- COMMAND [ARGS...]")
+    for path in spec.inputs:
+        if not Path(path).is_file():
+            raise UsageError(f"--input {path}: no such file", hint="give an existing file to copy into the guest")
+    for out in spec.outputs:
+        pure = PurePosixPath(out)
+        if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+            raise UsageError(f"--output {out}: path escapes the job's work dir",
+                             hint=f"give a path relative to the guest work dir {GUEST_WORKDIR}, without '..'")
+    if spec.timeout is not None and spec.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class TailWriter:
+    """Passes output through and remembers its last bytes for the job record."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.last = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.last += data
+        del self.last[:-TAIL_BYTES]
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class Job:
+    """The state of one running job; `JobRunner.run` drives it through its phases."""
+
+    def __init__(self, spec: JobSpec, job_dir: Path):
+        self.spec = spec
+        self.job_dir = job_dir
+        self.timer = PhaseTimer()
+        self.image: Optional[ResolvedImage] = None
+        self.hypervisor: Optional[Hypervisor] = None
+        self.conn = None
+        self.domain = None
+        self.client: Optional[AgentClient] = None
+        self.exec_started = False
+        self.status = EXIT_INFRA
+        self.error: Optional[VMLoaderError] = None
+
+    @property
+    def overlay(self) -> Path:
+        return self.job_dir / "overlay.qcow2"
+
+    @property
+    def console_log(self) -> Path:
+        return self.job_dir / "console.log"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.job_dir / "agent.sock"
+
+
+class JobRunner:
+    def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
+                 choose_hypervisor, *, stdin: Optional[BinaryIO] = None,
+                 stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None):
+        self.config = config
+        self.cache = cache
+        self.store = store
+        self.choose_hypervisor = choose_hypervisor
+        self.stdin = stdin
+        self.stdout = stdout if stdout is not None else sys.stdout.buffer
+        self.stderr = stderr if stderr is not None else sys.stderr.buffer
+
+    def run(self, spec: JobSpec) -> JobResult:
+        validate(spec)
+        job_id = spec.job_id or new_job_id()
+        job = Job(spec, self._make_job_dir(job_id))
+        out, err = self._output_streams(job)
+        try:
+            self._boot_and_exec(job, out, err)
+        except ExecTimeout:
+            job.status = EXIT_TIMEOUT
+        except VMLoaderError as exc:
+            exc.phase = exc.phase or job.timer.current
+            job.error, job.status = exc, exc.exit_code
+        finally:
+            snapshot_id = self._finish(job)
+        self._write_tails(job, out, err)
+        return self._result(job, job_id, snapshot_id)
+
+    def _make_job_dir(self, job_id: str) -> Path:
+        jobs = self.config.jobs_dir
+        try:
+            jobs.mkdir(parents=True, exist_ok=True)
+            # QEMU may run as libvirt-qemu and must reach the overlay in here.
+            for path in (self.config.state_dir, jobs):
+                os.chmod(path, 0o711)
+            job_dir = jobs / job_id
+            job_dir.mkdir(mode=0o711)
+        except OSError as exc:
+            raise VMLoaderError(f"cannot create the job directory under {jobs}: {exc}",
+                                hint="set state_dir in config or VMLOADER_STATE_DIR to a writable directory",
+                                phase="setup") from None
+        return job_dir
+
+    def _output_streams(self, job: Job):
+        if job.spec.capture_dir:
+            return (TailWriter(open(job.job_dir / "stdout", "wb")),
+                    TailWriter(open(job.job_dir / "stderr", "wb")))
+        return TailWriter(self.stdout), TailWriter(self.stderr)
+
+    def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
+        spec = job.spec
+        with job.timer.phase("cache lookup"):
+            job.image = self.cache.resolve(spec.image)
+        with job.timer.phase("hypervisor"):
+            job.hypervisor = self.choose_hypervisor()
+        with job.timer.phase("overlay"):
+            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                      "-b", str(job.image.disk), str(job.overlay)], phase="overlay")
+        with job.timer.phase("define"):
+            self._start_domain(job)
+        follower = ConsoleFollower(job.console_log, self.stderr).start() if spec.console else None
+        try:
+            with job.timer.phase("boot"):
+                job.client = self._connect_agent(job)
+            with job.timer.phase("stage-in"):
+                for path in spec.inputs:
+                    job.client.put_file(str(path), Path(path).name, user=self._guest_user(job))
+            with job.timer.phase("exec"):
+                job.exec_started = True
+                result = job.client.exec(
+                    list(spec.command), env=self._guest_env(job), user=self._guest_user(job),
+                    cwd=GUEST_WORKDIR, stdin=self.stdin, stdout=out, stderr=err,
+                    deadline=time.monotonic() + spec.timeout if spec.timeout else None)
+            job.status = exit_status(result)
+            if result.error and job.status == EXIT_INFRA:
+                raise AgentError(f"the agent could not run the command: {result.message}", phase="exec")
+        finally:
+            if follower:
+                follower.stop()
+
+    def _guest_user(self, job: Job) -> str:
+        return "root" if job.spec.root else GUEST_USER
+
+    def _guest_env(self, job: Job) -> dict:
+        env = {"VMLOADER_JOB_ID": job.job_dir.name, "VMLOADER_IMAGE": job.image.entry.ref}
+        env.update(job.spec.env)
+        return env
+
+    def _domain_spec(self, job: Job) -> DomainSpec:
+        entry, spec = job.image.entry, job.spec
+        cmdline = (f"{entry.cmdline} panic=1 vmloader.hostname=vm-{job.job_dir.name[-6:]} "
+                   f"vmloader.net={spec.network}")
+        return DomainSpec(
+            name=f"vmloader-{job.job_dir.name}", hypervisor=job.hypervisor.domain_type,
+            memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
+            vcpus=spec.cpus or entry.cpus or self.config.cpus,
+            boot=BootSpec(str(job.image.kernel), str(job.image.initrd), cmdline),
+            disks=(DiskSpec(str(job.overlay)),),
+            channel=ChannelSpec(str(job.socket_path)),
+            console=ConsoleSpec(str(job.console_log)),
+            network=NetworkSpec(spec.network),
+            metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
+                                 entry.artifacts["disk"].sha256, os.getpid()))
+
+    def _start_domain(self, job: Job) -> None:
+        uri = self.config.libvirt_uri or job.hypervisor.uri
+        job.conn = virt.connect(uri)
+        xml = domain_xml(self._domain_spec(job))
+        (job.job_dir / "domain.xml").write_text(xml)
+        try:
+            job.domain = job.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
+        except libvirt.libvirtError as exc:
+            raise virt.translate(exc, "define") from None
+
+    def _connect_agent(self, job: Job) -> AgentClient:
+        deadline = time.monotonic() + self.config.boot_timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                sock.connect(str(job.socket_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise self._boot_failure(job, "the agent channel never appeared") from None
+                time.sleep(0.1)
+        client = AgentClient(sock)
+        try:
+            client.handshake(timeout=max(1.0, deadline - time.monotonic()))
+        except AgentError as exc:
+            client.close()
+            raise self._boot_failure(job, exc.message) from None
+        return client
+
+    def _boot_failure(self, job: Job, why: str) -> GuestTimeout:
+        time.sleep(0.5)   # let virtlogd flush the last console lines
+        console = tail(job.console_log)
+        return GuestTimeout(
+            f"the guest never reached the agent ({why}); console log {job.console_log}, last lines:\n{console}",
+            hint="check the image boots (vmloader run --console shows the boot live); "
+                 "a slow host may need a larger boot_timeout", phase="boot")
+
+    def _finish(self, job: Job) -> Optional[str]:
+        if job.client is not None and job.exec_started:
+            with job.timer.phase("collect"):
+                self._collect_outputs(job)
+        with job.timer.phase("teardown"):
+            self._stop_domain(job)
+        with job.timer.phase("snapshot"):
+            snapshot_id = self._keep_or_drop(job)
+        self._write_metadata(job, snapshot_id)
+        return snapshot_id
+
+    def _collect_outputs(self, job: Job) -> None:
+        for out in job.spec.outputs:
+            try:
+                job.client.get_file(out, str(job.spec.output_dir))
+            except VMLoaderError as exc:
+                print(f"vmloader: could not copy back --output {out}: {exc.message}", file=sys.stderr)
+
+    def _stop_domain(self, job: Job) -> None:
+        if job.client is not None:
+            try:
+                job.client.shutdown()
+                _wait_shut_off(job.domain, POWEROFF_WAIT)
+            except VMLoaderError:
+                pass
+            job.client.close()
+        if job.domain is not None:
+            try:
+                if job.domain.isActive():
+                    job.domain.destroy()
+            except libvirt.libvirtError:
+                pass   # a transient domain that powered off is already gone
+        if job.conn is not None:
+            job.conn.close()
+
+    def _keep_or_drop(self, job: Job) -> Optional[str]:
+        failed = job.status != 0
+        if job.exec_started and should_keep(job.spec.snapshot, failed) and job.overlay.exists():
+            meta = SnapshotMeta(
+                id=job.job_dir.name, created=time.time(), image=job.image.entry.ref,
+                image_sha256=job.image.entry.artifacts["disk"].sha256, base_path=str(job.image.disk),
+                command=list(job.spec.command), exit_status=job.status, outcome=outcome_of(job.status),
+                user=_user_name(), hostname=socket.gethostname(), timings=job.timer.to_dict(),
+                error=job.error.message if job.error else None)
+            try:
+                return self.store.preserve(meta, job.overlay, job.console_log).meta.id
+            except VMLoaderError as exc:
+                job.error = job.error or exc
+                return None
+        job.overlay.unlink(missing_ok=True)
+        return None
+
+    def _write_metadata(self, job: Job, snapshot_id: Optional[str]) -> None:
+        job.socket_path.unlink(missing_ok=True)
+        data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
+                "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
+                "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
+        (job.job_dir / "metadata.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
+        if job.spec.capture_dir:
+            out.out.close()
+            err.out.close()
+        (job.job_dir / "stdout.tail").write_bytes(bytes(out.last))
+        (job.job_dir / "stderr.tail").write_bytes(bytes(err.last))
+        if job.error is None:
+            return
+        snapshot = self.store.root / job.job_dir.name
+        if snapshot.is_dir():
+            for name in ("stdout.tail", "stderr.tail"):
+                (snapshot / name).write_bytes((job.job_dir / name).read_bytes())
+
+    def _result(self, job: Job, job_id: str, snapshot_id: Optional[str]) -> JobResult:
+        captured = job.spec.capture_dir
+        return JobResult(
+            job_id=job_id, exit_status=job.status, outcome=outcome_of(job.status),
+            image=job.image.entry.ref if job.image else job.spec.image,
+            hypervisor=job.hypervisor.name if job.hypervisor else "",
+            timings=job.timer.to_dict(), snapshot=snapshot_id, job_dir=str(job.job_dir),
+            console_log=str(job.console_log),
+            stdout_path=str(job.job_dir / "stdout") if captured else None,
+            stderr_path=str(job.job_dir / "stderr") if captured else None,
+            error=job.error.to_dict() if job.error else None)
+
+
+def _wait_shut_off(domain, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not domain.isActive():
+                return
+        except libvirt.libvirtError:
+            return   # transient domain gone: it powered off
+        time.sleep(0.1)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())

@@ -1,0 +1,123 @@
+"""The snapshot store: a job's final disk state kept for post-mortem debugging.
+
+A snapshot is a directory `<store>/<id>/` holding the job's overlay (moved
+there, never copied: preserving is a rename), the console log and
+`metadata.json` (image and its sha256, command, exit status, timings, user).
+The overlay's backing file is the cached base image, which is never written.
+"""
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import SnapshotError
+
+POLICIES = ("always", "on-failure", "never")
+
+
+def should_keep(policy: str, failed: bool) -> bool:
+    return policy == "always" or (policy == "on-failure" and failed)
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    id: str
+    created: float
+    image: str
+    image_sha256: str
+    base_path: str
+    command: list
+    exit_status: int
+    outcome: str
+    user: str
+    hostname: str
+    timings: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    meta: SnapshotMeta
+    path: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def to_dict(self) -> dict:
+        data = self.meta.to_dict()
+        data.update(path=str(self.path), disk=str(self.disk), console_log=str(self.console_log),
+                    size_bytes=self.size_bytes())
+        return data
+
+
+class SnapshotStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, snap_id: str) -> Path:
+        if not snap_id or "/" in snap_id or snap_id.startswith("."):
+            raise SnapshotError(f"invalid snapshot id {snap_id!r}", hint="see `vmloader snapshot list`")
+        return self.root / snap_id
+
+    def preserve(self, meta: SnapshotMeta, overlay: Path, console_log: Optional[Path]) -> Snapshot:
+        """Move the overlay (a rename: constant time whatever the disk size) into the store."""
+        path = self._dir(meta.id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)
+        tmp = self.root / f".{meta.id}.partial"
+        tmp.mkdir(mode=0o700)
+        try:
+            os.replace(overlay, tmp / "disk.qcow2")
+            if console_log is not None and console_log.exists():
+                shutil.copyfile(console_log, tmp / "console.log")
+            (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            if (tmp / "disk.qcow2").exists() and not overlay.exists():
+                os.replace(tmp / "disk.qcow2", overlay)   # give the overlay back, lose nothing
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SnapshotError(f"could not preserve snapshot {meta.id}: {exc}",
+                                hint=f"the job's disk state is still at {overlay}", phase="snapshot") from None
+        return Snapshot(meta, path)
+
+    def get(self, snap_id: str) -> Snapshot:
+        path = self._dir(snap_id)
+        try:
+            data = json.loads((path / "metadata.json").read_text())
+        except FileNotFoundError:
+            raise SnapshotError(f"no snapshot with id {snap_id!r} in {self.root}",
+                                hint="see `vmloader snapshot list`") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"snapshot {snap_id} has unreadable metadata: {exc}",
+                                hint=f"inspect {path} by hand") from None
+        return Snapshot(SnapshotMeta(**data), path)
+
+    def list(self) -> list:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if path.is_dir() and not path.name.startswith("."):
+                try:
+                    found.append(self.get(path.name))
+                except SnapshotError:
+                    continue
+        return sorted(found, key=lambda s: s.meta.created)
+
+    def remove(self, snap_id: str) -> None:
+        snapshot = self.get(snap_id)
+        shutil.rmtree(snapshot.path)
+

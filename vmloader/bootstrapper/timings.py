@@ -1,0 +1,25 @@
+"""Per-phase wall-clock timings of a job, recorded in its metadata and --json output."""
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
+
+
+class PhaseTimer:
+    """Times named phases; remembers which phase is running so errors can name it."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self.current: Optional[str] = None
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous, self.current = self.current, name
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+            self.current = previous
+
+    def to_dict(self) -> dict:
+        return dict(self.seconds)
