@@ -76,8 +76,14 @@ def _cache(cfg: config_mod.Config) -> ImageCache:
     return ImageCache(cfg.cache_dir, [repository_for(r) for r in cfg.repositories])
 
 
-def _probes() -> hypervisors.HostProbes:
-    return hypervisors.HostProbes()
+def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
+    """Probes that test-boot a real guest kernel under KVM when one is cached."""
+    try:
+        image = ImageCache(cfg.cache_dir).resolve("debian-12")
+        kernel = (str(image.kernel), str(image.initrd))
+    except VMLoaderError:
+        kernel = None
+    return hypervisors.HostProbes(probe_kernel=kernel)
 
 
 def cmd_run(args, cfg) -> int:
@@ -87,7 +93,7 @@ def cmd_run(args, cfg) -> int:
                    outputs=tuple(args.output), output_dir=Path(args.output_dir),
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
                    console=args.console, capture_dir=args.json, job_id=args.job_id)
-    choose = lambda: hypervisors.choose(hypervisors.detect(_probes()), args.hypervisor)
+    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)), args.hypervisor)
     runner = JobRunner(cfg, _cache(cfg), SnapshotStore(cfg.snapshots_dir), choose,
                        stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
     result = runner.run(spec)
@@ -104,7 +110,7 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_hypervisors(args, cfg) -> int:
-    found = hypervisors.detect(_probes())
+    found = hypervisors.detect(_probes(cfg))
     text = "\n".join(f"{h.name:6} {'usable' if h.usable else 'unusable':9} {h.reason}" for h in found)
     _emit([h.to_dict() for h in found], args.json, text)
     return 0

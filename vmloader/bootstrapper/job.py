@@ -257,7 +257,7 @@ class JobRunner:
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
             boot=BootSpec(str(job.image.kernel), str(job.image.initrd), cmdline),
-            disks=(DiskSpec(str(job.overlay)),),
+            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk)),),
             channel=ChannelSpec(str(job.socket_path)),
             console=ConsoleSpec(str(job.console_log)),
             network=NetworkSpec(spec.network),

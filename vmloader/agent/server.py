@@ -1,0 +1,277 @@
+"""The agent's request handling: exec with live streaming, file transfer, shutdown."""
+import errno
+import json
+import os
+import platform
+import pwd
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from .. import __version__
+from .. import protocol as P
+
+HEARTBEAT_INTERVAL = 1.0
+DRAIN_AFTER_EXIT = 2.0       # a daemon holding the pipes must not delay EXIT longer than this
+DEFAULT_USER = "vmloader"
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def log(message):
+    sys.stderr.write("vmloader-agent: %s\n" % message)
+    sys.stderr.flush()
+
+
+def sysrq_poweroff():
+    """Power off without any userland tool: minimal guests have neither poweroff nor ctypes."""
+    os.sync()
+    with open("/proc/sysrq-trigger", "w") as handle:
+        handle.write("o")
+
+
+class Channel(object):
+    """Serializes frame writes from the agent's threads."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.lock = threading.Lock()
+
+    def send(self, type_, request_id, payload=b""):
+        frame = P.encode(type_, request_id, payload)
+        with self.lock:
+            self.transport.write(frame)
+
+    def send_json(self, type_, request_id, obj):
+        self.send(type_, request_id, json.dumps(obj).encode("utf-8"))
+
+
+class Execution(object):
+    """One running command: its process, its output pumps and its stdin feed."""
+
+    def __init__(self, channel, request_id, proc):
+        self.channel = channel
+        self.request_id = request_id
+        self.proc = proc
+        self.closed = threading.Event()      # set once EXIT was sent: pumps stop sending
+        self.pumps = [self._start_pump(proc.stdout, P.STDOUT), self._start_pump(proc.stderr, P.STDERR)]
+        threading.Thread(target=self._finish, daemon=True).start()
+
+    def _start_pump(self, pipe, type_):
+        thread = threading.Thread(target=self._pump, args=(pipe.fileno(), type_), daemon=True)
+        thread.start()
+        return thread
+
+    def _pump(self, fd, type_):
+        while not self.closed.is_set():
+            try:
+                data = os.read(fd, P.DATA_CHUNK)
+            except OSError:
+                break
+            if not data or self.closed.is_set():
+                break
+            self.channel.send(type_, self.request_id, data)
+
+    def _finish(self):
+        status = self.proc.wait()
+        deadline = time.time() + DRAIN_AFTER_EXIT
+        for pump in self.pumps:
+            pump.join(max(0.0, deadline - time.time()))
+        self.closed.set()
+        result = {"signal": -status} if status < 0 else {"code": status}
+        self.channel.send_json(P.EXIT, self.request_id, result)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def write_stdin(self, data):
+        try:
+            if data is None:
+                self.proc.stdin.close()
+            else:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass                               # the command stopped reading: drop its input
+
+    def kill(self, signum):
+        try:
+            os.killpg(self.proc.pid, signum)
+        except OSError:
+            pass
+
+
+class Agent(object):
+    def __init__(self, transport, workdir="/work", lookup_user=pwd.getpwnam,
+                 poweroff=sysrq_poweroff, default_user=DEFAULT_USER):
+        self.channel = Channel(transport)
+        self.reader = P.FrameReader(transport.read)
+        self.workdir = workdir
+        self.lookup_user = lookup_user
+        self.poweroff = poweroff
+        self.default_user = default_user
+        self.execs = {}
+        self.uploads = {}
+        self.stdin_queues = {}
+
+    def info(self):
+        return {"protocol": P.PROTOCOL_VERSION, "agent": __version__,
+                "python": platform.python_version(), "kernel": platform.release(),
+                "hostname": socket.gethostname(), "pid": os.getpid()}
+
+    def serve(self):
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+        threading.Thread(target=self.channel.send_json, args=(P.HELLO, 0, self.info()), daemon=True).start()
+        while True:
+            try:
+                frame = self.reader.read_frame(resync=True)
+            except P.ChannelClosed:
+                return
+            except P.ProtocolError as exc:
+                log("dropping a bad frame: %s" % exc)
+                continue
+            try:
+                self.handle(frame)
+            except Exception as exc:   # one bad request must not take the agent down
+                self.channel.send_json(P.ERROR, frame.request_id, {"message": "%s: %s" % (type(exc).__name__, exc)})
+
+    def _heartbeat(self):
+        while True:
+            self.channel.send(P.HEARTBEAT, 0)
+            time.sleep(HEARTBEAT_INTERVAL)
+
+    def handle(self, frame):
+        handler = {
+            P.HELLO: lambda f: self.channel.send_json(P.HELLO, 0, self.info()),
+            P.EXEC: self.on_exec, P.STDIN: self.on_stdin, P.STDIN_EOF: self.on_stdin,
+            P.KILL: self.on_kill, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
+            P.PUT_END: self.on_put_end, P.GET: self.on_get, P.SHUTDOWN: self.on_shutdown,
+        }.get(frame.type)
+        if handler is None:
+            raise ValueError("unexpected %s frame" % P.name_of(frame.type))
+        handler(frame)
+
+    # -- exec ---------------------------------------------------------------
+    def _identity(self, user):
+        if user == "root" and os.geteuid() != 0:
+            return None                        # tests run unprivileged: stay who we are
+        return self.lookup_user(user)
+
+    def _environment(self, entry, extra):
+        env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
+        if entry is not None:
+            env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+        env.update({str(k): str(v) for k, v in extra.items()})
+        return env
+
+    def _preexec(self, entry):
+        def demote():
+            os.setsid()
+            if entry is not None and os.geteuid() == 0:
+                os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
+                os.setgid(entry.pw_gid)
+                os.setuid(entry.pw_uid)
+        return demote
+
+    def on_exec(self, frame):
+        req = frame.json()
+        argv = req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("EXEC needs a non-empty argv list of strings")
+        try:
+            entry = self._identity(req.get("user") or self.default_user)
+        except KeyError:
+            raise ValueError("no such guest user %r" % req.get("user"))
+        cwd = req.get("cwd") or self.workdir
+        if not os.path.isdir(cwd):
+            os.makedirs(cwd)
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, env=self._environment(entry, req.get("env") or {}),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    preexec_fn=self._preexec(entry), close_fds=True)
+        except OSError as exc:
+            kind = "not_found" if exc.errno == errno.ENOENT else (
+                "not_executable" if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM)
+                else "spawn_failed")
+            message = "%s: %s" % (argv[0], exc.strerror)
+            self.channel.send_json(P.EXIT, frame.request_id, {"error": kind, "message": message})
+            return
+        self.execs[frame.request_id] = Execution(self.channel, frame.request_id, proc)
+        self._start_stdin_feeder(frame.request_id)
+
+    def _start_stdin_feeder(self, request_id):
+        # Feeding stdin on its own thread keeps the reader free for KILL even when
+        # the command does not read its input.
+        feed = queue.Queue()
+        self.stdin_queues[request_id] = feed
+
+        def run():
+            execution = self.execs[request_id]
+            while True:
+                data = feed.get()
+                execution.write_stdin(data)
+                if data is None:
+                    return
+        threading.Thread(target=run, daemon=True).start()
+
+    def on_stdin(self, frame):
+        feed = self.stdin_queues.get(frame.request_id)
+        if feed is not None:
+            feed.put(frame.payload if frame.type == P.STDIN else None)
+
+    def on_kill(self, frame):
+        execution = self.execs.get(frame.request_id)
+        if execution is not None:
+            execution.kill(int(frame.json().get("signal", signal.SIGKILL)))
+
+    # -- files --------------------------------------------------------------
+    def _path(self, path):
+        return path if os.path.isabs(path) else os.path.join(self.workdir, path)
+
+    def on_put(self, frame):
+        req = frame.json()
+        target = self._path(req["path"])
+        parent = os.path.dirname(target)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent)
+        tmp = target + ".vmloader-part"
+        handle = open(tmp, "wb")
+        self.uploads[frame.request_id] = (handle, tmp, target, req)
+
+    def on_put_data(self, frame):
+        self.uploads[frame.request_id][0].write(frame.payload)
+
+    def on_put_end(self, frame):
+        handle, tmp, target, req = self.uploads.pop(frame.request_id)
+        handle.close()
+        os.chmod(tmp, int(req.get("mode", 0o644)))
+        entry = self._identity(req.get("user") or self.default_user)
+        if entry is not None and os.geteuid() == 0:
+            os.chown(tmp, entry.pw_uid, entry.pw_gid)
+        os.rename(tmp, target)
+        self.channel.send_json(P.OK, frame.request_id, {"size": os.path.getsize(target)})
+
+    def on_get(self, frame):
+        path = self._path(frame.json()["path"])
+        handle = open(path, "rb")
+        threading.Thread(target=self._send_file, args=(frame.request_id, handle), daemon=True).start()
+
+    def _send_file(self, request_id, handle):
+        size = 0
+        with handle:
+            for block in iter(lambda: handle.read(P.DATA_CHUNK), b""):
+                self.channel.send(P.GET_DATA, request_id, block)
+                size += len(block)
+        self.channel.send_json(P.GET_END, request_id, {"size": size})
+
+    # -- shutdown -----------------------------------------------------------
+    def on_shutdown(self, frame):
+        os.sync()
+        self.channel.send_json(P.OK, frame.request_id, {})
+        time.sleep(0.2)        # let the acknowledgement leave before the power goes
+        self.poweroff()

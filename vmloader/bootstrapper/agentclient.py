@@ -1,0 +1,302 @@
+"""Host side of the agent protocol: one client per job VM.
+
+A reader thread validates every frame (size, checksum, type, request id)
+and hands it to whoever waits for that request; heartbeats prove the guest is
+alive. Everything the guest sends is treated as hostile: bounded in size,
+never trusted for host paths.
+"""
+import json
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Optional
+
+from .. import protocol as P
+from .errors import AgentError, GuestTimeout
+
+QUEUE_FRAMES = 64           # per request: at most this many frames buffered (~4 MiB)
+KILL_DRAIN = 10.0
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: Optional[int]
+    signal: Optional[int]
+    error: Optional[str]
+    message: str = ""
+
+
+class ExecTimeout(AgentError):
+    """The command ran past its deadline and was killed."""
+    timed_out = True
+
+
+class _Closed:
+    """Queued to wake waiters when the channel failed."""
+
+
+class AgentClient:
+    def __init__(self, sock: socket.socket, *, heartbeat_timeout: float = 5.0,
+                 max_file_bytes: int = 2 ** 34):
+        self.sock = sock
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_file_bytes = max_file_bytes
+        self.reader = P.FrameReader(sock.recv)
+        self.info: Optional[dict] = None
+        self._send_lock = threading.Lock()
+        self._waiters: dict = {}
+        self._waiters_lock = threading.Lock()
+        self._hello = threading.Event()
+        self._failure: Optional[str] = None
+        self._last_seen = time.monotonic()
+        self._reader_blocked = False
+        self._next_id = 1
+        self._thread = threading.Thread(target=self._read_loop, name="agent-reader", daemon=True)
+        self._thread.start()
+
+    # -- plumbing ----------------------------------------------------------
+    def _send(self, type_: int, request_id: int, payload: bytes = b"") -> None:
+        try:
+            with self._send_lock:
+                self.sock.sendall(P.encode(type_, request_id, payload))
+        except OSError as exc:
+            raise AgentError(f"lost the connection to the guest agent: {exc}") from None
+
+    def _send_json(self, type_: int, request_id: int, obj: dict) -> None:
+        self._send(type_, request_id, json.dumps(obj).encode())
+
+    def _new_request(self) -> tuple:
+        with self._waiters_lock:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+            waiter: queue.Queue = queue.Queue(maxsize=QUEUE_FRAMES)
+            self._waiters[request_id] = waiter
+        return request_id, waiter
+
+    def _done(self, request_id: int) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(request_id, None)
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = self.reader.read_frame(resync=not self._hello.is_set())
+                self._last_seen = time.monotonic()
+                self._dispatch(frame)
+        except P.ChannelClosed:
+            self._fail("the guest agent closed the channel (the VM stopped or the agent died)")
+        except P.ProtocolError as exc:
+            self._fail(f"the guest agent broke the protocol: {exc}")
+        except OSError as exc:
+            self._fail(f"reading from the guest agent failed: {exc}")
+
+    def _dispatch(self, frame: P.Frame) -> None:
+        if frame.type == P.HEARTBEAT:
+            return
+        if frame.type == P.HELLO:
+            self.info = frame.json()
+            self._hello.set()
+            return
+        with self._waiters_lock:
+            waiter = self._waiters.get(frame.request_id)
+        if waiter is None:
+            raise P.ProtocolError(f"{P.name_of(frame.type)} frame for unknown request {frame.request_id}")
+        self._reader_blocked = True        # a slow consumer is not a dead guest
+        try:
+            waiter.put(frame)
+        finally:
+            self._reader_blocked = False
+            self._last_seen = time.monotonic()
+
+    def _fail(self, why: str) -> None:
+        self._failure = self._failure or why
+        with self._waiters_lock:
+            waiters = list(self._waiters.values())
+        for waiter in waiters:
+            try:
+                waiter.put_nowait(_Closed())
+            except queue.Full:
+                pass
+
+    def _check_alive(self) -> None:
+        if self._failure:
+            raise AgentError(self._failure)
+        silent = time.monotonic() - self._last_seen
+        if silent > self.heartbeat_timeout and not self._reader_blocked:
+            raise AgentError(f"the guest stopped responding (no heartbeat for {silent:.1f} s)",
+                             hint="the guest may have hung or crashed; see its console log")
+
+    def _next(self, waiter: queue.Queue, deadline: Optional[float] = None) -> Optional[P.Frame]:
+        """The next frame for a request; None when `deadline` (monotonic) passes."""
+        while True:
+            self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            try:
+                item = waiter.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Closed):
+                raise AgentError(self._failure or "the guest agent went away")
+            if item.type == P.ERROR:
+                raise AgentError("the guest agent refused a request: " + str(item.json().get("message")))
+            return item
+
+    # -- API -----------------------------------------------------------------
+    def handshake(self, timeout: float) -> dict:
+        """Wait for the agent's HELLO (asking for it every second); returns its info."""
+        deadline = time.monotonic() + timeout
+        while not self._hello.is_set():
+            if self._failure:
+                raise AgentError(self._failure)
+            if time.monotonic() >= deadline:
+                raise GuestTimeout(f"no answer from the guest agent within {timeout:.0f} s")
+            self._send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION})
+            self._hello.wait(1.0)
+        if self.info.get("protocol") != P.PROTOCOL_VERSION:
+            raise AgentError(f"the guest agent speaks protocol {self.info.get('protocol')}, "
+                             f"this host {P.PROTOCOL_VERSION}", hint="rebuild the image with this vmloader")
+        self._last_seen = time.monotonic()
+        return self.info
+
+    def put_file(self, local_path: str, guest_path: str, *, mode: int = 0o644, user: str = "vmloader") -> None:
+        request_id, waiter = self._new_request()
+        try:
+            size = os.path.getsize(local_path)
+            self._send_json(P.PUT, request_id, {"path": guest_path, "mode": mode, "size": size, "user": user})
+            with open(local_path, "rb") as handle:
+                for block in iter(lambda: handle.read(P.DATA_CHUNK), b""):
+                    self._check_alive()
+                    self._send(P.PUT_DATA, request_id, block)
+            self._send(P.PUT_END, request_id)
+            reply = self._next(waiter)
+            if reply.type != P.OK:
+                raise AgentError(f"unexpected {P.name_of(reply.type)} reply to a file upload")
+        finally:
+            self._done(request_id)
+
+    def get_file(self, guest_path: str, dest_dir: str, *, max_bytes: Optional[int] = None) -> str:
+        limit = self.max_file_bytes if max_bytes is None else max_bytes
+        dest = safe_destination(dest_dir, guest_path)
+        request_id, waiter = self._new_request()
+        tmp = dest.with_name(dest.name + ".vmloader-part")
+        try:
+            self._send_json(P.GET, request_id, {"path": guest_path})
+            received = self._receive_file(waiter, tmp, limit, guest_path)
+            os.replace(tmp, dest)
+            return str(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self._done(request_id)
+
+    def _receive_file(self, waiter: queue.Queue, tmp: Path, limit: int, name: str) -> int:
+        received = 0
+        with open(tmp, "xb") as out:
+            while True:
+                frame = self._next(waiter)
+                if frame.type == P.GET_END:
+                    return received
+                if frame.type != P.GET_DATA:
+                    raise AgentError(f"unexpected {P.name_of(frame.type)} frame in a file transfer")
+                received += len(frame.payload)
+                if received > limit:
+                    raise AgentError(f"{name}: the guest sent more than the {limit} byte limit; transfer aborted")
+                out.write(frame.payload)
+
+    def exec(self, argv: list, *, env: dict, user: str, cwd: Optional[str] = None,
+             stdin: Optional[BinaryIO], stdout: BinaryIO, stderr: BinaryIO,
+             deadline: Optional[float] = None, kill_grace: float = 0.0) -> ExecResult:
+        request_id, waiter = self._new_request()
+        finished = threading.Event()
+        try:
+            self._send_json(P.EXEC, request_id, {"argv": list(argv), "env": env, "user": user, "cwd": cwd})
+            self._feed_stdin(request_id, stdin, finished)
+            return self._exec_loop(request_id, waiter, stdout, stderr, deadline)
+        finally:
+            finished.set()
+            self._done(request_id)
+
+    def _exec_loop(self, request_id, waiter, stdout, stderr, deadline) -> ExecResult:
+        sinks = {P.STDOUT: stdout, P.STDERR: stderr}
+        timed_out = False
+        while True:
+            frame = self._next(waiter, deadline)
+            if frame is None:
+                self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
+                timed_out, deadline = True, time.monotonic() + KILL_DRAIN
+                continue
+            if frame.type in sinks:
+                sinks[frame.type].write(frame.payload)
+                sinks[frame.type].flush()
+            elif frame.type == P.EXIT:
+                if timed_out:
+                    raise ExecTimeout("the command ran past its --timeout and was killed", phase="exec")
+                result = frame.json()
+                return ExecResult(result.get("code"), result.get("signal"), result.get("error"),
+                                  str(result.get("message", "")))
+            else:
+                raise AgentError(f"unexpected {P.name_of(frame.type)} frame during exec")
+
+    def _feed_stdin(self, request_id: int, stdin: Optional[BinaryIO], finished: threading.Event) -> None:
+        if stdin is None:
+            self._send(P.STDIN_EOF, request_id)
+            return
+
+        def pump() -> None:
+            try:
+                fd = stdin.fileno()
+                read = lambda: os.read(fd, P.DATA_CHUNK)
+            except (OSError, ValueError, AttributeError):
+                read = lambda: stdin.read(P.DATA_CHUNK)
+            try:
+                while not finished.is_set():
+                    data = read()
+                    if finished.is_set():
+                        return
+                    if not data:
+                        self._send(P.STDIN_EOF, request_id)
+                        return
+                    self._send(P.STDIN, request_id, data)
+            except (OSError, AgentError):
+                return
+        threading.Thread(target=pump, name="agent-stdin", daemon=True).start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        request_id, waiter = self._new_request()
+        try:
+            self._send_json(P.SHUTDOWN, request_id, {})
+            reply = self._next(waiter, time.monotonic() + timeout)
+            if reply is None:
+                raise AgentError("the guest agent did not acknowledge shutdown")
+        finally:
+            self._done(request_id)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def safe_destination(dest_dir: str, guest_path: str) -> Path:
+    """Where a guest file may land: inside dest_dir, through no symlink, never absolute."""
+    pure = PurePosixPath(guest_path)
+    if pure.is_absolute() or not pure.parts or any(p in ("..", ".", "") for p in pure.parts):
+        raise AgentError(f"refusing to copy back {guest_path!r}: only plain relative paths are allowed")
+    root = Path(dest_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    current = root
+    for part in pure.parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            raise AgentError(f"refusing to copy back {guest_path!r}: {current} is a symlink")
+        current.mkdir(exist_ok=True)
+    dest = current / pure.parts[-1]
+    if dest.is_symlink():
+        raise AgentError(f"refusing to copy back {guest_path!r}: {dest} is a symlink")
+    return dest

@@ -1,0 +1,201 @@
+"""libvirt domain XML, built with ElementTree from typed specs (never string-pasted).
+
+One small frozen dataclass per XML element we emit; `domain_xml(spec)`
+serializes a whole domain. kvm and qemu (TCG) share the x86 HVM layout with
+virtio devices; xen gets a PV domain with xen devices.
+"""
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+JOB_NS = "https://vmloader.org/xmlns/job/1"
+ET.register_namespace("vmloader", JOB_NS)
+
+
+def _sub(parent: ET.Element, tag: str, text: Optional[str] = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: str
+    target: str = "vda"
+    fmt: str = "qcow2"
+    readonly: bool = False
+    backing: Optional[str] = None     # backing file libvirt must not relabel (the shared base)
+
+    def to_element(self, hypervisor: str) -> ET.Element:
+        disk = ET.Element("disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu" if hypervisor != "xen" else "qemu", type=self.fmt)
+        _sub(disk, "source", file=self.path)
+        if self.backing:
+            disk.append(self._backing_element())
+        if hypervisor == "xen":
+            _sub(disk, "target", dev=self.target.replace("vd", "xvd"), bus="xen")
+        else:
+            _sub(disk, "target", dev=self.target, bus="virtio")
+        if self.readonly:
+            _sub(disk, "readonly")
+        return disk
+
+    def _backing_element(self) -> ET.Element:
+        # The base is shared by every job and owned by the cache: QEMU only
+        # reads it, so libvirt must not chown it to the QEMU user.
+        backing = ET.Element("backingStore", type="file")
+        _sub(backing, "format", type="qcow2")
+        source = _sub(backing, "source", file=self.backing)
+        _sub(source, "seclabel", model="dac", relabel="no")
+        _sub(backing, "backingStore")
+        return backing
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    socket_path: str
+    name: str = "org.vmloader.agent.0"
+
+    def to_element(self, hypervisor: str) -> ET.Element:
+        channel = ET.Element("channel", type="unix")
+        _sub(channel, "source", mode="bind", path=self.socket_path)
+        _sub(channel, "target", type="xen" if hypervisor == "xen" else "virtio", name=self.name)
+        return channel
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    log_path: str
+
+    def to_elements(self, hypervisor: str) -> list:
+        if hypervisor == "xen":
+            console = ET.Element("console", type="pty")
+            _sub(console, "log", file=self.log_path, append="off")
+            _sub(console, "target", type="xen", port="0")
+            return [console]
+        serial = ET.Element("serial", type="pty")
+        _sub(serial, "log", file=self.log_path, append="off")   # virtlogd writes it
+        _sub(serial, "target", port="0")
+        console = ET.Element("console", type="pty")
+        _sub(console, "target", type="serial", port="0")
+        return [serial, console]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    mode: str = "user"          # "user": QEMU user-mode NAT; "none": no NIC at all
+
+    def to_element(self, hypervisor: str) -> Optional[ET.Element]:
+        if self.mode == "none":
+            return None
+        iface = ET.Element("interface", type="user" if hypervisor != "xen" else "bridge")
+        if hypervisor == "xen":
+            _sub(iface, "source", bridge="xenbr0")
+        else:
+            _sub(iface, "model", type="virtio")
+            _sub(iface, "rom", enabled="no")     # no iPXE option ROM: we boot a kernel directly
+        return iface
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    kernel: str
+    initrd: str
+    cmdline: str
+
+    def to_element(self, hypervisor: str) -> ET.Element:
+        os_el = ET.Element("os")
+        if hypervisor == "xen":
+            _sub(os_el, "type", "linux")
+        else:
+            _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+        _sub(os_el, "kernel", self.kernel)
+        _sub(os_el, "initrd", self.initrd)
+        _sub(os_el, "cmdline", self.cmdline)
+        return os_el
+
+
+@dataclass(frozen=True)
+class JobMetadata:
+    job_id: str
+    user: str
+    image: str
+    image_sha256: str
+    owner_pid: int
+
+    def to_element(self) -> ET.Element:
+        job = ET.Element(f"{{{JOB_NS}}}job")
+        for key in ("job_id", "user", "image", "image_sha256"):
+            _sub(job, f"{{{JOB_NS}}}{key}", getattr(self, key))
+        _sub(job, f"{{{JOB_NS}}}owner_pid", str(self.owner_pid))
+        return job
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    hypervisor: str               # "kvm" | "qemu" | "xen"
+    memory_mib: int
+    vcpus: int
+    boot: BootSpec
+    disks: Sequence[DiskSpec]
+    channel: ChannelSpec
+    console: ConsoleSpec
+    network: NetworkSpec = NetworkSpec()
+    metadata: Optional[JobMetadata] = None
+    uuid: Optional[str] = None
+
+    def to_element(self) -> ET.Element:
+        hv = self.hypervisor
+        root = ET.Element("domain", type=hv)
+        _sub(root, "name", self.name)
+        if self.uuid:
+            _sub(root, "uuid", self.uuid)
+        if self.metadata:
+            _sub(root, "metadata").append(self.metadata.to_element())
+        _sub(root, "memory", str(self.memory_mib), unit="MiB")
+        _sub(root, "vcpu", str(self.vcpus))
+        root.append(self.boot.to_element(hv))
+        if hv != "xen":
+            _sub(_sub(root, "features"), "acpi")      # without ACPI, poweroff only halts
+        for event in ("on_poweroff", "on_reboot", "on_crash"):
+            _sub(root, event, "destroy")
+        root.append(self._devices())
+        return root
+
+    def _devices(self) -> ET.Element:
+        hv = self.hypervisor
+        devices = ET.Element("devices")
+        for disk in self.disks:
+            devices.append(disk.to_element(hv))
+        devices.append(self.channel.to_element(hv))
+        devices.extend(self.console.to_elements(hv))
+        iface = self.network.to_element(hv)
+        if iface is not None:
+            devices.append(iface)
+        if hv != "xen":
+            rng = _sub(devices, "rng", model="virtio")
+            _sub(rng, "backend", "/dev/urandom", model="random")
+            _sub(devices, "memballoon", model="none")
+        return devices
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    element = spec.to_element()
+    ET.indent(element)
+    return ET.tostring(element, encoding="unicode") + "\n"
+
+
+def read_job_metadata(xml: str) -> Optional[JobMetadata]:
+    """Our job metadata from a live domain's XML, or None for domains that aren't ours."""
+    root = ET.fromstring(xml)
+    job = root.find(f"metadata/{{{JOB_NS}}}job")
+    if job is None:
+        return None
+    value = lambda key: job.findtext(f"{{{JOB_NS}}}{key}", default="")
+    try:
+        pid = int(value("owner_pid"))
+    except ValueError:
+        pid = 0
+    return JobMetadata(value("job_id"), value("user"), value("image"), value("image_sha256"), pid)
