@@ -6,8 +6,10 @@ snapshots) so they cannot see each other's leftovers.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +49,16 @@ def built_image():
 
 
 @pytest.fixture
-def vm_env(tmp_path, built_image):
+def vm_env(built_image):
+    # Not under tmp_path: pytest's base dir is 0700, and QEMU (as libvirt-qemu)
+    # must traverse to the overlay in the job dir, as it would in /var/lib.
+    state = Path(tempfile.mkdtemp(prefix="vmloader-test-", dir="/var/tmp"))
+    os.chmod(state, 0o711)
     env = dict(os.environ)
-    env["VMLOADER_STATE_DIR"] = str(tmp_path / "state")
+    env["VMLOADER_STATE_DIR"] = str(state / "state")
     env.pop("VMLOADER_REPOSITORY", None)
-    return env
+    yield env
+    shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture

@@ -48,8 +48,8 @@ def test_a_guest_that_never_reaches_the_agent_shows_the_console_tail(vmloader, b
     repo.mkdir()
     (repo / "manifest.json").write_text(json.dumps({"schema_version": 1, "images": [entry]}))
     run = vmloader("run", "--image", "broken-init", "--", "true",
-                   env_extra={"VMLOADER_REPOSITORY": str(repo), "VMLOADER_BOOT_TIMEOUT": "120"})
+                   env_extra={"VMLOADER_REPOSITORY": str(repo), "VMLOADER_BOOT_TIMEOUT": "45"})
     assert run.returncode == 125
     assert "never reached the agent" in run.err
     assert "[boot]" in run.err
-    assert "Kernel panic" in run.err or "/no/such/init" in run.err
+    assert "/no/such/init" in run.err

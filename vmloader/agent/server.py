@@ -118,6 +118,7 @@ class Agent(object):
         self.execs = {}
         self.uploads = {}
         self.stdin_queues = {}
+        self.cancelled = set()
 
     def info(self):
         return {"protocol": P.PROTOCOL_VERSION, "agent": __version__,
@@ -126,11 +127,11 @@ class Agent(object):
 
     def serve(self):
         threading.Thread(target=self._heartbeat, daemon=True).start()
-        threading.Thread(target=self.channel.send_json, args=(P.HELLO, 0, self.info()), daemon=True).start()
+        threading.Thread(target=self._hello, daemon=True).start()
         while True:
             try:
                 frame = self.reader.read_frame(resync=True)
-            except P.ChannelClosed:
+            except (P.ChannelClosed, OSError):
                 return
             except P.ProtocolError as exc:
                 log("dropping a bad frame: %s" % exc)
@@ -140,9 +141,19 @@ class Agent(object):
             except Exception as exc:   # one bad request must not take the agent down
                 self.channel.send_json(P.ERROR, frame.request_id, {"message": "%s: %s" % (type(exc).__name__, exc)})
 
+    def _hello(self):
+        # Blocks on a virtio port until the host connects: hence its own thread.
+        try:
+            self.channel.send_json(P.HELLO, 0, self.info())
+        except OSError:
+            pass
+
     def _heartbeat(self):
         while True:
-            self.channel.send(P.HEARTBEAT, 0)
+            try:
+                self.channel.send(P.HEARTBEAT, 0)
+            except OSError:
+                return                         # channel gone: serve() notices and returns
             time.sleep(HEARTBEAT_INTERVAL)
 
     def handle(self, frame):
@@ -225,6 +236,7 @@ class Agent(object):
             feed.put(frame.payload if frame.type == P.STDIN else None)
 
     def on_kill(self, frame):
+        self.cancelled.add(frame.request_id)       # stops a file download in flight
         execution = self.execs.get(frame.request_id)
         if execution is not None:
             execution.kill(int(frame.json().get("signal", signal.SIGKILL)))
@@ -263,11 +275,16 @@ class Agent(object):
 
     def _send_file(self, request_id, handle):
         size = 0
-        with handle:
-            for block in iter(lambda: handle.read(P.DATA_CHUNK), b""):
-                self.channel.send(P.GET_DATA, request_id, block)
-                size += len(block)
-        self.channel.send_json(P.GET_END, request_id, {"size": size})
+        try:
+            with handle:
+                for block in iter(lambda: handle.read(P.DATA_CHUNK), b""):
+                    if request_id in self.cancelled:
+                        return
+                    self.channel.send(P.GET_DATA, request_id, block)
+                    size += len(block)
+            self.channel.send_json(P.GET_END, request_id, {"size": size})
+        except OSError as exc:
+            log("file download %d stopped: %s" % (request_id, exc))
 
     # -- shutdown -----------------------------------------------------------
     def on_shutdown(self, frame):

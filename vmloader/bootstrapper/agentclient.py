@@ -104,6 +104,8 @@ class AgentClient:
         with self._waiters_lock:
             waiter = self._waiters.get(frame.request_id)
         if waiter is None:
+            if 0 < frame.request_id < self._next_id:
+                return       # the tail of a request we already finished or aborted
             raise P.ProtocolError(f"{P.name_of(frame.type)} frame for unknown request {frame.request_id}")
         self._reader_blocked = True        # a slow consumer is not a dead guest
         try:
@@ -186,14 +188,14 @@ class AgentClient:
         tmp = dest.with_name(dest.name + ".vmloader-part")
         try:
             self._send_json(P.GET, request_id, {"path": guest_path})
-            received = self._receive_file(waiter, tmp, limit, guest_path)
+            self._receive_file(request_id, waiter, tmp, limit, guest_path)
             os.replace(tmp, dest)
             return str(dest)
         finally:
             tmp.unlink(missing_ok=True)
             self._done(request_id)
 
-    def _receive_file(self, waiter: queue.Queue, tmp: Path, limit: int, name: str) -> int:
+    def _receive_file(self, request_id: int, waiter: queue.Queue, tmp: Path, limit: int, name: str) -> int:
         received = 0
         with open(tmp, "xb") as out:
             while True:
@@ -204,6 +206,7 @@ class AgentClient:
                     raise AgentError(f"unexpected {P.name_of(frame.type)} frame in a file transfer")
                 received += len(frame.payload)
                 if received > limit:
+                    self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
                     raise AgentError(f"{name}: the guest sent more than the {limit} byte limit; transfer aborted")
                 out.write(frame.payload)
 

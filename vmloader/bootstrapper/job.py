@@ -195,12 +195,13 @@ class JobRunner:
             # QEMU may run as libvirt-qemu and must reach the overlay in here.
             for path in (self.config.state_dir, jobs):
                 os.chmod(path, 0o711)
-            job_dir = jobs / job_id
-            job_dir.mkdir(mode=0o711)
         except OSError as exc:
             raise VMLoaderError(f"cannot create the job directory under {jobs}: {exc}",
                                 hint="set state_dir in config or VMLOADER_STATE_DIR to a writable directory",
                                 phase="setup") from None
+        _check_traversable(jobs / job_id)
+        job_dir = jobs / job_id
+        job_dir.mkdir(mode=0o711)
         return job_dir
 
     def _output_streams(self, job: Job):
@@ -384,6 +385,19 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None)
+
+
+def _check_traversable(path: Path) -> None:
+    """As root, QEMU runs as libvirt-qemu: every parent of the job dir must let it through."""
+    if os.geteuid() != 0:
+        return
+    for parent in path.parents:
+        if not parent.stat().st_mode & 0o001:
+            raise VMLoaderError(
+                f"QEMU (user libvirt-qemu) cannot reach the job directory {path}: {parent} is not "
+                "searchable by other users",
+                hint=f"run `chmod o+x {parent}` or set state_dir (VMLOADER_STATE_DIR) elsewhere, "
+                     "e.g. /var/lib/vmloader", phase="setup")
 
 
 def _wait_shut_off(domain, seconds: float) -> None:

@@ -1,0 +1,175 @@
+"""The real agent and the real host client, talking over a socketpair.
+
+The "guest" is this machine: commands run as real subprocesses. The guest
+user lookup is injected so the tests need no `vmloader` user on the host.
+"""
+import hashlib
+import io
+import os
+import pwd
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from vmloader import protocol as P
+from vmloader.agent.server import Agent
+from vmloader.agent.transport import SocketTransport
+from vmloader.bootstrapper.agentclient import AgentClient, ExecTimeout
+from vmloader.bootstrapper.errors import AgentError
+
+ME = pwd.getpwuid(os.getuid())
+
+
+@pytest.fixture
+def pair(tmp_path):
+    host, guest = socket.socketpair()
+    powered_off = threading.Event()
+    agent = Agent(SocketTransport(guest), workdir=str(tmp_path / "work"), lookup_user=lambda name: ME,
+                  poweroff=powered_off.set)
+    threading.Thread(target=agent.serve, daemon=True).start()
+    client = AgentClient(host, heartbeat_timeout=3.0)
+    client.handshake(timeout=5)
+    client.powered_off = powered_off
+    yield client
+    client.close()
+    guest.close()
+
+
+def run(client, *argv, stdin=None, deadline=None):
+    out, err = io.BytesIO(), io.BytesIO()
+    result = client.exec(list(argv), env={"GREETING": "hi"}, user="vmloader", stdin=stdin,
+                         stdout=out, stderr=err, deadline=deadline)
+    return result, out.getvalue(), err.getvalue()
+
+
+def test_handshake_returns_the_agents_description(pair):
+    assert pair.info["protocol"] == P.PROTOCOL_VERSION
+    assert {"python", "kernel", "hostname"} <= set(pair.info)
+
+
+@pytest.mark.parametrize("code", [0, 7])
+def test_exit_codes_come_back(pair, code):
+    result, _, _ = run(pair, "sh", "-c", f"exit {code}")
+    assert (result.exit_code, result.signal, result.error) == (code, None, None)
+
+
+def test_death_by_signal_is_reported_as_the_signal(pair):
+    result, _, _ = run(pair, "sh", "-c", "kill -9 $$")
+    assert result.signal == 9 and result.exit_code is None
+
+
+def test_a_missing_command_is_not_found(pair):
+    result, _, _ = run(pair, "definitely-not-a-command")
+    assert result.error == "not_found" and "definitely-not-a-command" in result.message
+
+
+def test_a_file_without_the_x_bit_is_not_executable(pair, tmp_path):
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\necho no\n")
+    os.chmod(script, 0o644)
+    result, _, _ = run(pair, str(script))
+    assert result.error == "not_executable"
+
+
+def test_stdout_and_stderr_are_separate_and_the_environment_arrives(pair):
+    result, out, err = run(pair, "sh", "-c", 'echo "out $GREETING"; echo err >&2')
+    assert (out, err) == (b"out hi\n", b"err\n")
+
+
+def test_twenty_megabytes_of_binary_output_arrive_intact(pair):
+    script = "head -c 20000000 /dev/urandom > blob; sha256sum blob >&2; cat blob"
+    result, out, err = run(pair, "sh", "-c", script)
+    assert result.exit_code == 0
+    assert len(out) == 20_000_000
+    assert err.split()[0].decode() == hashlib.sha256(out).hexdigest()
+
+
+def test_stdin_is_forwarded_until_eof(pair):
+    result, out, _ = run(pair, "wc", "-c", stdin=io.BytesIO(b"y" * 200_000))
+    assert out.strip() == b"200000"
+
+
+def test_files_round_trip_through_put_and_get(pair, tmp_path):
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(300_000))
+    pair.put_file(str(src), "sub/in.bin", mode=0o600)
+    assert oct(os.stat(tmp_path / "work" / "sub" / "in.bin").st_mode & 0o777) == "0o600"
+    back = pair.get_file("sub/in.bin", str(tmp_path / "back"))
+    assert open(back, "rb").read() == src.read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", ""])
+def test_get_refuses_paths_that_could_escape_the_destination(pair, tmp_path, bad):
+    with pytest.raises(AgentError, match="refusing"):
+        pair.get_file(bad, str(tmp_path / "back"))
+
+
+def test_get_refuses_to_write_through_a_symlink(pair, tmp_path):
+    (tmp_path / "back").mkdir()
+    os.symlink("/etc", tmp_path / "back" / "link")
+    with pytest.raises(AgentError, match="symlink"):
+        pair.get_file("link/passwd", str(tmp_path / "back"))
+
+
+def test_get_stops_at_the_size_limit_and_leaves_no_partial_file(pair, tmp_path):
+    (tmp_path / "work").mkdir(exist_ok=True)
+    (tmp_path / "work" / "big").write_bytes(b"z" * 500_000)
+    with pytest.raises(AgentError, match="limit"):
+        pair.get_file("big", str(tmp_path / "back"), max_bytes=100_000)
+    assert list((tmp_path / "back").iterdir()) == []
+
+
+def test_a_deadline_kills_the_command_and_raises_exec_timeout(pair):
+    started = time.monotonic()
+    with pytest.raises(ExecTimeout):
+        run(pair, "sleep", "1000", deadline=time.monotonic() + 1)
+    assert time.monotonic() - started < 10
+
+
+def test_a_daemon_holding_stdout_open_does_not_block_the_exit(pair):
+    started = time.monotonic()
+    result, out, _ = run(pair, "sh", "-c", "sleep 30 & echo started")
+    assert result.exit_code == 0 and out == b"started\n"
+    assert time.monotonic() - started < 8
+
+
+def test_shutdown_is_acknowledged_then_powers_off(pair):
+    pair.shutdown()
+    assert pair.powered_off.wait(5)
+
+
+def test_a_silent_guest_is_detected_by_missing_heartbeats():
+    host, guest = socket.socketpair()
+    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
+    client = AgentClient(host, heartbeat_timeout=1.0)
+    client.handshake(timeout=5)
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="stopped responding"):
+        run(client, "true")
+    assert time.monotonic() - started < 5
+    guest.close()
+
+
+def hostile(frames: bytes):
+    host, guest = socket.socketpair()
+    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
+    client = AgentClient(host, heartbeat_timeout=5.0)
+    client.handshake(timeout=5)
+    threading.Timer(0.3, guest.sendall, args=(frames,)).start()
+    return client, guest
+
+
+@pytest.mark.parametrize("frames, message", [
+    (bytes(bytearray(P.encode(P.STDOUT, 1, b"abc"))[:-1]) + b"X", "checksum"),
+    (P.encode(P.STDOUT, 99, b"abc"), "unknown request"),
+    (P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.STDOUT, 1, 1 << 30, 0), "exceeds"),
+    (P.encode(P.OK, 1)[:3] + bytes([77]) + P.encode(P.OK, 1)[4:], "unknown frame type|checksum"),
+])
+def test_a_hostile_agent_gets_a_clear_error_not_a_hang(frames, message):
+    client, guest = hostile(frames)
+    with pytest.raises(AgentError, match=message):
+        run(client, "true")
+    guest.close()

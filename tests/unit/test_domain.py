@@ -1,0 +1,83 @@
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import libvirt
+import pytest
+
+from vmloader.bootstrapper.domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec,
+                                          JobMetadata, NetworkSpec, domain_xml, read_job_metadata)
+
+META = JobMetadata("20261122-120000-abc123", "alice", "debian-12@12.1", "a" * 64, 4242)
+
+
+def spec(hypervisor="qemu", network="user") -> DomainSpec:
+    return DomainSpec(
+        name="vmloader-20261122-120000-abc123", hypervisor=hypervisor, memory_mib=1024, vcpus=2,
+        boot=BootSpec("/cache/artifacts/kernel", "/cache/artifacts/initrd",
+                      "root=/dev/vda rw console=ttyS0 init=/sbin/vmloader-init"),
+        disks=(DiskSpec("/jobs/j/overlay.qcow2", backing="/cache/artifacts/base"),),
+        channel=ChannelSpec("/jobs/j/agent.sock"), console=ConsoleSpec("/jobs/j/console.log"),
+        network=NetworkSpec(network), metadata=META, uuid="6d4fe2c6-3a9c-4d3b-9a55-0c7a8f0f0001")
+
+
+@pytest.mark.parametrize("name, hypervisor, network", [
+    ("qemu-user-net.xml", "qemu", "user"), ("kvm-no-net.xml", "kvm", "none"), ("xen.xml", "xen", "user")])
+def test_domain_xml_matches_the_golden_file(golden, name, hypervisor, network):
+    golden(name, domain_xml(spec(hypervisor, network)))
+
+
+@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="virt-xml-validate (libvirt-clients) missing")
+@pytest.mark.parametrize("hypervisor, network", [("qemu", "user"), ("kvm", "none"), ("xen", "user")])
+def test_generated_xml_validates_against_libvirts_schema(tmp_path, hypervisor, network):
+    path = tmp_path / "domain.xml"
+    path.write_text(domain_xml(spec(hypervisor, network)))
+    result = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_base_image_is_never_relabelled_and_acpi_is_on():
+    root = ET.fromstring(domain_xml(spec()))
+    seclabel = root.find("devices/disk/backingStore/source/seclabel")
+    assert seclabel.get("relabel") == "no"
+    assert root.find("features/acpi") is not None
+    assert root.findtext("on_crash") == "destroy"
+
+
+def test_no_network_means_no_interface_at_all():
+    assert ET.fromstring(domain_xml(spec(network="none"))).find("devices/interface") is None
+
+
+def test_job_metadata_reads_back_from_the_xml():
+    assert read_job_metadata(domain_xml(spec())) == META
+    assert read_job_metadata("<domain type='qemu'><name>other</name></domain>") is None
+
+
+def test_strings_with_xml_metacharacters_are_escaped_not_pasted():
+    odd = JobMetadata("id", "<evil>&'\"", "img", "b" * 64, 1)
+    xml = domain_xml(DomainSpec("n", "qemu", 64, 1, BootSpec("k", "i", "a=<b>"), (DiskSpec("/d"),),
+                                ChannelSpec("/s"), ConsoleSpec("/c"), metadata=odd))
+    assert read_job_metadata(xml).user == "<evil>&'\""
+    assert ET.fromstring(xml).findtext("os/cmdline") == "a=<b>"
+
+
+def test_lifecycle_on_libvirts_test_driver(tmp_path):
+    """define, start, read our metadata back, destroy, undefine: on a private test:/// driver.
+
+    The test driver only runs domains of type 'test', so the test rewrites the
+    root element's type; everything below it is exactly what we generate.
+    """
+    node = tmp_path / "node.xml"
+    node.write_text("<node><cpu><mhz>2000</mhz><model>x86</model><active>2</active></cpu>"
+                    "<memory>4194304</memory></node>")
+    conn = libvirt.open(f"test://{node}")
+    root = ET.fromstring(domain_xml(spec()))
+    root.set("type", "test")
+    domain = conn.defineXML(ET.tostring(root, encoding="unicode"))
+    domain.create()
+    assert domain.isActive()
+    assert read_job_metadata(domain.XMLDesc()) == META
+    domain.destroy()
+    domain.undefine()
+    assert conn.listAllDomains() == []
+    conn.close()
