@@ -43,9 +43,11 @@ def test_the_commands_exit_code_is_vmloaders_and_failure_keeps_a_snapshot(vmload
     assert [s["id"] for s in listed.json()] == [snap]
 
 
-def test_death_by_signal_exits_128_plus_the_signal(vmloader):
-    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--", "sh", "-c", "kill -TERM $$")
+def test_death_by_signal_exits_128_plus_the_signal_and_console_follows_the_boot(vmloader):
+    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--console", "--",
+                   "sh", "-c", "kill -TERM $$")
     assert run.returncode == 128 + signal.SIGTERM, run.err
+    assert "vmloader-init: starting agent" in run.err
 
 
 def test_a_command_missing_in_the_guest_exits_127_with_a_message(vmloader, state_dir):

@@ -26,7 +26,8 @@ from .config import Config
 from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
-                     GuestTimeout, UsageError, VMLoaderError)
+                     GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, UsageError,
+                     VMLoaderError)
 from .hypervisors import Hypervisor
 from .snapshots import SnapshotMeta, SnapshotStore, should_keep
 from .timings import PhaseTimer
@@ -201,7 +202,11 @@ class JobRunner:
                                 phase="setup") from None
         _check_traversable(jobs / job_id)
         job_dir = jobs / job_id
-        job_dir.mkdir(mode=0o711)
+        try:
+            job_dir.mkdir(mode=0o711)
+        except FileExistsError:
+            raise UsageError(f"job id {job_id} was already used on this worker ({job_dir})",
+                             hint="give a new --job-id or leave it out", phase="setup") from None
         return job_dir
 
     def _output_streams(self, job: Job):
@@ -235,8 +240,7 @@ class JobRunner:
                     cwd=GUEST_WORKDIR, stdin=self.stdin, stdout=out, stderr=err,
                     deadline=time.monotonic() + spec.timeout if spec.timeout else None)
             job.status = exit_status(result)
-            if result.error and job.status == EXIT_INFRA:
-                raise AgentError(f"the agent could not run the command: {result.message}", phase="exec")
+            _raise_for_spawn_error(result)
         finally:
             if follower:
                 follower.stop()
@@ -385,6 +389,19 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None)
+
+
+def _raise_for_spawn_error(result: ExecResult) -> None:
+    """The command never started: say why, with the docker-run exit code for it."""
+    if result.error == "not_found":
+        raise JobCommandNotFound(f"{result.message} (command not found in the guest)",
+                                 hint="check the command name and the guest's PATH, or ship it with --input",
+                                 phase="exec")
+    if result.error == "not_executable":
+        raise JobCommandNotExecutable(f"{result.message} (command not executable in the guest)",
+                                      hint="check its permissions (chmod +x) and its #! line", phase="exec")
+    if result.error:
+        raise AgentError(f"the agent could not run the command: {result.message}", phase="exec")
 
 
 def _check_traversable(path: Path) -> None:
