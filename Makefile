@@ -13,7 +13,7 @@ image: setup
 	@$(VMLOADER) images build $(IMAGE)
 
 demo: image
-	$(VMLOADER) run --image $(IMAGE) -- sh -c 'echo "kernel:   $$(uname -sr)"; echo "hostname: $$(hostname)"; echo "id:       $$(id)"'
+	$(VMLOADER) run --image $(IMAGE) --snapshot always -- sh -c 'echo "kernel:   $$(uname -sr)"; echo "hostname: $$(hostname)"; echo "id:       $$(id)"'
 
 test: image
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests

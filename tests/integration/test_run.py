@@ -3,6 +3,9 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,10 @@ def test_the_commands_exit_code_is_vmloaders_and_failure_keeps_a_snapshot(vmload
         (state_dir / "snapshots" / snap / "console.log").stat().st_size > 0
     listed = vmloader("snapshot", "list", "--json")
     assert [s["id"] for s in listed.json()] == [snap]
+    shown = vmloader("snapshot", "show", snap, "--json").json()
+    assert shown["exit_status"] == 7 and shown["disk"].endswith("disk.qcow2")
+    assert vmloader("snapshot", "rm", snap).returncode == 0
+    assert snapshots(state_dir) == []
 
 
 def test_death_by_signal_exits_128_plus_the_signal_and_console_follows_the_boot(vmloader):
@@ -112,3 +119,23 @@ def test_json_output_reports_phases_and_where_the_output_went(vmloader):
     assert Path(result["stdout_path"]).read_text() == "hi\n"
     assert set(result["timings"]) >= {"cache lookup", "overlay", "define", "boot", "exec",
                                        "collect", "snapshot", "teardown"}
+
+
+def test_output_streams_live_not_after_the_command_exits(vm_env, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                             "--snapshot", "never", "--", "sh", "-c", "echo first; sleep 6; echo second"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=vm_env, cwd=tmp_path)
+    first = proc.stdout.readline()
+    seen_first = time.monotonic()
+    second = proc.stdout.readline()
+    seen_second = time.monotonic()
+    assert proc.wait(timeout=300) == 0
+    assert (first, second) == (b"first\n", b"second\n")
+    assert seen_second - seen_first > 4
+
+
+def test_network_none_gives_the_guest_no_interface(vmloader):
+    run = vmloader("run", "--image", "debian-12", "--network", "none", "--snapshot", "never", "--",
+                   "ls", "/sys/class/net")
+    assert run.returncode == 0, run.err
+    assert run.out.split() == ["lo"]

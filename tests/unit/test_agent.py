@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import pwd
-import signal
 import socket
 import threading
 import time

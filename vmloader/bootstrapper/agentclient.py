@@ -41,7 +41,7 @@ class _Closed:
 
 
 class AgentClient:
-    def __init__(self, sock: socket.socket, *, heartbeat_timeout: float = 5.0,
+    def __init__(self, sock: socket.socket, *, heartbeat_timeout: float = 10.0,
                  max_file_bytes: int = 2 ** 34):
         self.sock = sock
         self.heartbeat_timeout = heartbeat_timeout

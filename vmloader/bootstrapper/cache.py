@@ -8,11 +8,10 @@ HTTP mirrors later) are asked through the `Repository` interface.
 """
 import hashlib
 import os
-import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 from urllib.parse import urlparse
 
 from .catalog import (ARTIFACT_KINDS, EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,

@@ -2,14 +2,13 @@
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import build, catalog, config as config_mod, hypervisors, virt
 from .cache import ImageCache, repository_for
-from .errors import EXIT_INFRA, UsageError, VMLoaderError
+from .errors import UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
 
