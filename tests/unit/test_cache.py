@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from vmloader.bootstrapper.cache import DirectoryRepository, ImageCache
+from vmloader.bootstrapper.cache import ImageCache
+from vmloader.bootstrapper.repository import DirectoryRepository
 from vmloader.bootstrapper.catalog import Artifact
 from vmloader.bootstrapper.errors import ImageError
 

@@ -61,3 +61,24 @@ def test_invalid_json_reports_line_and_column(tmp_path):
     with pytest.raises(ImageError) as info:
         load_manifest(path)
     assert "line 2" in info.value.message
+
+
+SCHEMA = EMBEDDED_MANIFEST.with_name("manifest.schema.json")
+
+
+def test_the_embedded_manifest_and_a_built_one_conform_to_the_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validate(json.loads(EMBEDDED_MANIFEST.read_text()), schema)
+    built = parse_manifest({"schema_version": 1, "images": [entry("12.1")]}).to_dict()
+    jsonschema.validate(built, schema)
+
+
+def test_what_the_schema_rejects_the_parser_rejects_too():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA.read_text())
+    bad = {"schema_version": 1, "images": [dict(entry("1"), artifacts={"disk": {"url": "d", "sha256": "XYZ", "size": 1}})]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    with pytest.raises(ImageError):
+        parse_manifest(bad)

@@ -139,7 +139,16 @@ class Agent(object):
             try:
                 self.handle(frame)
             except Exception as exc:   # one bad request must not take the agent down
-                self.channel.send_json(P.ERROR, frame.request_id, {"message": "%s: %s" % (type(exc).__name__, exc)})
+                if not self._report(frame.request_id, exc):
+                    return
+
+    def _report(self, request_id, exc):
+        """Tell the host a request failed; False when the channel itself is gone."""
+        try:
+            self.channel.send_json(P.ERROR, request_id, {"message": "%s: %s" % (type(exc).__name__, exc)})
+            return True
+        except OSError:
+            return False
 
     def _hello(self):
         # Blocks on a virtio port until the host connects: hence its own thread.

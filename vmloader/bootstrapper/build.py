@@ -176,7 +176,7 @@ def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
     for kind, path in (("disk", disk), ("kernel", kernel), ("initrd", initrd)):
         art = Artifact(url=f"{entry.name}/{version}/{path.name}", sha256=sha256_file(path),
                        size=path.stat().st_size)
-        cache.insert_file(path, art)
+        cache.insert_file(path, art, move=True)
         artifacts[kind] = art
     built = replace(entry, version=version, artifacts=artifacts,
                     cmdline=entry.cmdline or default_cmdline(entry.recipe))

@@ -3,20 +3,22 @@
 Artifacts are stored by content: `artifacts/<sha256>`. A file only gets
 there through `insert_file`, which hashes it first and renames it into place,
 so a cache entry is always complete and verified. Images built on this
-worker are listed in `built/manifest.json`; repositories (directories now,
-HTTP mirrors later) are asked through the `Repository` interface.
+worker are listed in `built/manifest.json`; repositories (directories and
+HTTP mirrors, see repository.py) are asked for the rest.
 """
 import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .catalog import (ARTIFACT_KINDS, EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
                       load_manifest, write_manifest)
 from .errors import ImageError
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 CHUNK = 1 << 20
 
@@ -27,45 +29,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-class Repository(Protocol):
-    """Where images come from: a catalog plus a way to get an artifact's file."""
-
-    name: str
-
-    def manifest(self) -> Manifest: ...
-
-    def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path: ...
-
-
-@dataclass(frozen=True)
-class DirectoryRepository:
-    """A repository that is a plain directory: manifest.json plus artifact files."""
-
-    root: Path
-
-    @property
-    def name(self) -> str:
-        return str(self.root)
-
-    def manifest(self) -> Manifest:
-        return load_manifest(self.root / "manifest.json")
-
-    def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path:
-        source = Path(artifact.url) if os.path.isabs(artifact.url) else self.root / artifact.url
-        if not source.exists():
-            raise ImageError(f"{entry.ref}: artifact {artifact.url} is missing from repository {self.root}",
-                             hint="republish the image into the repository", phase="cache lookup")
-        return cache.insert_file(source, artifact, move=False)
-
-
-def repository_for(location: str) -> Repository:
-    parsed = urlparse(location)
-    if parsed.scheme in ("", "file"):
-        return DirectoryRepository(Path(parsed.path if parsed.scheme else location))
-    raise ImageError(f"repository {location!r}: scheme {parsed.scheme!r} is not supported yet",
-                     hint="use a directory path or file:// URL")
 
 
 @dataclass(frozen=True)
@@ -87,7 +50,7 @@ class ResolvedImage:
 
 
 class ImageCache:
-    def __init__(self, root: Path, repositories: Sequence[Repository] = (),
+    def __init__(self, root: Path, repositories: Sequence["Repository"] = (),
                  embedded: Path = EMBEDDED_MANIFEST):
         self.root = Path(root)
         self.repositories = list(repositories)
@@ -101,7 +64,7 @@ class ImageCache:
     def built_manifest_path(self) -> Path:
         return self.root / "built" / "manifest.json"
 
-    def _ensure_dirs(self) -> None:
+    def ensure_dirs(self) -> None:
         try:
             for path in (self.root, self.artifacts_dir, self.root / "tmp"):
                 path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +76,7 @@ class ImageCache:
                              phase="cache lookup") from None
 
     def scratch_dir(self, prefix: str) -> Path:
-        self._ensure_dirs()
+        self.ensure_dirs()
         return Path(tempfile.mkdtemp(prefix=prefix + "-", dir=self.root / "tmp"))
 
     def artifact_path(self, artifact: Artifact) -> Path:
@@ -126,11 +89,21 @@ class ImageCache:
     def has_all(self, entry: ImageEntry) -> bool:
         return entry.fetchable and all(self.has(a) for a in entry.artifacts.values())
 
-    def insert_file(self, source: Path, artifact: Artifact, *, move: bool = False) -> Path:
-        """Verify `source` against `artifact` and place it in the cache atomically."""
-        self._ensure_dirs()
+    def insert_file(self, source: Path, artifact: Artifact, *, move: bool = False,
+                    origin: str = "") -> Path:
+        """Verify `source` against `artifact` and place it in the cache atomically.
+
+        With move=True the source (a download in the cache's tmp dir) is renamed
+        into place after hashing, or deleted when it does not match.
+        """
+        self.ensure_dirs()
         dest = self.artifact_path(artifact)
         if self.has(artifact):
+            return dest
+        if move:
+            self._check(source, sha256_file(source), artifact, origin, discard=True)
+            os.chmod(source, 0o444)
+            os.replace(source, dest)
             return dest
         fd, tmp_name = tempfile.mkstemp(prefix=artifact.sha256[:12] + "-", dir=self.root / "tmp")
         tmp = Path(tmp_name)
@@ -140,18 +113,32 @@ class ImageCache:
                 for block in iter(lambda: src.read(CHUNK), b""):
                     digest.update(block)
                     out.write(block)
-            actual = digest.hexdigest()
-            if actual != artifact.sha256:
-                raise ImageError(f"{source}: sha256 mismatch: expected {artifact.sha256}, got {actual}",
-                                 hint="the file is corrupt or the manifest is stale; it was not cached",
-                                 phase="cache lookup")
+            self._check(source, digest.hexdigest(), artifact, origin, discard=False)
             os.chmod(tmp, 0o444)
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)
-        if move:
-            Path(source).unlink(missing_ok=True)
         return dest
+
+    @staticmethod
+    def _check(source: Path, actual: str, artifact: Artifact, origin: str, discard: bool) -> None:
+        if actual == artifact.sha256:
+            return
+        if discard:
+            Path(source).unlink(missing_ok=True)
+        raise ImageError(f"{origin or source}: sha256 mismatch: expected {artifact.sha256}, got {actual}",
+                         hint="the file is corrupt or the manifest is stale; it was not cached",
+                         phase="cache lookup")
+
+    def verify_all(self) -> list:
+        """Re-hash every cached artifact; remove and return the ones whose bytes changed."""
+        bad = []
+        if self.artifacts_dir.is_dir():
+            for path in sorted(self.artifacts_dir.iterdir()):
+                if sha256_file(path) != path.name:
+                    path.unlink()
+                    bad.append(path.name)
+        return bad
 
     def built_manifest(self) -> Manifest:
         return load_manifest(self.built_manifest_path)
@@ -161,29 +148,42 @@ class ImageCache:
         current = [e for e in self.built_manifest().images if e.name != entry.name]
         write_manifest(Manifest(tuple(current) + (entry,)), self.built_manifest_path)
 
-    def _catalogs(self) -> list:
+    def _catalogs(self, problems: list) -> list:
         sources = [("local builds", None, self.built_manifest())]
-        sources += [(repo.name, repo, repo.manifest()) for repo in self.repositories]
+        for repo in self.repositories:
+            try:
+                sources.append((repo.name, repo, repo.manifest()))
+            except ImageError as exc:           # one mirror down must not stop the others
+                problems.append(exc)
         return sources
 
     def known_names(self) -> list:
         names = set(load_manifest(self.embedded).names())
-        for _, _, manifest in self._catalogs():
+        for _, _, manifest in self._catalogs([]):
             names.update(manifest.names())
         return sorted(names)
 
     def resolve(self, ref: str) -> ResolvedImage:
-        """Find `ref` (name or name@version), making sure every artifact is cached and verified."""
-        for label, repo, manifest in self._catalogs():
+        """Find `ref` (name or name@version), making sure every artifact is cached and verified.
+
+        Repositories are tried in order (mirrors): a failed fetch moves on to the next.
+        """
+        problems: list = []
+        for _, repo, manifest in self._catalogs(problems):
             entry = manifest.find(ref, need_artifacts=True)
             if entry is None:
                 continue
-            if repo is not None:
+            try:
                 for artifact in entry.artifacts.values():
-                    if not self.has(artifact):
+                    if not self.has(artifact) and repo is not None:
                         repo.fetch(entry, artifact, self)
+            except ImageError as exc:
+                problems.append(exc)
+                continue
             if self.has_all(entry):
                 return ResolvedImage(entry, {k: self.artifact_path(entry.artifacts[k]) for k in ARTIFACT_KINDS})
+        if problems:
+            raise problems[-1]
         self._raise_unknown(ref)
 
     def _raise_unknown(self, ref: str) -> None:

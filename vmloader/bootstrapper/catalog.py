@@ -159,10 +159,12 @@ def parse_manifest(data, source: str = "<manifest>") -> Manifest:
     return Manifest(tuple(_entry(e, source, f"$.images[{i}]") for i, e in enumerate(images)), source)
 
 
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: Path, *, missing_ok: bool = True) -> Manifest:
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
+        if not missing_ok:
+            raise ImageError(f"no manifest at {path}", hint="give the path of a manifest.json") from None
         return Manifest((), str(path))
     except OSError as exc:
         raise ImageError(f"cannot read manifest {path}: {exc}") from None

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, hypervisors, virt
-from .cache import ImageCache, repository_for
+from . import build, catalog, config as config_mod, hypervisors, publish, reposerver, virt
+from .cache import ImageCache
+from .repository import repository_for
 from .errors import UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
@@ -58,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true")
     lst = images.add_parser("list", help="known images and whether they are cached")
     lst.add_argument("--json", action="store_true")
+    pull = images.add_parser("pull", help="fetch an image from the repositories into the cache")
+    pull.add_argument("name")
+    pull.add_argument("--json", action="store_true")
+    ver = images.add_parser("verify", help="re-hash every cached artifact; drop the ones that differ")
+    ver.add_argument("--json", action="store_true")
+    val = images.add_parser("validate", help="check a manifest.json")
+    val.add_argument("file")
+    pub = images.add_parser("publish", help="copy locally built images into a repository directory")
+    pub.add_argument("dir")
+    pub.add_argument("names", nargs="*", help="images to publish (default: all built here)")
+    repo = sub.add_parser("repo", help="serve a repository").add_subparsers(dest="repo_cmd", required=True)
+    serve = repo.add_parser("serve", help="serve a repository directory over HTTP (Range, ETag)")
+    serve.add_argument("dir")
+    serve.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT")
     snap = sub.add_parser("snapshot", help="kept job states").add_subparsers(dest="snap_cmd", required=True)
     for name in ("list", "show", "rm"):
         sp = snap.add_parser(name)
@@ -72,7 +87,7 @@ def _emit(data, as_json: bool, text: str) -> None:
 
 
 def _cache(cfg: config_mod.Config) -> ImageCache:
-    return ImageCache(cfg.cache_dir, [repository_for(r) for r in cfg.repositories])
+    return ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories])
 
 
 def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
@@ -130,6 +145,8 @@ def cmd_images(args, cfg) -> int:
         built = build.build_image(entry, cache, force=args.force)
         print(built.ref)
         return 0
+    if args.images_cmd in ("pull", "verify", "validate", "publish"):
+        return IMAGE_ACTIONS[args.images_cmd](args, cfg, cache)
     rows = []
     for name in cache.known_names():
         try:
@@ -140,6 +157,45 @@ def cmd_images(args, cfg) -> int:
             rows.append({"name": name, "version": None, "cached": False, "note": exc.message})
     text = "\n".join(f"{r['name']:20} {'cached ' + r['version'] if r['cached'] else 'not cached'}" for r in rows)
     _emit(rows, args.json, text)
+    return 0
+
+
+def _images_pull(args, cfg, cache) -> int:
+    image = cache.resolve(args.name)
+    data = {"image": image.entry.ref, **{k: str(v) for k, v in image.paths.items()}}
+    _emit(data, args.json, image.entry.ref)
+    return 0
+
+
+def _images_verify(args, cfg, cache) -> int:
+    bad = cache.verify_all()
+    text = "\n".join(f"removed corrupt artifact {sha}" for sha in bad) or "every cached artifact verified"
+    _emit({"corrupt_removed": bad}, args.json, text)
+    return 1 if bad else 0
+
+
+def _images_validate(args, cfg, cache) -> int:
+    manifest = catalog.load_manifest(Path(args.file), missing_ok=False)
+    print(f"{args.file}: valid, {len(manifest.images)} image versions")
+    return 0
+
+
+def _images_publish(args, cfg, cache) -> int:
+    published = publish.publish(cache, Path(args.dir), args.names)
+    for entry in published:
+        print(f"published {entry.ref} into {args.dir}")
+    return 0
+
+
+IMAGE_ACTIONS = {"pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
+                 "publish": _images_publish}
+
+
+def cmd_repo(args, cfg) -> int:
+    host, _, port = args.bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--bind {args.bind!r}: expected HOST:PORT", hint="e.g. --bind 127.0.0.1:8080")
+    reposerver.serve(Path(args.dir), host, int(port))
     return 0
 
 
@@ -160,7 +216,8 @@ def cmd_snapshot(args, cfg) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot}
+COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
+            "repo": cmd_repo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -35,7 +35,6 @@ from .timings import PhaseTimer
 GUEST_WORKDIR = "/work"
 GUEST_USER = "vmloader"
 TAIL_BYTES = 64 * 1024
-POWEROFF_WAIT = 15.0
 
 
 @dataclass(frozen=True)
@@ -327,8 +326,9 @@ class JobRunner:
     def _stop_domain(self, job: Job) -> None:
         if job.client is not None:
             try:
+                # The agent acknowledges only after sync(): the overlay is consistent,
+                # so the VM can be destroyed at once instead of waiting for power-off.
                 job.client.shutdown()
-                _wait_shut_off(job.domain, POWEROFF_WAIT)
             except VMLoaderError:
                 pass
             job.client.close()
@@ -415,17 +415,6 @@ def _check_traversable(path: Path) -> None:
                 "searchable by other users",
                 hint=f"run `chmod o+x {parent}` or set state_dir (VMLOADER_STATE_DIR) elsewhere, "
                      "e.g. /var/lib/vmloader", phase="setup")
-
-
-def _wait_shut_off(domain, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if not domain.isActive():
-                return
-        except libvirt.libvirtError:
-            return   # transient domain gone: it powered off
-        time.sleep(0.1)
 
 
 def _user_name() -> str:

@@ -1,0 +1,175 @@
+"""Image repositories over real HTTP: Debian's nginx on loopback, and `vmloader repo serve`."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from vmloader.bootstrapper import config, publish
+from vmloader.bootstrapper.cache import ImageCache
+
+from .nginx import Nginx, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def world_readable_tmpdir(prefix: str) -> Path:
+    # nginx workers (nobody) and QEMU (libvirt-qemu) must read what is in here.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def published_repo(built_image):
+    repo = world_readable_tmpdir("vmloader-repo-")
+    publish.publish(ImageCache(config.load().cache_dir), repo, ["debian-12"])
+    yield repo
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+@pytest.fixture
+def nginx(published_repo, tmp_path):
+    server = Nginx(published_repo, tmp_path / "nginx").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_cache():
+    cache = world_readable_tmpdir("vmloader-cache-")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def pull(vm_env, cache: Path, repository: str, name="debian-12"):
+    env = dict(vm_env, VMLOADER_CACHE_DIR=str(cache), VMLOADER_REPOSITORY=repository)
+    return subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "images", "pull", name, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def finish(proc) -> tuple:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def disk_gets(server: Nginx) -> list:
+    return [line for line in server.requests_for("disk.qcow2") if '"GET ' in line]
+
+
+def test_pull_through_nginx_verifies_caches_and_then_needs_no_download(vm_env, nginx, fresh_cache, built_image):
+    code, out, err = finish(pull(vm_env, fresh_cache, nginx.url))
+    assert code == 0, err
+    paths = json.loads(out)
+    assert Path(paths["disk"]).name == built_image.artifacts["disk"].sha256
+    assert "100%" in err                                   # progress lines on a non-TTY stderr
+    code, _, err = finish(pull(vm_env, fresh_cache, nginx.url))
+    assert code == 0, err
+    assert len(disk_gets(nginx)) == 1
+    assert any('" 304 ' in line for line in nginx.requests_for("manifest.json"))
+
+
+def test_four_concurrent_pulls_download_the_disk_once(vm_env, nginx, fresh_cache):
+    procs = [pull(vm_env, fresh_cache, nginx.url) for _ in range(4)]
+    results = [finish(p) for p in procs]
+    assert [r[0] for r in results] == [0, 0, 0, 0], [r[2] for r in results]
+    assert len(disk_gets(nginx)) == 1
+    assert not list((fresh_cache / "tmp").glob("*.part"))
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(vm_env, published_repo, fresh_cache, tmp_path):
+    server = Nginx(published_repo, tmp_path / "slow", rate="40m").start()
+    proc = pull(vm_env, fresh_cache, server.url)
+    try:
+        time.sleep(3)
+        server.stop()                                       # the repository dies mid-download
+        time.sleep(1)
+        server.start()                                      # and comes back on the same port
+        code, out, err = finish(proc)
+    finally:
+        server.stop()
+    assert code == 0, err
+    assert any('" 206 ' in line for line in disk_gets(server)), server.access_log.read_text()
+
+
+def test_a_file_whose_bytes_differ_from_the_manifest_is_refused(vm_env, published_repo, fresh_cache, tmp_path):
+    repo = world_readable_tmpdir("vmloader-badrepo-")
+    try:
+        shutil.copytree(published_repo, repo, dirs_exist_ok=True)
+        manifest = json.loads((repo / "manifest.json").read_text())
+        kernel = manifest["images"][0]["artifacts"]["kernel"]
+        path = repo / kernel["url"]
+        data = bytearray(path.read_bytes())
+        data[1000] ^= 0xFF
+        path.write_bytes(bytes(data))
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve", str(repo),
+                                   "--bind", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+        try:
+            server.stdout.readline()
+            code, _, err = finish(pull(vm_env, fresh_cache, f"http://127.0.0.1:{port}/"))
+        finally:
+            server.terminate()
+            server.wait()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    assert code == 125
+    assert f"expected {kernel['sha256']}" in err and "got " in err
+    assert not (fresh_cache / "artifacts" / kernel["sha256"]).exists()
+    assert not list((fresh_cache / "tmp").glob("*.part"))
+
+
+def test_a_url_that_404s_is_named(vm_env, published_repo, fresh_cache, tmp_path):
+    repo = world_readable_tmpdir("vmloader-404repo-")
+    try:
+        shutil.copy(published_repo / "manifest.json", repo / "manifest.json")
+        server = Nginx(repo, tmp_path / "n404").start()
+        try:
+            code, _, err = finish(pull(vm_env, fresh_cache, server.url))
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    assert code == 125 and "404" in err
+
+
+def test_repo_serve_answers_range_and_conditional_requests(published_repo):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve",
+                               str(published_repo), "--bind", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        base = f"http://127.0.0.1:{port}/"
+        first = requests.get(base + "manifest.json", timeout=10)
+        etag = first.headers["ETag"]
+        again = requests.get(base + "manifest.json", headers={"If-None-Match": etag}, timeout=10)
+        assert again.status_code == 304
+        kernel_url = json.loads(first.text)["images"][0]["artifacts"]["kernel"]["url"]
+        part = requests.get(base + kernel_url, headers={"Range": "bytes=10-19"}, timeout=10)
+        assert part.status_code == 206
+        assert part.content == (published_repo / kernel_url).read_bytes()[10:20]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_a_worker_keeps_running_cached_images_while_the_repository_is_down(vm_env, nginx, fresh_cache):
+    code, _, err = finish(pull(vm_env, fresh_cache, nginx.url))
+    assert code == 0, err
+    url = nginx.url
+    nginx.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", nginx.port), timeout=1)
+    env = dict(vm_env, VMLOADER_CACHE_DIR=str(fresh_cache), VMLOADER_REPOSITORY=url)
+    run = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                          "--snapshot", "never", "--", "cat", "/etc/debian_version"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("12.")

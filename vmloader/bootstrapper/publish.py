@@ -1,0 +1,45 @@
+"""`vmloader images publish DIR`: put locally built images into a repository directory.
+
+Artifacts land at `DIR/<name>/<version>/<file>` and the manifest is merged
+(other images already published there are kept), written atomically last, so
+a repository never lists a file that is not there yet.
+"""
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from .cache import ImageCache
+from .catalog import Manifest, load_manifest, write_manifest
+from .errors import ImageError
+
+
+def publish(cache: ImageCache, repo_dir: Path, names: Sequence[str] = ()) -> list:
+    built = cache.built_manifest().images
+    chosen = [e for e in built if not names or e.name in names]
+    missing = set(names) - {e.name for e in chosen}
+    if missing or not chosen:
+        raise ImageError(f"nothing built here to publish: {', '.join(sorted(missing)) or 'no images'}",
+                         hint="build first: vmloader images build NAME")
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    published = [_copy_entry(cache, entry, repo_dir) for entry in chosen]
+    current = load_manifest(repo_dir / "manifest.json").images
+    refs = {e.ref for e in published}
+    write_manifest(Manifest(tuple(e for e in current if e.ref not in refs) + tuple(published)),
+                   repo_dir / "manifest.json")
+    return published
+
+
+def _copy_entry(cache: ImageCache, entry, repo_dir: Path):
+    artifacts = {}
+    for kind, art in entry.artifacts.items():
+        relative = f"{entry.name}/{entry.version}/{Path(art.url).name}"
+        dest = repo_dir / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not (dest.exists() and dest.stat().st_size == art.size):
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(cache.artifact_path(art), tmp)
+            tmp.chmod(0o644)
+            tmp.replace(dest)
+        artifacts[kind] = replace(art, url=relative)
+    return replace(entry, artifacts=artifacts)

@@ -1,0 +1,127 @@
+"""Where images come from: a catalog (manifest.json) plus a way to fetch artifacts.
+
+A repository is a directory or an HTTP(S) URL with `manifest.json` at its
+root and artifact URLs relative to it (or absolute). The same layout works
+from `vmloader repo serve` or any stock web server.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Protocol
+from urllib.parse import urljoin, urlparse
+
+import requests
+
+from .catalog import Artifact, ImageEntry, Manifest, load_manifest, parse_manifest
+from .download import Progress, artifact_lock, download
+from .errors import ImageError
+
+if TYPE_CHECKING:
+    from .cache import ImageCache
+
+
+class Repository(Protocol):
+    name: str
+
+    def manifest(self) -> Manifest: ...
+
+    def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path: ...
+
+
+@dataclass(frozen=True)
+class DirectoryRepository:
+    """A repository that is a plain directory: manifest.json plus artifact files."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.root)
+
+    def manifest(self) -> Manifest:
+        return load_manifest(self.root / "manifest.json")
+
+    def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path:
+        source = Path(artifact.url) if os.path.isabs(artifact.url) else self.root / artifact.url
+        if not source.exists():
+            raise ImageError(f"{entry.ref}: artifact {artifact.url} is missing from repository {self.root}",
+                             hint="republish the image into the repository", phase="cache lookup")
+        return cache.insert_file(source, artifact)
+
+
+@dataclass
+class HttpRepository:
+    """An HTTP(S) repository. The manifest is refreshed with If-None-Match and kept
+    on disk, so a worker keeps running cached images while the repository is down."""
+
+    base_url: str
+    state_dir: Path                  # where the last manifest and its ETag are kept
+    session: requests.Session = field(default_factory=requests.Session)   # honours HTTP(S)_PROXY
+
+    @property
+    def name(self) -> str:
+        return self.base_url
+
+    def _saved(self) -> Path:
+        safe = "".join(c if c.isalnum() else "_" for c in self.base_url)[:120]
+        return self.state_dir / "manifests" / f"{safe}.json"
+
+    def manifest(self) -> Manifest:
+        saved = self._load_saved()
+        url = urljoin(self.base_url, "manifest.json")
+        headers = {"If-None-Match": saved["etag"]} if saved and saved.get("etag") else {}
+        try:
+            resp = self.session.get(url, headers=headers, timeout=(10, 30))
+        except requests.RequestException as exc:
+            if saved:
+                return parse_manifest(saved["manifest"], f"{url} (saved copy; repository unreachable)")
+            raise ImageError(f"repository {self.base_url} is unreachable: {exc}",
+                             hint="check the URL and the network, or configure a mirror",
+                             phase="cache lookup") from None
+        if resp.status_code == 304 and saved:
+            return parse_manifest(saved["manifest"], url)
+        if resp.status_code != 200:
+            raise ImageError(f"{url}: HTTP {resp.status_code}", hint="check the repository URL", phase="cache lookup")
+        try:
+            data = resp.json()
+        except ValueError as exc:
+            raise ImageError(f"malformed manifest {url}: not JSON: {exc}", phase="cache lookup") from None
+        manifest = parse_manifest(data, url)
+        self._save({"etag": resp.headers.get("ETag"), "manifest": data})
+        return manifest
+
+    def _load_saved(self) -> Optional[dict]:
+        try:
+            return json.loads(self._saved().read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save(self, record: dict) -> None:
+        path = self._saved()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path:
+        url = urljoin(self.base_url, artifact.url)
+        cache.ensure_dirs()
+        tmp = cache.root / "tmp"
+        with artifact_lock(tmp / f"{artifact.sha256}.lock"):
+            if cache.has(artifact):          # another process fetched it while we waited
+                return cache.artifact_path(artifact)
+            part = tmp / f"{artifact.sha256}.part"
+            download(self.session, url, artifact, part,
+                     progress=Progress(f"{entry.ref} {Path(artifact.url).name}", artifact.size))
+            return cache.insert_file(part, artifact, move=True, origin=url)
+
+
+def repository_for(location: str, state_dir: Path) -> Repository:
+    parsed = urlparse(location)
+    if parsed.scheme in ("http", "https"):
+        return HttpRepository(location if location.endswith("/") else location + "/", state_dir)
+    if parsed.scheme in ("", "file"):
+        return DirectoryRepository(Path(parsed.path if parsed.scheme else location))
+    raise ImageError(f"repository {location!r}: unsupported scheme {parsed.scheme!r}",
+                     hint="use a directory, file://, http:// or https:// URL")
