@@ -23,3 +23,4 @@ unit: setup
 
 bench: image
 	$(VENV)/bin/python bench/run_overhead.py
+	$(VENV)/bin/python bench/pull_throughput.py

@@ -86,10 +86,15 @@ def libvirt_domains() -> list:
 
 @pytest.fixture
 def no_leftovers(state_dir):
-    """After the test: no vmloader domain is left and no overlay outside the snapshot store."""
-    before = set(libvirt_domains())
+    """After the test: none of its jobs left a domain, and no overlay is outside the snapshot store.
+
+    Only this test's jobs (those under its own state dir) count, so tests running
+    beside other vmloader users on the machine do not see each other's VMs.
+    """
     yield
-    assert set(libvirt_domains()) - before == set()
     jobs = state_dir / "jobs"
-    if jobs.exists():
-        assert list(jobs.glob("*/overlay.qcow2")) == []
+    if not jobs.exists():
+        return
+    mine = {f"vmloader-{job.name}" for job in jobs.iterdir()}
+    assert mine & set(libvirt_domains()) == set()
+    assert list(jobs.glob("*/overlay.qcow2")) == []

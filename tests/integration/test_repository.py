@@ -16,6 +16,7 @@ from vmloader.bootstrapper import config, publish
 from vmloader.bootstrapper.cache import ImageCache
 
 from .nginx import Nginx, free_port
+from .squid import Squid
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +174,43 @@ def test_a_worker_keeps_running_cached_images_while_the_repository_is_down(vm_en
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("12.")
+
+
+@pytest.fixture
+def tiny_disk():
+    """A 32 MiB tmpfs as the cache: the image does not fit."""
+    mount_point = world_readable_tmpdir("vmloader-full-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+    mount_point.rmdir()
+
+
+def test_a_disk_filling_up_during_a_download_is_named_and_leaves_no_partial_file(vm_env, nginx, tiny_disk):
+    code, _, err = finish(pull(vm_env, tiny_disk, nginx.url))
+    assert code == 125
+    assert "disk filled up" in err and "partial file was removed" in err
+    assert not list(tiny_disk.rglob("*.part"))
+    assert not list((tiny_disk / "artifacts").iterdir())
+
+
+def test_a_second_worker_pulling_through_squid_is_served_from_squids_cache(vm_env, nginx, tmp_path):
+    squid = Squid(world_readable_tmpdir("vmloader-squid-")).start()
+    workers = [world_readable_tmpdir("vmloader-worker-") for _ in range(2)]
+    env = {k: v for k, v in vm_env.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env["HTTP_PROXY"] = squid.url
+    try:
+        for cache in workers:
+            code, _, err = finish(pull(env, cache, nginx.url))
+            assert code == 0, err
+    finally:
+        squid.stop()
+        for cache in workers:
+            shutil.rmtree(cache, ignore_errors=True)
+    disk_lines = [line for line in squid.access_log.read_text().splitlines() if "disk.qcow2" in line]
+    assert len(disk_lines) == 2
+    # HIT, or REFRESH_UNMODIFIED (Squid revalidated and nginx said 304): either way the bytes came from Squid.
+    status = disk_lines[1].split()[3]
+    assert "HIT" in status or "REFRESH_UNMODIFIED" in status, disk_lines
+    assert len([line for line in disk_gets(nginx) if '" 200 ' in line]) == 1   # the repository sent it once
+    shutil.rmtree(squid.prefix, ignore_errors=True)

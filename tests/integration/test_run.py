@@ -112,11 +112,12 @@ def test_timeout_stops_the_job_with_124_and_keeps_its_state(vmloader, state_dir)
 
 
 def test_json_output_reports_phases_and_where_the_output_went(vmloader):
-    run = vmloader("run", "--image", "debian-12", "--json", "--snapshot", "never", "--", "echo", "hi")
+    run = vmloader("run", "--image", "debian-12", "--json", "--snapshot", "never", "--env", "GREETING=hi there",
+                   "--", "sh", "-c", 'echo "$GREETING"')
     assert run.returncode == 0, run.err
     result = run.json()
     assert result["exit_status"] == 0 and result["outcome"] == "succeeded"
-    assert Path(result["stdout_path"]).read_text() == "hi\n"
+    assert Path(result["stdout_path"]).read_text() == "hi there\n"
     assert set(result["timings"]) >= {"cache lookup", "overlay", "define", "boot", "exec",
                                        "collect", "snapshot", "teardown"}
 

@@ -73,3 +73,24 @@ def test_a_recipe_only_image_says_how_to_build_it(tmp_path):
     with pytest.raises(ImageError) as info:
         cache.resolve("debian-12")
     assert "vmloader images build debian-12" in info.value.hint
+
+
+def test_a_mirror_missing_the_file_fails_over_to_the_next(tmp_path):
+    broken, good = tmp_path / "broken", tmp_path / "good"
+    files = {"disk": b"D", "kernel": b"K", "initrd": b"I"}
+    write_repo(broken, files)
+    (broken / "tiny" / "disk").unlink()
+    write_repo(good, files)
+    cache = ImageCache(tmp_path / "cache", [DirectoryRepository(broken), DirectoryRepository(good)])
+    assert cache.resolve("tiny").disk.read_bytes() == b"D"
+
+
+def test_verify_all_removes_an_artifact_whose_bytes_changed(tmp_path):
+    repo = tmp_path / "repo"
+    write_repo(repo, {"disk": b"D", "kernel": b"K", "initrd": b"I"})
+    cache = ImageCache(tmp_path / "cache", [DirectoryRepository(repo)])
+    disk = cache.resolve("tiny").disk
+    disk.chmod(0o644)
+    disk.write_bytes(b"bit rot")
+    assert cache.verify_all() == [disk.name]
+    assert cache.resolve("tiny").disk.read_bytes() == b"D"       # fetched again, verified

@@ -11,27 +11,35 @@ from vmloader.bootstrapper.domain import (BootSpec, ChannelSpec, ConsoleSpec, Di
 META = JobMetadata("20261122-120000-abc123", "alice", "debian-12@12.1", "a" * 64, 4242)
 
 
-def spec(hypervisor="qemu", network="user") -> DomainSpec:
+DIRECT = BootSpec("/cache/artifacts/kernel", "/cache/artifacts/initrd",
+                  "root=/dev/vda rw console=ttyS0 init=/sbin/vmloader-init")
+FIRMWARE = BootSpec(None, None)
+
+
+def spec(hypervisor="qemu", network="user", boot=DIRECT) -> DomainSpec:
     return DomainSpec(
         name="vmloader-20261122-120000-abc123", hypervisor=hypervisor, memory_mib=1024, vcpus=2,
-        boot=BootSpec("/cache/artifacts/kernel", "/cache/artifacts/initrd",
-                      "root=/dev/vda rw console=ttyS0 init=/sbin/vmloader-init"),
+        boot=boot,
         disks=(DiskSpec("/jobs/j/overlay.qcow2", backing="/cache/artifacts/base"),),
         channel=ChannelSpec("/jobs/j/agent.sock"), console=ConsoleSpec("/jobs/j/console.log"),
         network=NetworkSpec(network), metadata=META, uuid="6d4fe2c6-3a9c-4d3b-9a55-0c7a8f0f0001")
 
 
-@pytest.mark.parametrize("name, hypervisor, network", [
-    ("qemu-user-net.xml", "qemu", "user"), ("kvm-no-net.xml", "kvm", "none"), ("xen.xml", "xen", "user")])
-def test_domain_xml_matches_the_golden_file(golden, name, hypervisor, network):
-    golden(name, domain_xml(spec(hypervisor, network)))
+VARIANTS = [("qemu-user-net.xml", "qemu", "user", DIRECT), ("kvm-no-net.xml", "kvm", "none", DIRECT),
+            ("xen.xml", "xen", "user", DIRECT), ("qemu-firmware-boot.xml", "qemu", "user", FIRMWARE),
+            ("xen-pygrub.xml", "xen", "user", FIRMWARE)]
+
+
+@pytest.mark.parametrize("name, hypervisor, network, boot", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_domain_xml_matches_the_golden_file(golden, name, hypervisor, network, boot):
+    golden(name, domain_xml(spec(hypervisor, network, boot)))
 
 
 @pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="virt-xml-validate (libvirt-clients) missing")
-@pytest.mark.parametrize("hypervisor, network", [("qemu", "user"), ("kvm", "none"), ("xen", "user")])
-def test_generated_xml_validates_against_libvirts_schema(tmp_path, hypervisor, network):
+@pytest.mark.parametrize("name, hypervisor, network, boot", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_generated_xml_validates_against_libvirts_schema(tmp_path, name, hypervisor, network, boot):
     path = tmp_path / "domain.xml"
-    path.write_text(domain_xml(spec(hypervisor, network)))
+    path.write_text(domain_xml(spec(hypervisor, network, boot)))
     result = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -42,6 +50,11 @@ def test_the_base_image_is_never_relabelled_and_acpi_is_on():
     assert seclabel.get("relabel") == "no"
     assert root.find("features/acpi") is not None
     assert root.findtext("on_crash") == "destroy"
+
+
+def test_firmware_boot_boots_the_disk_instead_of_a_kernel():
+    root = ET.fromstring(domain_xml(spec(boot=FIRMWARE)))
+    assert root.find("os/boot").get("dev") == "hd" and root.find("os/kernel") is None
 
 
 def test_no_network_means_no_interface_at_all():

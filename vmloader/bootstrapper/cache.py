@@ -8,12 +8,14 @@ HTTP mirrors, see repository.py) are asked for the rest.
 """
 import hashlib
 import os
+import sqlite3
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
-from .catalog import (ARTIFACT_KINDS, EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
+from .cacheindex import CacheIndex, exclusive_if_unpinned, pinned, remove_artifact
+from .catalog import (EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
                       load_manifest, write_manifest)
 from .errors import ImageError
 
@@ -41,20 +43,70 @@ class ResolvedImage:
         return self.paths["disk"]
 
     @property
-    def kernel(self) -> Path:
-        return self.paths["kernel"]
+    def kernel(self) -> Optional[Path]:
+        return self.paths.get("kernel")
 
     @property
-    def initrd(self) -> Path:
-        return self.paths["initrd"]
+    def initrd(self) -> Optional[Path]:
+        return self.paths.get("initrd")
 
 
 class ImageCache:
     def __init__(self, root: Path, repositories: Sequence["Repository"] = (),
-                 embedded: Path = EMBEDDED_MANIFEST):
+                 embedded: Path = EMBEDDED_MANIFEST, max_bytes: int = 0):
         self.root = Path(root)
         self.repositories = list(repositories)
         self.embedded = embedded
+        self.max_bytes = max_bytes            # 0: unbounded
+        self.index = CacheIndex(self.root / "index", self.artifacts_dir)
+
+    @property
+    def pins_dir(self) -> Path:
+        return self.root / "pins"
+
+    def pin(self, image: "ResolvedImage"):
+        """Context manager: while held, no process evicts this image's files."""
+        return pinned(self.pins_dir, [a.sha256 for a in image.entry.artifacts.values()])
+
+    def _record_use(self, entry: ImageEntry) -> None:
+        try:
+            for art in entry.artifacts.values():
+                self.index.touch(art.sha256, art.size, entry.ref)
+        except (OSError, sqlite3.Error):
+            pass        # a read-only cache (another user's) can still be used, just not tracked
+
+    def evict(self, max_bytes: Optional[int] = None, keep: Sequence[str] = ()) -> list:
+        """Delete least recently used artifacts until the cache fits; never a pinned one."""
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        entries = [e for e in self.index.entries() if (self.artifacts_dir / e.sha256).exists()]
+        total = sum(e.size for e in entries)
+        removed = []
+        for entry in entries:
+            if total <= limit:
+                break
+            if entry.sha256 in keep:
+                continue
+            with exclusive_if_unpinned(self.pins_dir, entry.sha256) as free:
+                if free:
+                    remove_artifact(self.artifacts_dir / entry.sha256)
+                    self.index.forget(entry.sha256)
+                    total -= entry.size
+                    removed.append(entry)
+        return removed
+
+    def remove_image(self, name: str) -> list:
+        """Remove every cached artifact of image `name` (all versions); refuses pinned ones."""
+        mine = [e for e in self.index.entries() if e.image.partition("@")[0] == name]
+        if not mine:
+            raise ImageError(f"image {name} has nothing in the cache", hint="see vmloader images list")
+        for entry in mine:
+            with exclusive_if_unpinned(self.pins_dir, entry.sha256) as free:
+                if not free:
+                    raise ImageError(f"image {name} is in use by a running job ({entry.sha256[:12]} is pinned)",
+                                     hint="wait for the job to end, then remove it")
+                remove_artifact(self.artifacts_dir / entry.sha256)
+                self.index.forget(entry.sha256)
+        return mine
 
     @property
     def artifacts_dir(self) -> Path:
@@ -137,6 +189,7 @@ class ImageCache:
             for path in sorted(self.artifacts_dir.iterdir()):
                 if sha256_file(path) != path.name:
                     path.unlink()
+                    self.index.forget(path.name)
                     bad.append(path.name)
         return bad
 
@@ -148,8 +201,26 @@ class ImageCache:
         current = [e for e in self.built_manifest().images if e.name != entry.name]
         write_manifest(Manifest(tuple(current) + (entry,)), self.built_manifest_path)
 
+    @property
+    def custom_manifest_path(self) -> Path:
+        return self.root / "custom" / "manifest.json"
+
+    def add_custom(self, entry: ImageEntry, files: Mapping[str, Path]) -> ImageEntry:
+        """Register a user's own image files (hashed and copied in) under entry.name."""
+        artifacts = {}
+        for kind, path in files.items():
+            art = Artifact(url=str(path), sha256=sha256_file(path), size=path.stat().st_size)
+            self.insert_file(path, art)
+            artifacts[kind] = art
+        added = replace(entry, artifacts=artifacts)
+        others = [e for e in load_manifest(self.custom_manifest_path).images if e.name != entry.name]
+        write_manifest(Manifest(tuple(others) + (added,)), self.custom_manifest_path)
+        self._record_use(added)
+        return added
+
     def _catalogs(self, problems: list) -> list:
-        sources = [("local builds", None, self.built_manifest())]
+        sources = [("local builds", None, self.built_manifest()),
+                   ("custom images", None, load_manifest(self.custom_manifest_path))]
         for repo in self.repositories:
             try:
                 sources.append((repo.name, repo, repo.manifest()))
@@ -181,7 +252,10 @@ class ImageCache:
                 problems.append(exc)
                 continue
             if self.has_all(entry):
-                return ResolvedImage(entry, {k: self.artifact_path(entry.artifacts[k]) for k in ARTIFACT_KINDS})
+                self._record_use(entry)
+                if self.max_bytes:
+                    self.evict(keep=[a.sha256 for a in entry.artifacts.values()])
+                return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
         if problems:
             raise problems[-1]
         self._raise_unknown(ref)

@@ -63,7 +63,9 @@ class ImageEntry:
 
     @property
     def fetchable(self) -> bool:
-        return all(kind in self.artifacts for kind in ARTIFACT_KINDS)
+        """A disk, plus kernel and initrd for direct kernel boot."""
+        needed = ARTIFACT_KINDS if self.boot == "direct-kernel" else ("disk",)
+        return all(kind in self.artifacts for kind in needed)
 
     def to_dict(self) -> dict:
         data = {"name": self.name, "version": self.version, "arch": self.arch,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, hypervisors, publish, reposerver, virt
+from . import build, catalog, config as config_mod, hypervisors, proc, publish, reposerver, virt
 from .cache import ImageCache
 from .repository import repository_for
 from .errors import UsageError, VMLoaderError
@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     pull = images.add_parser("pull", help="fetch an image from the repositories into the cache")
     pull.add_argument("name")
     pull.add_argument("--json", action="store_true")
+    add = images.add_parser("add", help="register your own qcow2 (and kernel/initrd) as an image")
+    add.add_argument("name")
+    add.add_argument("--disk", required=True, help="a qcow2 disk image")
+    add.add_argument("--kernel", help="kernel for direct boot (without it: the disk's own boot loader)")
+    add.add_argument("--initrd")
+    add.add_argument("--cmdline", default="root=/dev/vda rw console=ttyS0",
+                     help="kernel command line for direct boot")
+    add.add_argument("--json", action="store_true")
+    rm = images.add_parser("rm", help="remove an image's files from the cache (not while a job uses it)")
+    rm.add_argument("name")
+    rm.add_argument("--json", action="store_true")
+    prune = images.add_parser("prune", help="evict least recently used images down to the cache bound")
+    prune.add_argument("--max-bytes", help="bound to prune to (default: cache_max_bytes from config)")
+    prune.add_argument("--json", action="store_true")
     ver = images.add_parser("verify", help="re-hash every cached artifact; drop the ones that differ")
     ver.add_argument("--json", action="store_true")
     val = images.add_parser("validate", help="check a manifest.json")
@@ -87,7 +101,8 @@ def _emit(data, as_json: bool, text: str) -> None:
 
 
 def _cache(cfg: config_mod.Config) -> ImageCache:
-    return ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories])
+    return ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
+                      max_bytes=cfg.cache_max_bytes)
 
 
 def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
@@ -145,7 +160,7 @@ def cmd_images(args, cfg) -> int:
         built = build.build_image(entry, cache, force=args.force)
         print(built.ref)
         return 0
-    if args.images_cmd in ("pull", "verify", "validate", "publish"):
+    if args.images_cmd in IMAGE_ACTIONS:
         return IMAGE_ACTIONS[args.images_cmd](args, cfg, cache)
     rows = []
     for name in cache.known_names():
@@ -187,8 +202,50 @@ def _images_publish(args, cfg, cache) -> int:
     return 0
 
 
+def _images_add(args, cfg, cache) -> int:
+    if bool(args.kernel) != bool(args.initrd):
+        raise UsageError("--kernel and --initrd go together", hint="give both, or neither for firmware boot")
+    files = {"disk": Path(args.disk)}
+    if args.kernel:
+        files.update(kernel=Path(args.kernel), initrd=Path(args.initrd))
+    for kind, path in files.items():
+        if not path.is_file():
+            raise UsageError(f"--{kind} {path}: no such file")
+    _check_standalone_qcow2(files["disk"])
+    entry = catalog.ImageEntry(name=args.name, version="custom", boot="direct-kernel" if args.kernel else "firmware",
+                               cmdline=args.cmdline if args.kernel else "")
+    added = cache.add_custom(entry, files)
+    _emit(added.to_dict(), args.json, f"added {added.ref} ({added.boot} boot)")
+    return 0
+
+
+def _check_standalone_qcow2(disk: Path) -> None:
+    info = json.loads(proc.run(["qemu-img", "info", "--output=json", str(disk)],
+                               hint="is it a disk image?").stdout)
+    if info.get("format") != "qcow2":
+        raise UsageError(f"{disk} is {info.get('format')}, not qcow2",
+                         hint=f"convert it: qemu-img convert -O qcow2 {disk} {disk.with_suffix('.qcow2')}")
+    if info.get("backing-filename"):
+        raise UsageError(f"{disk} has a backing file ({info['backing-filename']})",
+                         hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
+
+
+def _images_rm(args, cfg, cache) -> int:
+    removed = cache.remove_image(args.name)
+    _emit([e.sha256 for e in removed], args.json, f"removed {len(removed)} files of {args.name}")
+    return 0
+
+
+def _images_prune(args, cfg, cache) -> int:
+    limit = config_mod.load(overrides={"cache_max_bytes": args.max_bytes}).cache_max_bytes
+    removed = cache.evict(limit)
+    text = "\n".join(f"evicted {e.image or e.sha256[:12]} ({e.size} bytes)" for e in removed) or "nothing to evict"
+    _emit([{"sha256": e.sha256, "image": e.image, "size": e.size} for e in removed], args.json, text)
+    return 0
+
+
 IMAGE_ACTIONS = {"pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
-                 "publish": _images_publish}
+                 "publish": _images_publish, "add": _images_add, "rm": _images_rm, "prune": _images_prune}
 
 
 def cmd_repo(args, cfg) -> int:

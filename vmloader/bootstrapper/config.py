@@ -55,6 +55,15 @@ def _policy(value: Any) -> str:
     return text
 
 
+def _size(value: Any) -> int:
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    factor = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    number = int(float(text[:-1] if factor > 1 else text) * factor)
+    if number < 0:
+        raise ValueError("expected a size such as 50G")
+    return number
+
+
 def _positive_int(value: Any) -> int:
     number = int(value)
     if number <= 0:
@@ -79,6 +88,8 @@ SETTINGS: Sequence[Setting] = (
     Setting("snapshot_policy", "VMLOADER_SNAPSHOT", _policy, "default --snapshot policy"),
     Setting("boot_timeout", "VMLOADER_BOOT_TIMEOUT", _positive_int,
             "seconds a guest may take to reach the agent"),
+    Setting("cache_max_bytes", "VMLOADER_CACHE_MAX_BYTES", _size,
+            "cache bound in bytes (suffixes K M G T); least recently used images go first; 0 = unbounded"),
     Setting("memory_mib", "VMLOADER_MEMORY", _positive_int, "default guest memory (MiB)"),
     Setting("cpus", "VMLOADER_CPUS", _positive_int, "default guest vCPUs"),
 )
@@ -92,6 +103,7 @@ class Config:
     libvirt_uri: Optional[str] = None
     snapshot_policy: str = "on-failure"
     boot_timeout: int = 180
+    cache_max_bytes: int = 50 * 2**30
     memory_mib: int = 1024
     cpus: int = 1
 

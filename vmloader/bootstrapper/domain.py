@@ -100,9 +100,11 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class BootSpec:
-    kernel: str
-    initrd: str
-    cmdline: str
+    """Direct kernel boot, or (kernel None) the disk's own boot loader via firmware."""
+
+    kernel: Optional[str]
+    initrd: Optional[str]
+    cmdline: str = ""
 
     def to_element(self, hypervisor: str) -> ET.Element:
         os_el = ET.Element("os")
@@ -110,8 +112,13 @@ class BootSpec:
             _sub(os_el, "type", "linux")
         else:
             _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+        if self.kernel is None:
+            if hypervisor != "xen":          # xen: DomainSpec adds a <bootloader> instead
+                _sub(os_el, "boot", dev="hd")
+            return os_el
         _sub(os_el, "kernel", self.kernel)
-        _sub(os_el, "initrd", self.initrd)
+        if self.initrd:
+            _sub(os_el, "initrd", self.initrd)
         _sub(os_el, "cmdline", self.cmdline)
         return os_el
 
@@ -156,6 +163,8 @@ class DomainSpec:
             _sub(root, "metadata").append(self.metadata.to_element())
         _sub(root, "memory", str(self.memory_mib), unit="MiB")
         _sub(root, "vcpu", str(self.vcpus))
+        if hv == "xen" and self.boot.kernel is None:
+            _sub(root, "bootloader", "/usr/lib/xen/bin/pygrub")
         root.append(self.boot.to_element(hv))
         if hv != "xen":
             _sub(_sub(root, "features"), "acpi")      # without ACPI, poweroff only halts

@@ -12,6 +12,7 @@ import secrets
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Mapping, Optional
@@ -143,6 +144,7 @@ class Job:
         self.domain = None
         self.client: Optional[AgentClient] = None
         self.exec_started = False
+        self.pins: Optional[ExitStack] = None
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
 
@@ -176,15 +178,16 @@ class JobRunner:
         job_id = spec.job_id or new_job_id()
         job = Job(spec, self._make_job_dir(job_id))
         out, err = self._output_streams(job)
-        try:
-            self._boot_and_exec(job, out, err)
-        except ExecTimeout:
-            job.status = EXIT_TIMEOUT
-        except VMLoaderError as exc:
-            exc.phase = exc.phase or job.timer.current
-            job.error, job.status = exc, exc.exit_code
-        finally:
-            snapshot_id = self._finish(job)
+        with ExitStack() as job.pins:          # released after teardown: the base is in use until then
+            try:
+                self._boot_and_exec(job, out, err)
+            except ExecTimeout:
+                job.status = EXIT_TIMEOUT
+            except VMLoaderError as exc:
+                exc.phase = exc.phase or job.timer.current
+                job.error, job.status = exc, exc.exit_code
+            finally:
+                snapshot_id = self._finish(job)
         self._write_tails(job, out, err)
         return self._result(job, job_id, snapshot_id)
 
@@ -218,6 +221,9 @@ class JobRunner:
         spec = job.spec
         with job.timer.phase("cache lookup"):
             job.image = self.cache.resolve(spec.image)
+            job.pins.enter_context(self.cache.pin(job.image))
+            if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
+                job.image = self.cache.resolve(spec.image)
         with job.timer.phase("hypervisor"):
             job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("overlay"):
@@ -260,7 +266,7 @@ class JobRunner:
             name=f"vmloader-{job.job_dir.name}", hypervisor=job.hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
-            boot=BootSpec(str(job.image.kernel), str(job.image.initrd), cmdline),
+            boot=_boot_spec(job.image, cmdline),
             disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk)),),
             channel=ChannelSpec(str(job.socket_path)),
             console=ConsoleSpec(str(job.console_log)),
@@ -389,6 +395,12 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None)
+
+
+def _boot_spec(image: ResolvedImage, cmdline: str) -> BootSpec:
+    if image.kernel is None:
+        return BootSpec(None, None)          # firmware boot: the disk's own boot loader
+    return BootSpec(str(image.kernel), str(image.initrd) if image.initrd else None, cmdline)
 
 
 def _raise_for_spawn_error(result: ExecResult) -> None:
