@@ -214,3 +214,34 @@ def test_a_second_worker_pulling_through_squid_is_served_from_squids_cache(vm_en
     assert "HIT" in status or "REFRESH_UNMODIFIED" in status, disk_lines
     assert len([line for line in disk_gets(nginx) if '" 200 ' in line]) == 1   # the repository sent it once
     shutil.rmtree(squid.prefix, ignore_errors=True)
+
+
+def run_url(vm_env, cache: Path, url: str, *extra):
+    env = dict(vm_env, VMLOADER_CACHE_DIR=str(cache), VMLOADER_BOOT_TIMEOUT="20")
+    env.pop("VMLOADER_REPOSITORY", None)
+    return subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", url, *extra,
+                           "--snapshot", "never", "--", "true"], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_an_image_url_is_verified_by_its_sha256_file_cached_and_booted_by_firmware(vm_env, nginx, published_repo,
+                                                                                     fresh_cache, built_image):
+    disk = built_image.artifacts["disk"]
+    [entry] = json.loads((published_repo / "manifest.json").read_text())["images"]
+    relative = entry["artifacts"]["disk"]["url"]
+    (published_repo / (relative + ".sha256")).write_text(f"{disk.sha256}  disk.qcow2\n")
+    run = run_url(vm_env, fresh_cache, nginx.url + relative)
+    # Our images boot a kernel directly and carry no boot loader, so firmware boot finds
+    # nothing to boot: what this shows is the download, verification and firmware path.
+    assert run.returncode == 125
+    assert "never reached the agent" in run.stderr
+    assert (fresh_cache / "artifacts" / disk.sha256).exists()
+    assert len(disk_gets(nginx)) == 1
+
+
+def test_an_image_url_with_the_wrong_sha256_is_refused_before_boot(vm_env, nginx, published_repo, fresh_cache):
+    [entry] = json.loads((published_repo / "manifest.json").read_text())["images"]
+    wrong = "0" * 64
+    run = run_url(vm_env, fresh_cache, nginx.url + entry["artifacts"]["disk"]["url"], "--sha256", wrong)
+    assert run.returncode == 125
+    assert f"expected {wrong}" in run.stderr and "[cache lookup]" in run.stderr
+    assert not list((fresh_cache / "artifacts").iterdir())

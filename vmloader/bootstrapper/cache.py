@@ -212,11 +212,14 @@ class ImageCache:
             art = Artifact(url=str(path), sha256=sha256_file(path), size=path.stat().st_size)
             self.insert_file(path, art)
             artifacts[kind] = art
-        added = replace(entry, artifacts=artifacts)
+        return self.record_custom(replace(entry, artifacts=artifacts))
+
+    def record_custom(self, entry: ImageEntry) -> ImageEntry:
+        """Remember an image whose artifacts are already cached; a name keeps one version."""
         others = [e for e in load_manifest(self.custom_manifest_path).images if e.name != entry.name]
-        write_manifest(Manifest(tuple(others) + (added,)), self.custom_manifest_path)
-        self._record_use(added)
-        return added
+        write_manifest(Manifest(tuple(others) + (entry,)), self.custom_manifest_path)
+        self._record_use(entry)
+        return entry
 
     def _catalogs(self, problems: list) -> list:
         sources = [("local builds", None, self.built_manifest()),

@@ -23,7 +23,9 @@ def _env_pair(text: str) -> tuple:
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a command in a fresh VM")
-    p.add_argument("--image", required=True, help="image name, e.g. debian-12 (or NAME@VERSION)")
+    p.add_argument("--image", required=True,
+                   help="image name, e.g. debian-12 (or NAME@VERSION), or an http(s) URL of a bootable qcow2")
+    p.add_argument("--sha256", help="expected sha256 of an --image URL (default: fetched from URL.sha256)")
     p.add_argument("--cpus", type=int)
     p.add_argument("--memory", type=int, metavar="MiB")
     p.add_argument("--root", action="store_true", help="run the command as root in the guest")
@@ -117,7 +119,7 @@ def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
 
 def cmd_run(args, cfg) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    spec = JobSpec(image=args.image, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
+    spec = JobSpec(image=args.image, image_sha256=args.sha256, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
                    outputs=tuple(args.output), output_dir=Path(args.output_dir),
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,

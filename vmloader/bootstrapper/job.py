@@ -30,6 +30,7 @@ from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEO
                      GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, UsageError,
                      VMLoaderError)
 from .hypervisors import Hypervisor
+from .repository import is_url, url_image
 from .snapshots import SnapshotMeta, SnapshotStore, should_keep
 from .timings import PhaseTimer
 
@@ -42,6 +43,7 @@ TAIL_BYTES = 64 * 1024
 class JobSpec:
     image: str
     command: tuple
+    image_sha256: Optional[str] = None     # for --image https://...: the disk's expected sha256
     cpus: Optional[int] = None
     memory_mib: Optional[int] = None
     root: bool = False
@@ -220,10 +222,11 @@ class JobRunner:
     def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
         spec = job.spec
         with job.timer.phase("cache lookup"):
-            job.image = self.cache.resolve(spec.image)
+            ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
+            job.image = self.cache.resolve(ref)
             job.pins.enter_context(self.cache.pin(job.image))
             if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
-                job.image = self.cache.resolve(spec.image)
+                job.image = self.cache.resolve(ref)
         with job.timer.phase("hypervisor"):
             job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("overlay"):

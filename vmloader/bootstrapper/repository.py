@@ -105,16 +105,60 @@ class HttpRepository:
         tmp.replace(path)
 
     def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path:
-        url = urljoin(self.base_url, artifact.url)
-        cache.ensure_dirs()
-        tmp = cache.root / "tmp"
-        with artifact_lock(tmp / f"{artifact.sha256}.lock"):
-            if cache.has(artifact):          # another process fetched it while we waited
-                return cache.artifact_path(artifact)
-            part = tmp / f"{artifact.sha256}.part"
-            download(self.session, url, artifact, part,
-                     progress=Progress(f"{entry.ref} {Path(artifact.url).name}", artifact.size))
-            return cache.insert_file(part, artifact, move=True, origin=url)
+        return fetch_into_cache(self.session, urljoin(self.base_url, artifact.url), artifact, cache,
+                                f"{entry.ref} {Path(artifact.url).name}")
+
+
+def fetch_into_cache(session: requests.Session, url: str, artifact: Artifact, cache: "ImageCache",
+                     label: str) -> Path:
+    """Download once per worker (a lock per artifact), verify, and place in the cache."""
+    cache.ensure_dirs()
+    tmp = cache.root / "tmp"
+    with artifact_lock(tmp / f"{artifact.sha256}.lock"):
+        if cache.has(artifact):              # another process fetched it while we waited
+            return cache.artifact_path(artifact)
+        part = tmp / f"{artifact.sha256}.part"
+        download(session, url, artifact, part, progress=Progress(label, artifact.size))
+        return cache.insert_file(part, artifact, move=True, origin=url)
+
+
+def is_url(ref: str) -> bool:
+    return urlparse(ref).scheme in ("http", "https")
+
+
+def url_image(url: str, sha256: Optional[str], cache: "ImageCache",
+              session: Optional[requests.Session] = None) -> ImageEntry:
+    """`--image https://.../x.qcow2`: a bare disk, verified by --sha256 or the `.sha256` file beside it.
+
+    It boots its own boot loader (firmware boot) and is remembered as a custom image.
+    """
+    session = session or requests.Session()
+    sha256 = (sha256 or _sidecar_sha256(session, url)).lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ImageError(f"--sha256 {sha256!r} is not a sha256 (64 hex digits)", phase="cache lookup")
+    try:
+        head = session.head(url, allow_redirects=True, timeout=(10, 30))
+        head.raise_for_status()
+        size = int(head.headers["Content-Length"])
+    except (requests.RequestException, KeyError, ValueError) as exc:
+        raise ImageError(f"{url}: cannot find the image's size: {exc}",
+                         hint="check the URL; the server must send Content-Length", phase="cache lookup") from None
+    artifact = Artifact(url, sha256, size)
+    fetch_into_cache(session, url, artifact, cache, Path(urlparse(url).path).name)
+    entry = ImageEntry(name=url, version=sha256[:12], boot="firmware", artifacts={"disk": artifact})
+    return cache.record_custom(entry)
+
+
+def _sidecar_sha256(session: requests.Session, url: str) -> str:
+    try:
+        resp = session.get(url + ".sha256", timeout=(10, 30))
+        resp.raise_for_status()
+    except requests.RequestException as exc:
+        raise ImageError(f"no --sha256 given and {url}.sha256 could not be fetched: {exc}",
+                         hint="pass --sha256 HEX, or publish a .sha256 file beside the image",
+                         phase="cache lookup") from None
+    words = resp.text.split()
+    return words[0] if words else ""
 
 
 def repository_for(location: str, state_dir: Path) -> Repository:
