@@ -7,7 +7,8 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-debootstrap e2fsprogs python3-venv python3-libvirt python3-pyinotify nginx-light squid"
+debootstrap e2fsprogs python3-venv python3-libvirt python3-pyinotify python3-requests python3-diskcache
+nginx-light squid"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -6,6 +6,7 @@ snapshots) so they cannot see each other's leftovers.
 """
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,50 @@ def no_leftovers(state_dir):
     mine = {f"vmloader-{job.name}" for job in jobs.iterdir()}
     assert mine & set(libvirt_domains()) == set()
     assert list(jobs.glob("*/overlay.qcow2")) == []
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ensure_user(name: str, groups: tuple = ()) -> "pwd.struct_passwd":
+    """A local user for tests (HTCondor runs jobs as the submitting user, never as root)."""
+    for group in groups:
+        if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+            subprocess.run(["groupadd", group], check=True)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", name], check=True)
+    for group in groups:
+        subprocess.run(["usermod", "-a", "-G", group, name], check=True)
+    return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="session")
+def readable_checkout():
+    """A copy of the package other users can read (the clone may sit under /root).
+
+    They run it with Debian's python3 and its python3-libvirt & co (make test
+    installs them): the venv lives inside the clone too.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("running vmloader as other users needs root")
+    root = Path(tempfile.mkdtemp(prefix="vmloader-user-", dir="/var/tmp"))
+    for name in ("vmloader", "images"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def as_user(user: "pwd.struct_passwd", checkout: Path, args: list, env: dict, **kwargs) -> subprocess.Popen:
+    """Start the vmloader CLI as `user` with a clean environment plus `env`."""
+    runtime = Path(f"/tmp/vmloader-test-xdg-{user.pw_uid}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    os.chown(runtime, user.pw_uid, user.pw_gid)
+    base = {"HOME": user.pw_dir, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "XDG_RUNTIME_DIR": str(runtime),
+            "PYTHONPATH": str(checkout)}
+    base.update(env)
+    argv = ["runuser", "-u", user.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in base.items()),
+            "/usr/bin/python3", "-m", "vmloader.bootstrapper.cli", *args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp", **kwargs)

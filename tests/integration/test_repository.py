@@ -15,6 +15,7 @@ import requests
 from vmloader.bootstrapper import config, publish
 from vmloader.bootstrapper.cache import ImageCache
 
+from .conftest import as_user, ensure_user
 from .nginx import Nginx, free_port
 from .squid import Squid
 
@@ -245,3 +246,29 @@ def test_an_image_url_with_the_wrong_sha256_is_refused_before_boot(vm_env, nginx
     assert run.returncode == 125
     assert f"expected {wrong}" in run.stderr and "[cache lookup]" in run.stderr
     assert not list((fresh_cache / "artifacts").iterdir())
+
+
+def test_two_users_share_one_group_writable_cache(nginx, readable_checkout):
+    """Jobs of different users on one worker: one download, one copy, readable by all of them."""
+    users = [ensure_user(name, ("vmloader-cache",)) for name in ("vmloader-share-a", "vmloader-share-b")]
+    cache = world_readable_tmpdir("vmloader-shared-")
+    try:
+        shutil.chown(cache, group="vmloader-cache")
+        os.chmod(cache, 0o2775)
+        env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
+        pulls = [as_user(user, readable_checkout, ["images", "pull", "debian-12", "--json"], env) for user in users]
+        results = [(p.communicate(timeout=600), p.returncode) for p in pulls]
+        assert [code for _, code in results] == [0, 0], [err for (_, err), _ in results]
+        assert len(disk_gets(nginx)) == 1
+        disks = {json.loads(out)["disk"] for (out, _), _ in results}
+        assert len(disks) == 1 and Path(disks.pop()).parent == cache / "artifacts"
+        run = as_user(users[1], readable_checkout, ["run", "--image", "debian-12", "--snapshot", "never", "--",
+                                                    "true"], env)
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+        prune = as_user(users[0], readable_checkout, ["images", "prune", "--max-bytes", "0", "--json"], env)
+        out, err = prune.communicate(timeout=60)
+        assert prune.returncode == 0, err
+        assert len(json.loads(out)) == 3                     # user a evicts what b's job used, once b is done
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

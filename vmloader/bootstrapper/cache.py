@@ -58,7 +58,7 @@ class ImageCache:
         self.repositories = list(repositories)
         self.embedded = embedded
         self.max_bytes = max_bytes            # 0: unbounded
-        self.index = CacheIndex(self.root / "index", self.artifacts_dir)
+        self.index = CacheIndex(self.root / "index", self.artifacts_dir, shared=self.shared)
 
     @property
     def pins_dir(self) -> Path:
@@ -70,9 +70,10 @@ class ImageCache:
 
     def _record_use(self, entry: ImageEntry) -> None:
         try:
+            self.ensure_dirs()
             for art in entry.artifacts.values():
                 self.index.touch(art.sha256, art.size, entry.ref)
-        except (OSError, sqlite3.Error):
+        except (OSError, sqlite3.Error, ImageError):
             pass        # a read-only cache (another user's) can still be used, just not tracked
 
     def evict(self, max_bytes: Optional[int] = None, keep: Sequence[str] = ()) -> list:
@@ -116,12 +117,23 @@ class ImageCache:
     def built_manifest_path(self) -> Path:
         return self.root / "built" / "manifest.json"
 
-    def ensure_dirs(self) -> None:
+    @property
+    def shared(self) -> bool:
+        """A cache shared by a Unix group: its root is group-writable (set up as in the README)."""
         try:
-            for path in (self.root, self.artifacts_dir, self.root / "tmp"):
-                path.mkdir(parents=True, exist_ok=True)
-                # QEMU may run as another user (libvirt-qemu): it must read bases.
-                os.chmod(path, 0o755)
+            return bool(self.root.stat().st_mode & 0o020)
+        except OSError:
+            return False
+
+    def ensure_dirs(self) -> None:
+        # QEMU may run as another user (libvirt-qemu): it must read bases. In a
+        # shared cache the group also writes (setgid keeps the group on new dirs).
+        mode = 0o2775 if self.shared else 0o755
+        try:
+            for path in (self.root, self.artifacts_dir, self.root / "tmp", self.pins_dir):
+                if not path.is_dir():
+                    path.mkdir(parents=True, exist_ok=True)
+                    os.chmod(path, mode)
         except OSError as exc:
             raise ImageError(f"cache directory {self.root} is not usable: {exc}",
                              hint="set cache_dir in config or VMLOADER_CACHE_DIR to a writable directory",

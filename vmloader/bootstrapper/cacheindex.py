@@ -31,14 +31,27 @@ class IndexEntry:
 
 
 class CacheIndex:
-    def __init__(self, root: Path, artifacts_dir: Path):
+    def __init__(self, root: Path, artifacts_dir: Path, shared: bool = False):
         self.path = Path(root)
         self.artifacts_dir = artifacts_dir
+        self.shared = shared
         self._db = None
+
+    def _prepare(self) -> None:
+        """In a group-shared cache, create the database group-writable ourselves:
+        SQLite creates it 0644 whatever the umask, and its WAL files copy that mode."""
+        if not self.shared:
+            return
+        self.path.mkdir(mode=0o2775, exist_ok=True)
+        db = self.path / "cache.db"
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o664))
+            os.chmod(db, 0o664)
 
     def _open(self) -> diskcache.Cache:
         if self._db is None:
             try:
+                self._prepare()
                 self._db = diskcache.Cache(str(self.path))
                 len(self._db)                       # touches the database: fails if corrupt
             except (sqlite3.DatabaseError, OSError):
@@ -50,6 +63,7 @@ class CacheIndex:
         if self._db is not None:
             self._db.close()
         shutil.rmtree(self.path, ignore_errors=True)
+        self._prepare()
         self._db = diskcache.Cache(str(self.path))
         if self.artifacts_dir.is_dir():
             for path in self.artifacts_dir.iterdir():
@@ -81,13 +95,20 @@ def _lock_path(pins_dir: Path, sha256: str) -> Path:
     return pins_dir / f"{sha256}.lock"
 
 
+def open_lock(path: Path):
+    """A lock file any cache user can flock: read-only opens suffice for flock,
+    and 0664 lets the group of a shared cache create and reuse it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o664)
+    return os.fdopen(fd, "rb")
+
+
 @contextmanager
 def pinned(pins_dir: Path, shas: Iterable[str]) -> Iterator[None]:
     """Hold shared pins on these artifacts for the duration of the block."""
     pins_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         for sha in shas:
-            handle = stack.enter_context(open(_lock_path(pins_dir, sha), "a"))
+            handle = stack.enter_context(open_lock(_lock_path(pins_dir, sha)))
             fcntl.flock(handle, fcntl.LOCK_SH)
         yield
 
@@ -96,7 +117,7 @@ def pinned(pins_dir: Path, shas: Iterable[str]) -> Iterator[None]:
 def exclusive_if_unpinned(pins_dir: Path, sha256: str) -> Iterator[bool]:
     """Yields True (holding the exclusive lock) when no job pins the artifact."""
     pins_dir.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(pins_dir, sha256), "a") as handle:
+    with open_lock(_lock_path(pins_dir, sha256)) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -103,8 +104,11 @@ def _emit(data, as_json: bool, text: str) -> None:
 
 
 def _cache(cfg: config_mod.Config) -> ImageCache:
-    return ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
-                      max_bytes=cfg.cache_max_bytes)
+    cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
+                       max_bytes=cfg.cache_max_bytes)
+    if cache.shared:
+        os.umask(0o002)     # what we create in a group's cache (index, partial downloads) stays group-writable
+    return cache
 
 
 def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:

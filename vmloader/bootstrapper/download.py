@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import requests
 
+from .cacheindex import open_lock
 from .catalog import Artifact
 from .errors import ImageError
 
@@ -54,7 +55,7 @@ class Progress:
 
 @contextmanager
 def artifact_lock(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as handle:
+    with open_lock(lock_path) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
