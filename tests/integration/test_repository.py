@@ -272,3 +272,12 @@ def test_two_users_share_one_group_writable_cache(nginx, readable_checkout):
         assert len(json.loads(out)) == 3                     # user a evicts what b's job used, once b is done
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_an_exact_version_already_cached_needs_no_network_at_all(vm_env, nginx, fresh_cache, built_image):
+    code, out, err = finish(pull(vm_env, fresh_cache, nginx.url))
+    assert code == 0, err
+    before = len(nginx.access_log.read_text().splitlines())
+    code, _, err = finish(pull(vm_env, fresh_cache, nginx.url, name=f"debian-12@{built_image.version}"))
+    assert code == 0, err
+    assert len(nginx.access_log.read_text().splitlines()) == before     # not even the manifest was asked for

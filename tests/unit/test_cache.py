@@ -94,3 +94,12 @@ def test_verify_all_removes_an_artifact_whose_bytes_changed(tmp_path):
     disk.write_bytes(b"bit rot")
     assert cache.verify_all() == [disk.name]
     assert cache.resolve("tiny").disk.read_bytes() == b"D"       # fetched again, verified
+
+
+def test_an_unusable_cache_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = ImageCache(blocker / "cache")
+    with pytest.raises(ImageError) as info:
+        cache.insert_file(blocker, artifact_for(b"not a directory"))
+    assert "not usable" in info.value.message and "VMLOADER_CACHE_DIR" in info.value.hint

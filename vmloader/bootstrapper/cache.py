@@ -254,6 +254,9 @@ class ImageCache:
 
         Repositories are tried in order (mirrors): a failed fetch moves on to the next.
         """
+        local = self._cached_exact(ref)
+        if local is not None:
+            return local
         problems: list = []
         for _, repo, manifest in self._catalogs(problems):
             entry = manifest.find(ref, need_artifacts=True)
@@ -274,6 +277,22 @@ class ImageCache:
         if problems:
             raise problems[-1]
         self._raise_unknown(ref)
+
+    def _cached_exact(self, ref: str) -> Optional[ResolvedImage]:
+        """`name@version` already cached: answer from saved manifests, without any network.
+
+        (A bare name may have a newer version upstream, so it asks the repositories,
+        with a conditional request, falling back to the saved manifest when they are down.)
+        """
+        if "@" not in ref:
+            return None
+        for repo in self.repositories:
+            saved = getattr(repo, "saved_manifest", lambda: None)()
+            entry = saved.find(ref, need_artifacts=True) if saved else None
+            if entry is not None and self.has_all(entry):
+                self._record_use(entry)
+                return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
+        return None
 
     def _raise_unknown(self, ref: str) -> None:
         name = ref.partition("@")[0]

@@ -91,6 +91,14 @@ class HttpRepository:
         self._save({"etag": resp.headers.get("ETag"), "manifest": data})
         return manifest
 
+    def saved_manifest(self) -> Optional[Manifest]:
+        """The manifest as last fetched, without touching the network."""
+        saved = self._load_saved()
+        try:
+            return parse_manifest(saved["manifest"], str(self._saved())) if saved else None
+        except ImageError:
+            return None
+
     def _load_saved(self) -> Optional[dict]:
         try:
             return json.loads(self._saved().read_text())
