@@ -95,6 +95,12 @@ class ImageCache:
                     removed.append(entry)
         return removed
 
+    def _evict_quietly(self, keep: Sequence[str]) -> None:
+        try:
+            self.evict(keep=keep)
+        except (OSError, sqlite3.Error):
+            pass        # another user's cache we may read but not manage: its owner prunes it
+
     def remove_image(self, name: str) -> list:
         """Remove every cached artifact of image `name` (all versions); refuses pinned ones."""
         mine = [e for e in self.index.entries() if e.image.partition("@")[0] == name]
@@ -272,7 +278,7 @@ class ImageCache:
             if self.has_all(entry):
                 self._record_use(entry)
                 if self.max_bytes:
-                    self.evict(keep=[a.sha256 for a in entry.artifacts.values()])
+                    self._evict_quietly(keep=[a.sha256 for a in entry.artifacts.values()])
                 return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
         if problems:
             raise problems[-1]

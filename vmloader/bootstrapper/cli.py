@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Optional, Sequence
 from . import build, catalog, config as config_mod, hypervisors, proc, publish, reposerver, virt
 from .cache import ImageCache
 from .repository import repository_for
-from .errors import UsageError, VMLoaderError
+from .errors import ImageError, UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
 
@@ -236,15 +237,23 @@ def _check_standalone_qcow2(disk: Path) -> None:
                          hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
 
 
+def _managing(cache, action):
+    try:
+        return action()
+    except (OSError, sqlite3.Error) as exc:
+        raise ImageError(f"cannot manage the cache at {cache.root}: {exc}",
+                         hint="do it as the cache's owner, or set it up as a group-shared cache (README)") from None
+
+
 def _images_rm(args, cfg, cache) -> int:
-    removed = cache.remove_image(args.name)
+    removed = _managing(cache, lambda: cache.remove_image(args.name))
     _emit([e.sha256 for e in removed], args.json, f"removed {len(removed)} files of {args.name}")
     return 0
 
 
 def _images_prune(args, cfg, cache) -> int:
     limit = config_mod.load(overrides={"cache_max_bytes": args.max_bytes}).cache_max_bytes
-    removed = cache.evict(limit)
+    removed = _managing(cache, lambda: cache.evict(limit))
     text = "\n".join(f"evicted {e.image or e.sha256[:12]} ({e.size} bytes)" for e in removed) or "nothing to evict"
     _emit([{"sha256": e.sha256, "image": e.image, "size": e.size} for e in removed], args.json, text)
     return 0
