@@ -160,7 +160,7 @@ class ImageCache:
         return entry.fetchable and all(self.has(a) for a in entry.artifacts.values())
 
     def insert_file(self, source: Path, artifact: Artifact, *, move: bool = False,
-                    origin: str = "") -> Path:
+                    origin: str = "", known_sha256: Optional[str] = None) -> Path:
         """Verify `source` against `artifact` and place it in the cache atomically.
 
         With move=True the source (a download in the cache's tmp dir) is renamed
@@ -171,7 +171,8 @@ class ImageCache:
         if self.has(artifact):
             return dest
         if move:
-            self._check(source, sha256_file(source), artifact, origin, discard=True)
+            # known_sha256: hashed by us while writing `source` (a download): no second read.
+            self._check(source, known_sha256 or sha256_file(source), artifact, origin, discard=True)
             os.chmod(source, 0o444)
             os.replace(source, dest)
             return dest

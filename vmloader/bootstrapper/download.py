@@ -8,6 +8,7 @@ its sha256 matches (ImageCache.insert_file checks, then renames it into place).
 """
 import errno
 import fcntl
+import hashlib
 import sys
 import time
 from contextlib import contextmanager
@@ -63,34 +64,57 @@ def artifact_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _transfer(session: requests.Session, url: str, part: Path, progress: Progress) -> None:
-    """Fetch the rest of `url` into `part` (resuming from its current size)."""
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+class _Written:
+    """sha256 of exactly the bytes in the partial file, kept while they are written,
+    so verification needs no second read of a large download."""
+
+    def __init__(self, part: Path):
+        self.digest = hashlib.sha256()
+        self.size = 0
+        if part.exists():
+            with open(part, "rb") as handle:
+                for block in iter(lambda: handle.read(CHUNK), b""):
+                    self.add(block)
+
+    def add(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.size += len(block)
+
+    def restart(self) -> None:
+        self.digest, self.size = hashlib.sha256(), 0
+
+
+def _transfer(session: requests.Session, url: str, part: Path, written: _Written, progress: Progress) -> None:
+    """Fetch the rest of `url` into `part` (resuming from what is already written)."""
+    headers = {"Range": f"bytes={written.size}-"} if written.size else {}
     with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as resp:
-        if resp.status_code == 416 and have:
+        if resp.status_code == 416 and written.size:
             return                                   # nothing left to fetch
         if resp.status_code == 404:
             raise ImageError(f"{url}: not found on the repository (HTTP 404)",
                              hint="the manifest names a file the repository does not have: republish it",
                              phase="cache lookup")
         resp.raise_for_status()
-        mode = "ab" if resp.status_code == 206 else "wb"
-        done = have if mode == "ab" else 0
-        with open(part, mode) as out:
+        if resp.status_code != 206:
+            written.restart()                        # the server ignored Range: start over
+        with open(part, "ab" if written.size else "wb") as out:
             for block in resp.iter_content(CHUNK):
                 out.write(block)
-                done += len(block)
-                progress.update(done)
+                written.add(block)
+                progress.update(written.size)
 
 
 def download(session: requests.Session, url: str, artifact: Artifact, part: Path,
-             *, progress: Optional[Progress] = None, sleep: Callable[[float], None] = time.sleep) -> Path:
-    """Download `url` to `part`, resuming and retrying. The caller verifies (ImageCache.insert_file)."""
+             *, progress: Optional[Progress] = None, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Download `url` to `part`, resuming and retrying; returns the sha256 of what was written.
+
+    The caller compares it with the manifest (ImageCache.insert_file) before caching.
+    """
     progress = progress or Progress(Path(url).name, artifact.size)
+    written = _Written(part)
     for attempt in range(RETRIES):
         try:
-            _transfer(session, url, part, progress)
+            _transfer(session, url, part, written, progress)
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             if attempt == RETRIES - 1:
@@ -107,5 +131,5 @@ def download(session: requests.Session, url: str, artifact: Artifact, part: Path
                                  hint=f"free space in {part.parent} or shrink the cache (vmloader images prune)",
                                  phase="cache lookup") from None
             raise ImageError(f"cannot write {part}: {exc}", phase="cache lookup") from None
-    return part
+    return written.digest.hexdigest()
 

@@ -126,8 +126,8 @@ def fetch_into_cache(session: requests.Session, url: str, artifact: Artifact, ca
         if cache.has(artifact):              # another process fetched it while we waited
             return cache.artifact_path(artifact)
         part = tmp / f"{artifact.sha256}.part"
-        download(session, url, artifact, part, progress=Progress(label, artifact.size))
-        return cache.insert_file(part, artifact, move=True, origin=url)
+        digest = download(session, url, artifact, part, progress=Progress(label, artifact.size))
+        return cache.insert_file(part, artifact, move=True, origin=url, known_sha256=digest)
 
 
 def is_url(ref: str) -> bool:
