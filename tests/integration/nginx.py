@@ -29,6 +29,17 @@ http {{
 """
 
 
+def wait_for_port(port: int, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start listening on port {port}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,14 +67,8 @@ class Nginx:
         conf.write_text(CONFIG.format(prefix=self.prefix, port=self.port, root=self.root, limit=limit))
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.prefix)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx did not start; see {self.prefix}/error.log")
+        wait_for_port(self.port, 10, f"nginx (see {self.prefix}/error.log)")
+        return self
 
     def stop(self) -> None:
         """Stop the nginx we started (by its pid; SIGTERM is nginx's fast shutdown)."""

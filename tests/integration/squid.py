@@ -1,12 +1,10 @@
 """Debian's Squid as a caching proxy on loopback, for tests (sites put one in front of the repository)."""
 import pwd
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
 
-from .nginx import free_port
+from .nginx import free_port, wait_for_port
 
 CONFIG = """http_port 127.0.0.1:{port}
 pid_filename {prefix}/squid.pid
@@ -49,14 +47,8 @@ class Squid:
         subprocess.run(["squid", "-z", "-N", "-f", str(conf)], check=True, capture_output=True, timeout=60)
         self.proc = subprocess.Popen(["squid", "-N", "-f", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"squid did not start; see {self.prefix}/cache.log")
+        wait_for_port(self.port, 20, f"squid (see {self.prefix}/cache.log)")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None:
