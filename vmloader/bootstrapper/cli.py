@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, hypervisors, proc, publish, reposerver, virt
+from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, virt
 from .cache import ImageCache
 from .repository import repository_for
 from .errors import ImageError, UsageError, VMLoaderError
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log every host command; tracebacks")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
+    clean = sub.add_parser("cleanup", help="end jobs whose vmloader died: destroy the VM, keep a snapshot")
+    clean.add_argument("--json", action="store_true")
     hv = sub.add_parser("hypervisors", help="which hypervisors are usable here, and why")
     hv.add_argument("--json", action="store_true")
     images = sub.add_parser("images", help="build and list guest images").add_subparsers(dest="images_cmd", required=True)
@@ -122,7 +124,30 @@ def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
     return hypervisors.HostProbes(probe_kernel=kernel)
 
 
+def _reap_orphans(cfg) -> list:
+    uri = cfg.libvirt_uri or virt.default_uri("qemu", os.geteuid())
+    reaped = orphans.reap_all(cfg.jobs_dir, lambda: virt.connect(uri), SnapshotStore(cfg.snapshots_dir))
+    for orphan in reaped:
+        kept = f"; snapshot {orphan.snapshot} kept" if orphan.snapshot else ""
+        print(f"vmloader: cleaned up job {orphan.job_id}: its vmloader (pid {orphan.owner_pid}) had died"
+              f"{'; VM destroyed' if orphan.domain_destroyed else ''}{kept}", file=sys.stderr)
+    return reaped
+
+
+def cmd_cleanup(args, cfg) -> int:
+    reaped = _reap_orphans(cfg)
+    if args.json:
+        _emit([o.to_dict() for o in reaped], True, "")
+    elif not reaped:
+        print("no orphaned jobs")
+    return 0
+
+
 def cmd_run(args, cfg) -> int:
+    try:
+        _reap_orphans(cfg)
+    except VMLoaderError as exc:       # the job itself will report a broken libvirt clearly
+        print(f"vmloader: skipped cleaning up orphaned jobs: {exc.message}", file=sys.stderr)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     spec = JobSpec(image=args.image, image_sha256=args.sha256, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
@@ -289,7 +314,7 @@ def cmd_snapshot(args, cfg) -> int:
 
 
 COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
-            "repo": cmd_repo}
+            "repo": cmd_repo, "cleanup": cmd_cleanup}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

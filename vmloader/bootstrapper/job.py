@@ -179,6 +179,7 @@ class JobRunner:
         validate(spec)
         job_id = spec.job_id or new_job_id()
         job = Job(spec, self._make_job_dir(job_id))
+        _write_owner(job)
         out, err = self._output_streams(job)
         with ExitStack() as job.pins:          # released after teardown: the base is in use until then
             try:
@@ -398,6 +399,13 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None)
+
+
+def _write_owner(job: Job) -> None:
+    """Who runs this job and what it wants kept: lets a later vmloader clean up if we die."""
+    (job.job_dir / "owner.json").write_text(json.dumps(
+        {"pid": os.getpid(), "snapshot": job.spec.snapshot, "command": list(job.spec.command),
+         "image": job.spec.image, "started": time.time()}) + "\n")
 
 
 def _boot_spec(image: ResolvedImage, cmdline: str) -> BootSpec:

@@ -1,0 +1,31 @@
+"""A vmloader killed mid-job (SIGKILL): the next vmloader finds its VM and overlay and ends them."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import libvirt_domains
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
+
+
+def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader, vm_env, state_dir, tmp_path):
+    doomed = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                               "--", "sh", "-c", "echo started; sleep 1000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=vm_env, cwd=tmp_path)
+    assert doomed.stdout.readline() == b"started\n"
+    [job_dir] = list((state_dir / "jobs").iterdir())
+    doomed.kill()
+    doomed.wait()
+    assert f"vmloader-{job_dir.name}" in libvirt_domains()          # the VM outlived its vmloader
+
+    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--", "true")
+    assert run.returncode == 0, run.err
+    assert f"cleaned up job {job_dir.name}" in run.err and "VM destroyed" in run.err
+    assert f"vmloader-{job_dir.name}" not in libvirt_domains()
+    assert not (job_dir / "overlay.qcow2").exists()
+    meta = json.loads((state_dir / "snapshots" / job_dir.name / "metadata.json").read_text())
+    assert meta["outcome"] == "orphaned" and meta["exit_status"] == 125
+    assert json.loads((job_dir / "metadata.json").read_text())["outcome"] == "orphaned"
+    assert vmloader("cleanup", "--json").json() == []
