@@ -16,6 +16,9 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=vm_env, cwd=tmp_path)
     assert doomed.stdout.readline() == b"started\n"
     [job_dir] = list((state_dir / "jobs").iterdir())
+    [running] = vmloader("status", "--json").json()
+    assert running["job_id"] == job_dir.name and running["image"] == "debian-12"
+    assert running["phase"] == "exec" and running["qemu_pid"] and running["rss_bytes"] > 0
     doomed.kill()
     doomed.wait()
     assert f"vmloader-{job_dir.name}" in libvirt_domains()          # the VM outlived its vmloader
@@ -29,3 +32,4 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
     assert meta["outcome"] == "orphaned" and meta["exit_status"] == 125
     assert json.loads((job_dir / "metadata.json").read_text())["outcome"] == "orphaned"
     assert vmloader("cleanup", "--json").json() == []
+    assert vmloader("status", "--json").json() == []

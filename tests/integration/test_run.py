@@ -33,7 +33,7 @@ def test_a_successful_command_runs_in_the_guest_and_leaves_no_snapshot(vmloader,
 
 
 def test_the_commands_exit_code_is_vmloaders_and_failure_keeps_a_snapshot(vmloader, state_dir):
-    run = vmloader("run", "--image", "debian-12", "--", "sh", "-c", "echo partial > /work/trace; exit 7")
+    run = vmloader("run", "--image", "debian-12", "--", "sh", "-c", "echo partial-output; echo partial > /work/trace; exit 7")
     assert run.returncode == 7, run.err
     [snap] = snapshots(state_dir)
     meta = json.loads((state_dir / "snapshots" / snap / "metadata.json").read_text())
@@ -44,6 +44,9 @@ def test_the_commands_exit_code_is_vmloaders_and_failure_keeps_a_snapshot(vmload
         (state_dir / "snapshots" / snap / "console.log").stat().st_size > 0
     listed = vmloader("snapshot", "list", "--json")
     assert [s["id"] for s in listed.json()] == [snap]
+    logs = vmloader("snapshot", "logs", snap, "--json").json()
+    assert logs["stdout_tail"] == "partial-output\n"
+    assert logs["console_tail"] and logs["timings"]["exec"] > 0
     shown = vmloader("snapshot", "show", snap, "--json").json()
     assert shown["exit_status"] == 7 and shown["disk"].endswith("disk.qcow2")
     assert vmloader("snapshot", "rm", snap).returncode == 0

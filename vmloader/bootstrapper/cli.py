@@ -3,12 +3,13 @@ import argparse
 import json
 import logging
 import os
+import pwd
 import sqlite3
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, virt
+from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, status, virt
 from .cache import ImageCache
 from .repository import repository_for
 from .errors import ImageError, UsageError, VMLoaderError
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log every host command; tracebacks")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_run(sub)
+    st = sub.add_parser("status", help="job VMs running on this worker")
+    st.add_argument("--json", action="store_true")
     clean = sub.add_parser("cleanup", help="end jobs whose vmloader died: destroy the VM, keep a snapshot")
     clean.add_argument("--json", action="store_true")
     hv = sub.add_parser("hypervisors", help="which hypervisors are usable here, and why")
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("dir")
     serve.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT")
     snap = sub.add_parser("snapshot", help="kept job states").add_subparsers(dest="snap_cmd", required=True)
-    for name in ("list", "show", "rm"):
+    for name in ("list", "show", "rm", "logs"):
         sp = snap.add_parser(name)
         if name != "list":
             sp.add_argument("id")
@@ -132,6 +135,19 @@ def _reap_orphans(cfg) -> list:
         print(f"vmloader: cleaned up job {orphan.job_id}: its vmloader (pid {orphan.owner_pid}) had died"
               f"{'; VM destroyed' if orphan.domain_destroyed else ''}{kept}", file=sys.stderr)
     return reaped
+
+
+def cmd_status(args, cfg) -> int:
+    jobs = status.running_jobs(cfg.jobs_dir, _user_name())
+    rows = [f"{j.job_id}  {j.image:24} {j.user:10} up {j.uptime_s:7.1f}s  {j.phase:12} "
+            f"cpu {j.cpu_percent if j.cpu_percent is not None else '-'}%  "
+            f"rss {(j.rss_bytes or 0) // 2**20} MiB  {j.console_log}" for j in jobs]
+    _emit([j.to_dict() for j in jobs], args.json, "\n".join(rows) or "no job VMs running")
+    return 0
+
+
+def _user_name() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def cmd_cleanup(args, cfg) -> int:
@@ -307,6 +323,13 @@ def cmd_snapshot(args, cfg) -> int:
         snap = store.get(args.id)
         data = snap.to_dict()
         _emit(data, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    elif args.snap_cmd == "logs":
+        logs = store.get(args.id).logs()
+        text = "\n".join(f"== {title} ==\n{body}" for title, body in (
+            ("console log (tail)", logs["console_tail"]), ("stdout (tail)", logs["stdout_tail"]),
+            ("stderr (tail)", logs["stderr_tail"]),
+            ("phase timings (s)", "\n".join(f"{k:14} {v}" for k, v in logs["timings"].items()))))
+        _emit(logs, args.json, text)
     else:
         store.remove(args.id)
         _emit({"removed": args.id}, args.json, f"removed snapshot {args.id}")
@@ -314,7 +337,8 @@ def cmd_snapshot(args, cfg) -> int:
 
 
 COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
-            "repo": cmd_repo, "cleanup": cmd_cleanup}
+            "repo": cmd_repo, "cleanup": cmd_cleanup,
+            "status": cmd_status}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -139,7 +139,7 @@ class Job:
     def __init__(self, spec: JobSpec, job_dir: Path):
         self.spec = spec
         self.job_dir = job_dir
-        self.timer = PhaseTimer()
+        self.timer = PhaseTimer(on_enter=lambda name: (job_dir / "phase").write_text(name + "\n"))
         self.image: Optional[ResolvedImage] = None
         self.hypervisor: Optional[Hypervisor] = None
         self.conn = None
@@ -379,14 +379,11 @@ class JobRunner:
         if job.spec.capture_dir:
             out.out.close()
             err.out.close()
-        (job.job_dir / "stdout.tail").write_bytes(bytes(out.last))
-        (job.job_dir / "stderr.tail").write_bytes(bytes(err.last))
-        if job.error is None:
-            return
         snapshot = self.store.root / job.job_dir.name
-        if snapshot.is_dir():
-            for name in ("stdout.tail", "stderr.tail"):
-                (snapshot / name).write_bytes((job.job_dir / name).read_bytes())
+        for name, writer in (("stdout.tail", out), ("stderr.tail", err)):
+            (job.job_dir / name).write_bytes(bytes(writer.last))
+            if snapshot.is_dir():                # `vmloader snapshot logs` shows them
+                (snapshot / name).write_bytes(bytes(writer.last))
 
     def _result(self, job: Job, job_id: str, snapshot_id: Optional[str]) -> JobResult:
         captured = job.spec.capture_dir

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .console import tail
 from .errors import SnapshotError
 
 POLICIES = ("always", "on-failure", "never")
@@ -55,6 +56,15 @@ class Snapshot:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def logs(self, lines: int = 50) -> dict:
+        """What `vmloader snapshot logs` shows: console, output tails, phase timings."""
+        def text(name: str) -> str:
+            path = self.path / name
+            return path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
+        return {"console_log": str(self.console_log), "console_tail": tail(self.console_log, lines),
+                "stdout_tail": text("stdout.tail"), "stderr_tail": text("stderr.tail"),
+                "timings": self.meta.timings}
 
     def to_dict(self) -> dict:
         data = self.meta.to_dict()
