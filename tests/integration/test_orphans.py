@@ -33,3 +33,18 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
     assert json.loads((job_dir / "metadata.json").read_text())["outcome"] == "orphaned"
     assert vmloader("cleanup", "--json").json() == []
     assert vmloader("status", "--json").json() == []
+
+
+def test_sigterm_to_vmloader_stops_the_vm_keeps_its_state_and_exits_143(vm_env, state_dir, tmp_path):
+    """What condor_rm, preemption and walltime limits do: SIGTERM to the job's vmloader."""
+    job = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                            "--", "sh", "-c", "echo started; sleep 1000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
+    assert job.stdout.readline() == b"started\n"
+    job.terminate()
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err
+    assert b"stopped by SIGTERM" in err
+    [job_dir] = list((state_dir / "jobs").iterdir())
+    assert f"vmloader-{job_dir.name}" not in libvirt_domains()
+    assert (state_dir / "snapshots" / job_dir.name / "disk.qcow2").exists()

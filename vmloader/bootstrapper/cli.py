@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import pwd
 import sqlite3
 import sys
@@ -12,7 +13,7 @@ from typing import Optional, Sequence
 from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, status, virt
 from .cache import ImageCache
 from .repository import repository_for
-from .errors import ImageError, UsageError, VMLoaderError
+from .errors import EXIT_INFRA, ImageError, Interrupted, UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
 
@@ -341,11 +342,24 @@ COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images
             "status": cmd_status}
 
 
+def _stop_on_signals() -> None:
+    """Turn SIGTERM/SIGINT/SIGHUP into an exception, so a running job's cleanup (stop the VM,
+    keep its state, remove the overlay) still happens. Only the first one: the cleanup must
+    not be interrupted by a second (HTCondor follows up with SIGKILL if it takes too long)."""
+    def handler(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum, signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="vmloader: %(message)s")
     virt.silence_libvirt_errors()
+    _stop_on_signals()
     try:
         cfg = config_mod.load()
         return COMMANDS[args.cmd](args, cfg)
@@ -356,8 +370,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps(exc.to_dict(), indent=2))
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except Exception as exc:          # never let a vmloader bug pass for the job's own exit status
+        if args.debug:
+            raise
+        print(f"vmloader: internal error: {type(exc).__name__}: {exc}\n"
+              "hint: this is a vmloader bug; rerun with --debug for the traceback", file=sys.stderr)
+        return EXIT_INFRA
 
 
 def entry() -> None:

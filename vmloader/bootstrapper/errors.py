@@ -96,3 +96,13 @@ class JobCommandNotExecutable(VMLoaderError):
 
 class SnapshotError(VMLoaderError):
     """A snapshot id is unknown or a snapshot cannot be read or written."""
+
+
+class Interrupted(VMLoaderError):
+    """vmloader itself got a termination signal (condor_rm, preemption, walltime, Ctrl-C)."""
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(f"vmloader was stopped by {name}",
+                         hint="a running job's VM is stopped and its state kept per --snapshot; HTCondor "
+                              "sends SIGTERM on condor_rm, preemption and walltime limits")
+        self.exit_code = 128 + signum
