@@ -137,9 +137,11 @@ class ImageCache:
         mode = 0o2775 if self.shared else 0o755
         try:
             for path in (self.root, self.artifacts_dir, self.root / "tmp", self.pins_dir):
-                if not path.is_dir():
-                    path.mkdir(parents=True, exist_ok=True)
-                    os.chmod(path, mode)
+                try:
+                    path.mkdir(parents=True)
+                except FileExistsError:
+                    continue              # made by us or another user before: not ours to chmod
+                os.chmod(path, mode)
         except OSError as exc:
             raise ImageError(f"cache directory {self.root} is not usable: {exc}",
                              hint="set cache_dir in config or VMLOADER_CACHE_DIR to a writable directory",

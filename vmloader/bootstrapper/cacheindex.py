@@ -43,18 +43,22 @@ class CacheIndex:
         if not self.shared:
             return
         self.path.mkdir(mode=0o2775, exist_ok=True)
-        db = self.path / "cache.db"
-        if not db.exists():
-            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o664))
-            os.chmod(db, 0o664)
+        try:
+            fd = os.open(self.path / "cache.db", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o664)
+        except FileExistsError:
+            return                      # another process (maybe another user) made it: leave it
+        os.fchmod(fd, 0o664)
+        os.close(fd)
 
     def _open(self) -> diskcache.Cache:
         if self._db is None:
+            self._prepare()
             try:
-                self._prepare()
                 self._db = diskcache.Cache(str(self.path))
                 len(self._db)                       # touches the database: fails if corrupt
-            except (sqlite3.DatabaseError, OSError):
+            except sqlite3.DatabaseError as exc:
+                if "readonly" in str(exc) or "locked" in str(exc):
+                    raise                           # not corrupt: just not ours to write, or busy
                 self.rebuild()
         return self._db
 

@@ -6,6 +6,8 @@ verified by sha256; an entry with only a `recipe` can be built locally
 the embedded default repository's catalog.
 """
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -177,10 +179,28 @@ def load_manifest(path: Path, *, missing_ok: bool = True) -> Manifest:
     return parse_manifest(data, str(path))
 
 
-def write_manifest(manifest: Manifest, path: Path) -> None:
-    """Write atomically: a reader never sees a half-written catalog."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write so readers never see half a file, and concurrent writers (other
+    processes, other users of a shared cache) never trip over each other's
+    temporary file: each gets its own, and the last rename wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import libvirt
 
 from . import virt
+from .catalog import atomic_write_text
 from .errors import HypervisorError, LibvirtError
 
 ORDER = ("kvm", "qemu", "xen")
@@ -116,7 +117,7 @@ def _write_cache(path: Path, key: str, value: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache(path)
         data[key] = value
-        path.write_text(json.dumps(data))
+        atomic_write_text(path, json.dumps(data))
     except OSError:
         pass   # a probe cache is an optimisation only
 

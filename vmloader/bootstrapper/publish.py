@@ -4,6 +4,7 @@ Artifacts land at `DIR/<name>/<version>/<file>` and the manifest is merged
 (other images already published there are kept), written atomically last, so
 a repository never lists a file that is not there yet.
 """
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,7 @@ def _copy_entry(cache: ImageCache, entry, repo_dir: Path):
         dest = repo_dir / relative
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not (dest.exists() and dest.stat().st_size == art.size):
-            tmp = dest.with_name(dest.name + ".tmp")
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             shutil.copyfile(cache.artifact_path(art), tmp)
             tmp.chmod(0o644)
             tmp.replace(dest)

@@ -13,7 +13,7 @@ from urllib.parse import urljoin, urlparse
 
 import requests
 
-from .catalog import Artifact, ImageEntry, Manifest, load_manifest, parse_manifest
+from .catalog import Artifact, ImageEntry, Manifest, atomic_write_text, load_manifest, parse_manifest
 from .download import Progress, artifact_lock, download
 from .errors import ImageError
 
@@ -106,11 +106,7 @@ class HttpRepository:
             return None
 
     def _save(self, record: dict) -> None:
-        path = self._saved()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        atomic_write_text(self._saved(), json.dumps(record))
 
     def fetch(self, entry: ImageEntry, artifact: Artifact, cache: "ImageCache") -> Path:
         return fetch_into_cache(self.session, urljoin(self.base_url, artifact.url), artifact, cache,
