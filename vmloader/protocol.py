@@ -42,6 +42,7 @@ PUT_END = 22
 GET = 23
 GET_DATA = 24
 GET_END = 25
+LIST = 26          # list a directory: reply OK {"entries": [{name, type, size, mtime_ns}]}
 OK = 30
 ERROR = 31
 SHUTDOWN = 40

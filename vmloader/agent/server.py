@@ -7,6 +7,7 @@ import pwd
 import queue
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -170,7 +171,8 @@ class Agent(object):
             P.HELLO: lambda f: self.channel.send_json(P.HELLO, 0, self.info()),
             P.EXEC: self.on_exec, P.STDIN: self.on_stdin, P.STDIN_EOF: self.on_stdin,
             P.KILL: self.on_kill, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
-            P.PUT_END: self.on_put_end, P.GET: self.on_get, P.SHUTDOWN: self.on_shutdown,
+            P.PUT_END: self.on_put_end, P.GET: self.on_get, P.LIST: self.on_list,
+            P.SHUTDOWN: self.on_shutdown,
         }.get(frame.type)
         if handler is None:
             raise ValueError("unexpected %s frame" % P.name_of(frame.type))
@@ -281,6 +283,18 @@ class Agent(object):
         path = self._path(frame.json()["path"])
         handle = open(path, "rb")
         threading.Thread(target=self._send_file, args=(frame.request_id, handle), daemon=True).start()
+
+    def on_list(self, frame):
+        """Entries of one directory (not followed through symlinks), for collecting new outputs."""
+        path = self._path(frame.json().get("path") or ".")
+        entries = []
+        for name in sorted(os.listdir(path)):
+            st = os.lstat(os.path.join(path, name))
+            kind = ("file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                    else "link" if stat.S_ISLNK(st.st_mode) else "other")
+            entries.append({"name": name, "type": kind, "size": st.st_size,
+                            "mtime_ns": st.st_mtime_ns})
+        self.channel.send_json(P.OK, frame.request_id, {"entries": entries})
 
     def _send_file(self, request_id, handle):
         size = 0

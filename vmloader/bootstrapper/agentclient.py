@@ -268,6 +268,23 @@ class AgentClient:
                 return
         threading.Thread(target=pump, name="agent-stdin", daemon=True).start()
 
+    def list_dir(self, guest_path: str, timeout: float = 30.0) -> list:
+        """Entries of a guest directory: dicts with name, type (file/dir/link/other), size, mtime_ns."""
+        request_id, waiter = self._new_request()
+        try:
+            self._send_json(P.LIST, request_id, {"path": guest_path})
+            reply = self._next(waiter, time.monotonic() + timeout)
+            if reply is None:
+                raise AgentError(f"the guest agent did not list {guest_path} within {timeout:.0f} s",
+                                 hint="an image built by an older vmloader cannot list directories: rebuild it "
+                                      "(vmloader images build NAME) or name the outputs explicitly")
+            entries = reply.json().get("entries")
+            if not isinstance(entries, list):
+                raise AgentError("the guest agent sent a malformed directory listing")
+            return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+        finally:
+            self._done(request_id)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         request_id, waiter = self._new_request()
         try:

@@ -258,6 +258,16 @@ class ImageCache:
             names.update(manifest.names())
         return sorted(names)
 
+    def cached_names(self) -> list:
+        """Image names (and aliases) a job could start from without downloading anything."""
+        names = set()
+        for _, _, manifest in self._catalogs([]):
+            for name in manifest.names():
+                entry = manifest.find(name, need_artifacts=True)
+                if entry is not None and self.has_all(entry):
+                    names.add(name)
+        return sorted(names)
+
     def resolve(self, ref: str) -> ResolvedImage:
         """Find `ref` (name or name@version), making sure every artifact is cached and verified.
 

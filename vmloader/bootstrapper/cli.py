@@ -39,6 +39,8 @@ def _add_run(sub) -> None:
                    help="copy a file into the guest work dir before the command")
     p.add_argument("--output", action="append", default=[], metavar="PATH",
                    help="copy a path (relative to the guest work dir) back after the command")
+    p.add_argument("--output-new", action="store_true",
+                   help="also copy back every top-level file the command created or changed (as HTCondor does)")
     p.add_argument("--output-dir", default=".", help="where --output files land (default: .)")
     p.add_argument("--snapshot", choices=POLICIES, help="keep the VM's disk state (default on-failure)")
     p.add_argument("--network", choices=("user", "none"), default="user")
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = repo.add_parser("serve", help="serve a repository directory over HTTP (Range, ETag)")
     serve.add_argument("dir")
     serve.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT")
+    cond = sub.add_parser("condor", help="HTCondor execute-side hooks").add_subparsers(dest="condor_cmd",
+                                                                                      required=True)
+    wrap = cond.add_parser("wrapper", help="USER_JOB_WRAPPER: run a job with +VMImage in a VM, others as is")
+    wrap.add_argument("command", nargs=argparse.REMAINDER)
+    cond.add_parser("probe", help="STARTD_CRON: advertise hypervisors, cached images, free cache space")
     snap = sub.add_parser("snapshot", help="kept job states").add_subparsers(dest="snap_cmd", required=True)
     for name in ("list", "show", "rm", "logs"):
         sp = snap.add_parser(name)
@@ -168,7 +175,7 @@ def cmd_run(args, cfg) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     spec = JobSpec(image=args.image, image_sha256=args.sha256, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
-                   outputs=tuple(args.output), output_dir=Path(args.output_dir),
+                   outputs=tuple(args.output), output_dir=Path(args.output_dir), collect_new=args.output_new,
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
                    console=args.console, capture_dir=args.json, job_id=args.job_id)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)), args.hypervisor)
@@ -313,6 +320,14 @@ def cmd_repo(args, cfg) -> int:
     return 0
 
 
+def cmd_condor(args, cfg) -> int:
+    from . import condor
+    if args.condor_cmd == "wrapper":
+        return condor.run_wrapper(args.command[1:] if args.command[:1] == ["--"] else args.command)
+    print("\n".join(condor.probe_lines(cfg)))
+    return 0
+
+
 def cmd_snapshot(args, cfg) -> int:
     store = SnapshotStore(cfg.snapshots_dir)
     if args.snap_cmd == "list":
@@ -338,7 +353,7 @@ def cmd_snapshot(args, cfg) -> int:
 
 
 COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
-            "repo": cmd_repo, "cleanup": cmd_cleanup,
+            "repo": cmd_repo, "cleanup": cmd_cleanup, "condor": cmd_condor,
             "status": cmd_status}
 
 

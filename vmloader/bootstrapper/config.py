@@ -92,6 +92,10 @@ SETTINGS: Sequence[Setting] = (
             "cache bound in bytes (suffixes K M G T); least recently used images go first; 0 = unbounded"),
     Setting("memory_mib", "VMLOADER_MEMORY", _positive_int, "default guest memory (MiB)"),
     Setting("cpus", "VMLOADER_CPUS", _positive_int, "default guest vCPUs"),
+    Setting("host_cert", "VMLOADER_HOST_CERT", _path,
+            "host certificate copied into every guest as /etc/grid-security/hostcert.pem"),
+    Setting("host_key", "VMLOADER_HOST_KEY", _path,
+            "host key copied into every guest as /etc/grid-security/hostkey.pem (mode 0600)"),
 )
 
 
@@ -106,6 +110,8 @@ class Config:
     cache_max_bytes: int = 50 * 2**30
     memory_mib: int = 1024
     cpus: int = 1
+    host_cert: Optional[Path] = None
+    host_key: Optional[Path] = None
 
     @property
     def jobs_dir(self) -> Path:

@@ -40,6 +40,14 @@ TAIL_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
+class GuestFile:
+    """A host file placed at an absolute guest path, owned by root (credentials)."""
+    host_path: str
+    guest_path: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
 class JobSpec:
     image: str
     command: tuple
@@ -49,9 +57,11 @@ class JobSpec:
     root: bool = False
     timeout: Optional[float] = None
     env: Mapping[str, str] = field(default_factory=dict)
-    inputs: tuple = ()
+    inputs: tuple = ()             # host paths (land by base name) or (host path, guest relative path)
     outputs: tuple = ()
     output_dir: Path = Path(".")
+    collect_new: bool = False      # also copy back every top-level file the command created or changed
+    guest_files: tuple = ()        # GuestFile: credentials and such, placed as root before the command
     snapshot: str = "on-failure"
     network: str = "user"
     console: bool = False
@@ -100,9 +110,12 @@ def outcome_of(status: int) -> str:
 def validate(spec: JobSpec) -> None:
     if not spec.command:
         raise UsageError("no command given", hint="vmloader run --image NAME -- COMMAND [ARGS...]")
-    for path in spec.inputs:
+    for path, guest in input_pairs(spec):
         if not Path(path).is_file():
             raise UsageError(f"--input {path}: no such file", hint="give an existing file to copy into the guest")
+        pure = PurePosixPath(guest)
+        if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+            raise UsageError(f"input {guest}: path escapes the job's work dir")
     for out in spec.outputs:
         pure = PurePosixPath(out)
         if pure.is_absolute() or ".." in pure.parts or not pure.parts:
@@ -110,6 +123,11 @@ def validate(spec: JobSpec) -> None:
                              hint=f"give a path relative to the guest work dir {GUEST_WORKDIR}, without '..'")
     if spec.timeout is not None and spec.timeout <= 0:
         raise UsageError("--timeout must be positive")
+
+
+def input_pairs(spec: JobSpec) -> list:
+    return [(str(item), Path(item).name) if isinstance(item, (str, Path)) else (str(item[0]), str(item[1]))
+            for item in spec.inputs]
 
 
 def new_job_id() -> str:
@@ -146,6 +164,7 @@ class Job:
         self.domain = None
         self.client: Optional[AgentClient] = None
         self.exec_started = False
+        self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
         self.pins: Optional[ExitStack] = None
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
@@ -240,8 +259,7 @@ class JobRunner:
             with job.timer.phase("boot"):
                 job.client = self._connect_agent(job)
             with job.timer.phase("stage-in"):
-                for path in spec.inputs:
-                    job.client.put_file(str(path), Path(path).name, user=self._guest_user(job))
+                self._stage_in(job)
             with job.timer.phase("exec"):
                 job.exec_started = True
                 result = job.client.exec(
@@ -253,6 +271,29 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _stage_in(self, job: Job) -> None:
+        for item in self._credentials() + list(job.spec.guest_files):
+            job.client.put_file(item.host_path, item.guest_path, mode=item.mode, user="root")
+        for path, guest in input_pairs(job.spec):
+            mode = 0o755 if os.access(path, os.X_OK) else 0o644
+            job.client.put_file(path, guest, mode=mode, user=self._guest_user(job))
+        if job.spec.collect_new:
+            job.before = _file_stamps(job.client.list_dir(GUEST_WORKDIR))
+
+    def _credentials(self) -> list:
+        """The worker's host certificate and key (config host_cert/host_key), for grid tools in the guest."""
+        files = []
+        for setting, name, mode in (("host_cert", "hostcert.pem", 0o644), ("host_key", "hostkey.pem", 0o600)):
+            path = getattr(self.config, setting)
+            if path is None:
+                continue
+            if not os.access(path, os.R_OK):
+                raise VMLoaderError(f"{setting} {path} is not readable by {_user_name()}",
+                                    hint=f"let the users that run jobs read it (e.g. group-readable by a "
+                                         f"group they share), or unset {setting}", phase="stage-in")
+            files.append(GuestFile(str(path), f"/etc/grid-security/{name}", mode))
+        return files
 
     def _guest_user(self, job: Job) -> str:
         return "root" if job.spec.root else GUEST_USER
@@ -327,7 +368,17 @@ class JobRunner:
         return snapshot_id
 
     def _collect_outputs(self, job: Job) -> None:
-        for out in job.spec.outputs:
+        outputs = list(job.spec.outputs)
+        if job.spec.collect_new and job.before is not None:
+            try:
+                after = _file_stamps(job.client.list_dir(GUEST_WORKDIR))
+            except VMLoaderError as exc:
+                print(f"vmloader: could not list the guest work dir for new outputs: {exc.message}",
+                      file=sys.stderr)
+                after = {}
+            outputs += [name for name, stamp in sorted(after.items())
+                        if job.before.get(name) != stamp and name not in outputs]
+        for out in outputs:
             try:
                 job.client.get_file(out, str(job.spec.output_dir))
             except VMLoaderError as exc:
@@ -396,6 +447,12 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None)
+
+
+def _file_stamps(entries: list) -> dict:
+    """Regular files only: a symlink the job made is never followed on the way out."""
+    return {e["name"]: (e.get("size"), e.get("mtime_ns")) for e in entries
+            if e.get("type") == "file" and "/" not in e["name"] and e["name"] not in (".", "..")}
 
 
 def _write_owner(job: Job) -> None:

@@ -1,0 +1,296 @@
+"""HTCondor integration on the execute side: the job wrapper and the startd probe.
+
+The wrapper (USER_JOB_WRAPPER, see condor/config.d/) runs every job. A job whose
+ad has no `VMImage` is exec'd untouched. Otherwise its sandbox goes into a
+fresh VM of that image, the command runs there, its stdout/stderr are the
+job's, new files come back for output transfer, and the exit code is the job's.
+
+An infrastructure failure is never an ordinary exit: the wrapper sets
+`VMLoaderHoldReason` in the job ad (chirp) and the schedd transform's
+`on_exit_hold` puts the job on hold with that reason. Where a snapshot was
+kept, `VMLoaderSnapshot` is set to `worker:path`.
+"""
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from . import classad, config as config_mod, hypervisors
+from .cache import ImageCache
+from .errors import EXIT_INFRA, UsageError, VMLoaderError
+from .job import GuestFile, JobRunner, JobSpec
+from .repository import repository_for
+from .snapshots import SnapshotStore
+
+HOLD_ATTR = "VMLoaderHoldReason"
+SNAPSHOT_ATTR = "VMLoaderSnapshot"           # after the job: where its state was kept
+POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, copied by the transform
+# Files the starter puts into the sandbox for itself: not the job's input.
+STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
+                           "_condor_stderr", ".condor_creds", "tmp", "var"))
+MIN_VM_MEMORY_MIB = 256
+CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
+
+
+class JobAdError(UsageError):
+    """A VMLoader attribute in the job ad has the wrong type or value."""
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """What a job ad asks of vmloader."""
+    image: str
+    root: bool = False
+    snapshot: Optional[str] = None
+    timeout: Optional[float] = None
+    cpus: Optional[int] = None
+    memory_mib: Optional[int] = None
+    outputs: Optional[tuple] = None          # TransferOutput; None: every new or changed file
+    env_names: tuple = ()
+    label: str = ""
+
+
+def vm_request(ad: Mapping[str, Any]) -> Optional[VMRequest]:
+    """None for an ordinary job (no VMImage); JobAdError for a malformed VMLoader attribute."""
+    image = ad.get("vmimage")
+    if image is None or image is classad.UNDEFINED:
+        return None
+    if not isinstance(image, str) or not image.strip():
+        raise JobAdError(f"+VMImage must be a string naming an image, not {classad.type_name(image)}",
+                         hint='write e.g. +VMImage = "debian-12" (with quotes); fix it with condor_qedit '
+                              'and condor_release the job')
+    root = ad.get("vmloaderroot", False)
+    if not isinstance(root, bool):
+        raise JobAdError(f"+VMLoaderRoot must be True or False, not {classad.type_name(root)} ({root!r})",
+                         hint="write +VMLoaderRoot = True (no quotes)")
+    policy = ad.get("vmloadersnapshotpolicy", ad.get("vmloadersnapshot"))
+    if policy is not None and policy is not classad.UNDEFINED:
+        text = str(policy).replace("_", "-") if isinstance(policy, str) else None
+        if text not in ("always", "on-failure", "never"):
+            raise JobAdError(f"+VMLoaderSnapshot must be \"always\", \"on_failure\" or \"never\", not {policy!r}",
+                             hint='write e.g. +VMLoaderSnapshot = "on_failure"')
+        policy = text
+    else:
+        policy = None
+    timeout = ad.get("vmloadertimeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout <= 0):
+        raise JobAdError(f"+VMLoaderTimeout must be a positive number of seconds, not {timeout!r}",
+                         hint="write e.g. +VMLoaderTimeout = 3600")
+    outputs = ad.get("transferoutput")
+    return VMRequest(
+        image=image.strip(), root=root, snapshot=policy, timeout=float(timeout) if timeout else None,
+        cpus=_positive(ad.get("requestcpus")), memory_mib=_vm_memory(ad.get("requestmemory")),
+        outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
+        env_names=_env_names(ad.get("environment")),
+        label=f"{ad.get('clusterid', 0)}.{ad.get('procid', 0)}")
+
+
+def _positive(value: Any) -> Optional[int]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None                 # an expression or unset: the image's default
+    return int(value)
+
+
+def _vm_memory(value: Any) -> Optional[int]:
+    """request_memory sizes the VM; HTCondor's default (tens of MiB, from the executable's
+    image size) cannot boot a guest, so below MIN_VM_MEMORY_MIB the image's default applies."""
+    requested = _positive(value)
+    return requested if requested and requested >= MIN_VM_MEMORY_MIB else None
+
+
+def _env_names(environment: Any) -> tuple:
+    if not isinstance(environment, str):
+        return ()
+    return tuple(re.findall(r"(?:^|\s|')([A-Za-z_][A-Za-z0-9_]*)=", environment))
+
+
+class Chirp:
+    """Updates the job ad from the execute side (needs WantIOProxy, set by the transform)."""
+
+    def __init__(self, binary: Optional[str]):
+        self.binary = binary
+
+    @classmethod
+    def find(cls, environ: Mapping[str, str]) -> "Chirp":
+        if not Path(environ.get("_CONDOR_SCRATCH_DIR", "."), ".chirp.config").exists():
+            return cls(None)
+        candidates = [shutil.which("condor_chirp")] + list(CHIRP_PATHS)
+        return cls(next((c for c in candidates if c and os.access(c, os.X_OK)), None))
+
+    def set(self, name: str, value: Any) -> bool:
+        if self.binary is None:
+            return False
+        expr = "undefined" if value is classad.UNDEFINED else classad.quote(value)
+        try:
+            done = subprocess.run([self.binary, "set_job_attr", name, expr], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+
+def sandbox_inputs(sandbox: Path, executable: Path) -> list:
+    """(host path, guest relative path) for every file the job brought, at any depth."""
+    pairs = []
+    for dirpath, dirnames, filenames in os.walk(sandbox):
+        rel_dir = Path(dirpath).relative_to(sandbox)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d not in STARTER_FILES]
+            filenames = [f for f in filenames if f not in STARTER_FILES]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                pairs.append((str(path), str(rel_dir / name)))
+    return pairs
+
+
+def guest_command(argv: list, sandbox: Path) -> list:
+    """The sandbox is the guest work dir: an executable shipped in it runs from there."""
+    exe = Path(argv[0])
+    try:
+        rel = (exe if exe.is_absolute() else (Path.cwd() / exe)).resolve().relative_to(sandbox.resolve())
+        return ["./" + str(rel)] + list(argv[1:])
+    except ValueError:
+        return list(argv)
+
+
+def _machine_ad(environ: Mapping[str, str]) -> dict:
+    path = environ.get("_CONDOR_MACHINE_AD")
+    return classad.read_ad(Path(path)) if path and Path(path).exists() else {}
+
+
+def _worker_name(machine: Mapping[str, Any]) -> str:
+    """The slot's name (slot1@vm1@host), so a hold reason says which worker failed."""
+    name = machine.get("name")
+    return name if isinstance(name, str) and name else socket.gethostname()
+
+
+def _machine_overrides(machine: Mapping[str, Any]) -> dict:
+    """The startd's probe advertises its cache dir: jobs of that startd use the same one."""
+    cache_dir = machine.get("vmloadercachedir")
+    return {"cache_dir": cache_dir} if isinstance(cache_dir, str) and cache_dir else {}
+
+
+def _private_libvirt(environ: dict) -> Optional[Path]:
+    """Unprivileged jobs get their own libvirt session daemon: the starter kills everything the
+    job started when it ends, so a daemon shared with another slot's job would take that job's
+    VM down with it. Its qemu.conf keeps QEMU's core size at 0: the starter gives jobs a hard
+    core limit of 0 (submit `coresize`), and libvirt's default of raising it to unlimited fails."""
+    if os.geteuid() == 0:
+        return None
+    entry = pwd.getpwuid(os.geteuid())
+    if not environ.get("HOME") or not Path(environ["HOME"]).is_dir():
+        os.environ["HOME"] = entry.pw_dir
+    # Not under TMPDIR (the sandbox): libvirt puts sockets in here, and their paths must stay short.
+    runtime = Path(tempfile.mkdtemp(prefix="vml-", dir="/tmp"))
+    (runtime / "config" / "libvirt").mkdir(parents=True)
+    (runtime / "config" / "libvirt" / "qemu.conf").write_text("max_core = 0\n")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    os.environ["XDG_CONFIG_HOME"] = str(runtime / "config")
+    return runtime
+
+
+def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    if not argv:
+        print("vmloader condor wrapper: no job command given", file=sys.stderr)
+        return EXIT_INFRA
+    ad_path = environ.get("_CONDOR_JOB_AD")
+    ad = classad.read_ad(Path(ad_path)) if ad_path and Path(ad_path).exists() else {}
+    if "vmimage" not in ad:
+        os.execvp(argv[0], argv)                  # not a VM job: run it exactly as before
+    chirp = Chirp.find(environ)
+    chirp.set(HOLD_ATTR, classad.UNDEFINED)       # a failure of an earlier run is history
+    machine = _machine_ad(environ)
+    worker = _worker_name(machine)
+    runtime = None
+    try:
+        request = vm_request(ad)
+        cfg = config_mod.load(overrides=_machine_overrides(machine))
+        runtime = _private_libvirt(environ)
+        sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
+        spec = _job_spec(request, argv, sandbox, environ, cfg)
+        cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
+                           max_bytes=cfg.cache_max_bytes)
+        if cache.shared:
+            os.umask(0o002)
+        choose = lambda: hypervisors.choose(hypervisors.detect(hypervisors.HostProbes()))
+        runner = JobRunner(cfg, cache, SnapshotStore(cfg.snapshots_dir), choose,
+                           stdin=None, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+        result = runner.run(spec)
+    except VMLoaderError as exc:
+        print(exc.user_text(), file=sys.stderr)
+        if exc.exit_code == EXIT_INFRA:
+            _hold(chirp, worker, exc.phase, exc.message, exc.hint)
+        return exc.exit_code
+    finally:
+        if runtime is not None:
+            shutil.rmtree(runtime, ignore_errors=True)
+    if result.snapshot:
+        chirp.set(SNAPSHOT_ATTR, f"{worker}:{cfg.snapshots_dir / result.snapshot}")
+    if result.error:
+        print(VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"]).user_text(),
+              file=sys.stderr)
+        if result.exit_status == EXIT_INFRA:
+            _hold(chirp, worker, result.error["phase"], result.error["message"], result.error["hint"])
+    return result.exit_status
+
+
+def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[str, str],
+              cfg: config_mod.Config) -> JobSpec:
+    env = {name: environ[name] for name in request.env_names if name in environ}
+    guest_files = ()
+    proxy = environ.get("X509_USER_PROXY")
+    if proxy and Path(proxy).is_file():
+        guest_files = (GuestFile(proxy, "/etc/grid-security/x509_proxy", 0o644),)
+        env["X509_USER_PROXY"] = "/etc/grid-security/x509_proxy"
+    env["_CONDOR_JOB_LABEL"] = request.label
+    return JobSpec(
+        image=request.image, command=tuple(guest_command(argv, sandbox)), cpus=request.cpus,
+        memory_mib=request.memory_mib, root=request.root, timeout=request.timeout, env=env,
+        inputs=tuple(sandbox_inputs(sandbox, Path(argv[0]))), outputs=request.outputs or (),
+        output_dir=sandbox, collect_new=request.outputs is None, guest_files=guest_files,
+        snapshot=request.snapshot or cfg.snapshot_policy,
+        job_id=f"condor-{request.label}-{os.urandom(3).hex()}")
+
+
+def _hold(chirp: Chirp, worker: str, phase: Optional[str], message: str, hint: Optional[str]) -> None:
+    reason = f"vmloader on {worker}" + (f" [{phase}]" if phase else "") + f": {message}"
+    if hint:
+        reason += f" (hint: {hint})"
+    if not chirp.set(HOLD_ATTR, reason):
+        print("vmloader: could not put the job on hold (no chirp: is the VMLoader job transform "
+              "configured on the schedd?)", file=sys.stderr)
+
+
+def probe_lines(cfg: config_mod.Config) -> list:
+    """STARTD_CRON output: what this worker can offer VM jobs."""
+    from .. import __version__
+    found = hypervisors.detect(hypervisors.HostProbes())
+    usable = [h.name for h in found if h.usable]
+    cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
+                       max_bytes=cfg.cache_max_bytes)
+    try:
+        cached = cache.cached_names()
+    except (VMLoaderError, OSError):
+        cached = []
+    try:
+        free = shutil.disk_usage(cfg.cache_dir if cfg.cache_dir.exists() else cfg.cache_dir.parent).free
+    except OSError:
+        free = 0
+    return [
+        "VMLoader = true",
+        f"VMLoaderVersion = {classad.quote(__version__)}",
+        f"VMLoaderHypervisors = {classad.quote(','.join(usable))}",
+        f"VMLoaderImages = {classad.quote(','.join(cached))}",
+        f"VMLoaderCacheDir = {classad.quote(str(cfg.cache_dir))}",
+        f"VMLoaderCacheFreeBytes = {free}",
+    ]
