@@ -173,8 +173,9 @@ class Pool:
         inner = env + list(argv)
         if user not in (None, "root"):
             inner = ["runuser", "-u", user, "--"] + inner
+        # (nsenter's --wd resolves the directory before --root applies: cd inside instead)
         done = subprocess.run(["nsenter", "--target", str(self.proc.pid), "--mount", "--root",
-                               f"--wd={cwd}"] + inner, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               "sh", "-c", 'cd "$0" && exec "$@"', cwd] + inner, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, timeout=timeout, input=input)
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr}{done.stdout}")

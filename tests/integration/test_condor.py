@@ -87,8 +87,11 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
         pool.vmloader("images", "rm", "debian-11", cache=cache)
     pool.vmloader("images", "pull", "debian-11", cache="/var/cache/vmloader-2", check=True, timeout=600)
     pool.wait_for(lambda: "debian-11" in pool.run(
-        ["condor_status", "-constraint", 'Name == "vm2"', "-af", "VMLoaderImages"], user=None).stdout,
+        ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-2"', "-af", "VMLoaderImages"], user=None).stdout,
         60, "vm2's probe to advertise debian-11")
+    vm1 = pool.run(["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-1"', "-af",
+                    "VMLoaderImages"], user=None).stdout
+    assert "debian-11" not in vm1
     job = Submission(pool, "rank", {"job.sub": (
         "executable = /bin/cat\narguments = /etc/debian_version\ntransfer_executable = false\n"
         "should_transfer_files = YES\noutput = out\nerror = err\nlog = log\n"
@@ -97,7 +100,7 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     analysis = pool.run(["condor_q", "-better-analyze", str(job.cluster)], user=None).stdout
     done = job.wait({COMPLETED})
     assert done[0]["ExitCode"] == "0"
-    assert done[0]["LastRemoteHost"].endswith("vm2") or "vm2" in done[0]["LastRemoteHost"], analysis
+    assert "@vm2@" in done[0]["LastRemoteHost"], analysis
     assert job.file("out").read_text().startswith("11.")
 
 

@@ -100,6 +100,18 @@ def test_files_round_trip_through_put_and_get(pair, tmp_path):
     assert open(back, "rb").read() == src.read_bytes()
 
 
+def test_listing_the_work_dir_shows_files_with_sizes_and_never_follows_links(pair, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("12345")
+    pair.put_file(str(src), "in.txt")
+    pair.put_file(str(src), "sub/deeper.txt")
+    os.symlink("/etc/passwd", tmp_path / "work" / "link")
+    entries = {e["name"]: e for e in pair.list_dir(".")}
+    assert entries["in.txt"]["type"] == "file" and entries["in.txt"]["size"] == 5
+    assert entries["sub"]["type"] == "dir" and entries["link"]["type"] == "link"
+    assert isinstance(entries["in.txt"]["mtime_ns"], int)
+
+
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", ""])
 def test_get_refuses_paths_that_could_escape_the_destination(pair, tmp_path, bad):
     with pytest.raises(AgentError, match="refusing"):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vmloader.bootstrapper.catalog import EMBEDDED_MANIFEST, load_manifest, parse_manifest
+from vmloader.bootstrapper.catalog import EMBEDDED_MANIFEST, ImageEntry, Manifest, load_manifest, parse_manifest
 from vmloader.bootstrapper.errors import ImageError
 
 SHA = "a" * 64
@@ -82,3 +82,12 @@ def test_what_the_schema_rejects_the_parser_rejects_too():
         jsonschema.validate(bad, schema)
     with pytest.raises(ImageError):
         parse_manifest(bad)
+
+
+def test_newest_version_is_by_release_number_then_by_publication_order():
+    def entry(version):
+        return ImageEntry(name="debian-12", version=version)
+    manifest = Manifest((entry("12.10"), entry("12.9"), entry("12.bc9f"), entry("12.b2ec")))
+    assert manifest.find("debian-12").version == "12.10"
+    rebuilt = Manifest((entry("12.bc9f"), entry("12.b2ec")))     # the later build was published last
+    assert rebuilt.find("debian-12").version == "12.b2ec"

@@ -83,6 +83,16 @@ class ImageEntry:
         return data
 
 
+def version_key(version: str) -> tuple:
+    """The leading dotted numbers of a version: "12.10.bc9f" -> (12, 10)."""
+    numbers = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
 @dataclass(frozen=True)
 class Manifest:
     images: Sequence[ImageEntry]
@@ -92,7 +102,11 @@ class Manifest:
         return sorted({e.name for e in self.images})
 
     def versions(self, name: str) -> list:
-        return sorted((e for e in self.images if e.name == name), key=lambda e: e.version)
+        """Oldest first. Versions compare by their numeric release part ("12.3" < "12.10");
+        builds of one release ("12.<recipe hash>") by their order in the catalog, where
+        publishing appends: the later entry is the newer build."""
+        ordered = [(version_key(e.version), i, e) for i, e in enumerate(self.images) if e.name == name]
+        return [e for _, _, e in sorted(ordered, key=lambda t: t[:2])]
 
     def find(self, ref: str, *, need_artifacts: bool = False) -> Optional[ImageEntry]:
         """`name` → newest version; `name@version` → that version."""

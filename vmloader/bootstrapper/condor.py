@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -198,6 +199,16 @@ def _private_libvirt(environ: dict) -> Optional[Path]:
     return runtime
 
 
+def _end_private_libvirt(runtime: Path) -> None:
+    """Stop the session daemons our connection started (their pid files are in our runtime dir)."""
+    for pidfile in sorted((runtime / "libvirt").glob("*.pid")):
+        try:
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
 def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     if not argv:
@@ -233,7 +244,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         return exc.exit_code
     finally:
         if runtime is not None:
-            shutil.rmtree(runtime, ignore_errors=True)
+            _end_private_libvirt(runtime)
     if result.snapshot:
         chirp.set(SNAPSHOT_ATTR, f"{worker}:{cfg.snapshots_dir / result.snapshot}")
     if result.error:

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Benchmark: 20 short VM jobs through the 2-slot test pool.
+
+Starts the same HTCondor pool the tests use (trixie chroot, two startds with one
+slot each), times one VM job alone, then submits N jobs at once and reports
+their makespan against the ideal N x single / slots. Not a test: no thresholds,
+just figures for the README.
+"""
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.integration.condor_pool import USER, start_pool  # noqa: E402
+
+SUBMIT = ("executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\n"
+          "log = log\n+VMImage = \"debian-12\"\n+VMLoaderSnapshot = \"never\"\nqueue {count}\n")
+
+
+def run_cluster(pool, name: str, count: int) -> float:
+    workdir = f"/home/{USER}/{name}"
+    pool.run(["mkdir", "-p", workdir], check=True)
+    pool.path(workdir + "/job.sub").write_text(SUBMIT.format(count=count))
+    started = time.monotonic()
+    out = pool.run(["condor_submit", "job.sub"], cwd=workdir, check=True).stdout
+    cluster = re.search(r"submitted to cluster (\d+)", out).group(1)
+
+    def finished():
+        left = pool.run(["condor_q", "-allusers", cluster, "-af", "JobStatus"], user=None).stdout.split()
+        if "5" in left:
+            raise SystemExit(f"a job of cluster {cluster} was held: see condor_q -hold")
+        return not left
+    pool.wait_for(finished, 3600, f"cluster {cluster} to finish", interval=0.5)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=20)
+    args = parser.parse_args()
+    pool = start_pool()
+    try:
+        run_cluster(pool, "warmup", 2)               # images into both workers' caches
+        single = run_cluster(pool, "single", 1)
+        makespan = run_cluster(pool, "batch", args.jobs)
+    finally:
+        pool.stop()
+    ideal = args.jobs * single / 2
+    print(f"one VM job alone (submit to done): {single:.1f} s")
+    print(f"{args.jobs} VM jobs on 2 slots: makespan {makespan:.1f} s; "
+          f"{args.jobs} x single / 2 = {ideal:.1f} s; ratio {makespan / ideal:.2f}")
+
+
+if __name__ == "__main__":
+    main()
