@@ -24,3 +24,4 @@ unit: setup
 bench: image
 	$(VENV)/bin/python bench/run_overhead.py
 	$(VENV)/bin/python bench/pull_throughput.py
+	$(VENV)/bin/python bench/condor_throughput.py

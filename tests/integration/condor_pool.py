@@ -285,6 +285,8 @@ class Pool:
             except ProcessLookupError:
                 pass
         self.log.close()
+        if self.proc.returncode == 0:
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 def start_pool() -> Pool:

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import htcondor2
 import pytest
 
 from .condor_pool import IMAGES, REPO, USER, start_pool
@@ -12,6 +13,9 @@ from .condor_pool import IMAGES, REPO, USER, start_pool
 pytestmark = [pytest.mark.integration, pytest.mark.condor]
 EXAMPLES = REPO / "condor" / "examples"
 IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
+EVENT_STATUS = {htcondor2.JobEventType.SUBMIT: IDLE, htcondor2.JobEventType.EXECUTE: RUNNING,
+                htcondor2.JobEventType.JOB_TERMINATED: COMPLETED, htcondor2.JobEventType.JOB_HELD: HELD,
+                htcondor2.JobEventType.JOB_RELEASED: IDLE, htcondor2.JobEventType.JOB_ABORTED: REMOVED}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +66,27 @@ class Submission:
                     found[int(fields["ProcId"])] = fields
         return found
 
-    def wait(self, statuses, count: int = 1, timeout: float = 600) -> dict:
-        def reached():
-            jobs = self.jobs()
-            done = [j for j in jobs.values() if int(j["JobStatus"]) in statuses]
-            return jobs if len(done) >= count else None
-        return self.pool.wait_for(reached, timeout, f"cluster {self.cluster} to reach status {statuses}", 2)
+    def states(self, log: str) -> dict:
+        """proc id -> job status, as the job event log tells it."""
+        path = self.file(log)
+        states = {}
+        if not path.exists():
+            return states
+        with htcondor2.JobEventLog(str(path)) as events:
+            for event in events.events(stop_after=0):
+                if event.cluster == self.cluster and event.type in EVENT_STATUS:
+                    states[event.proc] = EVENT_STATUS[event.type]
+        return states
+
+    def wait(self, statuses, count: int = 1, timeout: float = 600, log: str = "log") -> dict:
+        """Wait on the job event log, then read the jobs' ads (queue or history)."""
+        def reached(source):
+            done = [s for s in source().values() if int(s) in statuses]
+            return len(done) >= count
+        what = f"cluster {self.cluster} to reach status {statuses}"
+        self.pool.wait_for(lambda: reached(lambda: self.states(log)), timeout, what + " in its event log", 1)
+        return self.pool.wait_for(lambda: reached(lambda: {p: j["JobStatus"] for p, j in self.jobs().items()})
+                                  and self.jobs(), 60, what + " in the queue or history", 1)
 
 
 def fields(text: str) -> dict:
@@ -234,7 +253,7 @@ def test_the_nightly_dag_builds_tests_and_summarises_every_platform(pool):
     job = Submission(pool, "nightly", files)
     done = pool.run(["condor_submit_dag", "-batch-name", "nightly", "nightly.dag"], cwd=job.dir, check=True)
     job.cluster = int(re.search(r"submitted to cluster (\d+)", done.stdout).group(1))
-    finished = job.wait({COMPLETED}, timeout=1200)[0]
+    finished = job.wait({COMPLETED}, timeout=1200, log="nightly.dag.dagman.log")[0]
     summary = job.file("summary.txt")
     assert finished["ExitCode"] == "0", job.file("nightly.dag.dagman.out").read_text()[-3000:]
     text = summary.read_text()
