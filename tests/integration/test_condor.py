@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import htcondor2
 import pytest
@@ -78,15 +79,17 @@ class Submission:
                     states[event.proc] = EVENT_STATUS[event.type]
         return states
 
-    def wait(self, statuses, count: int = 1, timeout: float = 600, log: str = "log") -> dict:
-        """Wait on the job event log, then read the jobs' ads (queue or history)."""
+    def wait(self, statuses, count: int = 1, timeout: float = 600, log: Optional[str] = "log") -> dict:
+        """Wait on the job event log (without one: on the queue), then read the jobs' ads."""
         def reached(source):
             done = [s for s in source().values() if int(s) in statuses]
             return len(done) >= count
         what = f"cluster {self.cluster} to reach status {statuses}"
-        self.pool.wait_for(lambda: reached(lambda: self.states(log)), timeout, what + " in its event log", 1)
+        if log is not None:
+            self.pool.wait_for(lambda: reached(lambda: self.states(log)), timeout, what + " in its event log", 1)
+            timeout = 60
         return self.pool.wait_for(lambda: reached(lambda: {p: j["JobStatus"] for p, j in self.jobs().items()})
-                                  and self.jobs(), 60, what + " in the queue or history", 1)
+                                  and self.jobs(), timeout, what + " in the queue or history", 1)
 
 
 def fields(text: str) -> dict:
@@ -253,10 +256,15 @@ def test_the_nightly_dag_builds_tests_and_summarises_every_platform(pool):
     job = Submission(pool, "nightly", files)
     done = pool.run(["condor_submit_dag", "-batch-name", "nightly", "nightly.dag"], cwd=job.dir, check=True)
     job.cluster = int(re.search(r"submitted to cluster (\d+)", done.stdout).group(1))
-    finished = job.wait({COMPLETED}, timeout=1200, log="nightly.dag.dagman.log")[0]
+    finished = job.wait({COMPLETED}, timeout=1200, log=None)[0]
     summary = job.file("summary.txt")
     assert finished["ExitCode"] == "0", job.file("nightly.dag.dagman.out").read_text()[-3000:]
     text = summary.read_text()
     for image, codename in zip(IMAGES, ("bullseye", "bookworm", "trixie")):
         assert f"{image}: hello from {codename}" in text
     assert "PASSED 3 platforms" in text
+    terminated = 0
+    with htcondor2.JobEventLog(str(job.file("nightly.log"))) as events:
+        for event in events.events(stop_after=0):
+            terminated += event.type == htcondor2.JobEventType.JOB_TERMINATED and event["ReturnValue"] == 0
+    assert terminated == 7          # 3 builds, 3 tests, 1 summary, each exit 0 in the nodes' event log
