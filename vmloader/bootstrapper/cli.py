@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, status, virt
+from . import snapshots as snapshots_mod
 from .cache import ImageCache
 from .repository import repository_for
 from .errors import EXIT_INFRA, ImageError, Interrupted, UsageError, VMLoaderError
@@ -110,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             sp.add_argument("id")
         sp.add_argument("--json", action="store_true")
+    sx = snap.add_parser("exec", help="boot a kept state on a throwaway overlay and run one command in it")
+    sx.add_argument("id")
+    sx.add_argument("--root", action="store_true", help="run the command as root in the guest")
+    sx.add_argument("--timeout", type=float, metavar="S")
+    sx.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V",
+                    help="added to the job's own environment")
+    sx.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sx.add_argument("--network", choices=("user", "none"), default="user")
+    sx.add_argument("command", nargs=argparse.REMAINDER)
+    se = snap.add_parser("export", help="write a standalone qcow2 (no backing file) of a kept state")
+    se.add_argument("id")
+    se.add_argument("-o", "--output", required=True, metavar="FILE.qcow2")
+    se.add_argument("--json", action="store_true")
     return parser
 
 
@@ -328,6 +342,33 @@ def cmd_condor(args, cfg) -> int:
     return 0
 
 
+def _base_present(cfg, snap) -> bool:
+    """The snapshot's base image, re-fetched (by its exact version, so by sha256) if evicted."""
+    if Path(snap.meta.base_path).is_file():
+        return True
+    try:
+        _cache(cfg).resolve(snap.meta.image)
+    except VMLoaderError:
+        return False
+    return Path(snap.meta.base_path).is_file()
+
+
+def _snapshot_exec(args, cfg, store) -> int:
+    snap = store.get(args.id)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    spec = JobSpec(image=snap.meta.image, command=tuple(command), root=args.root, timeout=args.timeout,
+                   env={**snap.meta.env, **dict(args.env)}, snapshot="never", from_snapshot=snap.meta.id,
+                   network=args.network, console=args.console)
+    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
+    runner = JobRunner(cfg, _cache(cfg), store, choose,
+                       stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
+    result = runner.run(spec)
+    if result.error:
+        err = VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"])
+        print(err.user_text(), file=sys.stderr)
+    return result.exit_status
+
+
 def cmd_snapshot(args, cfg) -> int:
     store = SnapshotStore(cfg.snapshots_dir)
     if args.snap_cmd == "list":
@@ -339,6 +380,13 @@ def cmd_snapshot(args, cfg) -> int:
         snap = store.get(args.id)
         data = snap.to_dict()
         _emit(data, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    elif args.snap_cmd == "exec":
+        return _snapshot_exec(args, cfg, store)
+    elif args.snap_cmd == "export":
+        snap = store.get(args.id)
+        dest = snapshots_mod.export(snap, _base_present(cfg, snap), Path(args.output))
+        _emit({"snapshot": snap.meta.id, "exported": str(dest)}, args.json,
+              f"exported snapshot {snap.meta.id} to {dest} (standalone qcow2)")
     elif args.snap_cmd == "logs":
         logs = store.get(args.id).logs()
         text = "\n".join(f"== {title} ==\n{body}" for title, body in (

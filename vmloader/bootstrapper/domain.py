@@ -26,6 +26,9 @@ class DiskSpec:
     fmt: str = "qcow2"
     readonly: bool = False
     backing: Optional[str] = None     # backing file libvirt must not relabel (the shared base)
+    # Layers between the disk and `backing` (a kept snapshot booted again): libvirt
+    # gives QEMU read access to them for the run and restores their owner after.
+    middle: tuple = ()
 
     def to_element(self, hypervisor: str) -> ET.Element:
         disk = ET.Element("disk", type="file", device="disk")
@@ -44,12 +47,21 @@ class DiskSpec:
     def _backing_element(self) -> ET.Element:
         # The base is shared by every job and owned by the cache: QEMU only
         # reads it, so libvirt must not chown it to the QEMU user.
-        backing = ET.Element("backingStore", type="file")
-        _sub(backing, "format", type="qcow2")
-        source = _sub(backing, "source", file=self.backing)
-        _sub(source, "seclabel", model="dac", relabel="no")
-        _sub(backing, "backingStore")
-        return backing
+        chain = [(path, True) for path in self.middle] + [(self.backing, False)]
+        top = parent = None
+        for path, relabel in chain:
+            element = ET.Element("backingStore", type="file")
+            _sub(element, "format", type="qcow2")
+            source = _sub(element, "source", file=path)
+            if not relabel:
+                _sub(source, "seclabel", model="dac", relabel="no")
+            if parent is None:
+                top = element
+            else:
+                parent.append(element)
+            parent = element
+        _sub(parent, "backingStore")
+        return top
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .config import Config
 from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
-                     GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, UsageError,
+                     GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
                      VMLoaderError)
 from .hypervisors import Hypervisor
 from .repository import is_url, url_image
@@ -63,6 +63,7 @@ class JobSpec:
     collect_new: bool = False      # also copy back every top-level file the command created or changed
     guest_files: tuple = ()        # GuestFile: credentials and such, placed as root before the command
     snapshot: str = "on-failure"
+    from_snapshot: Optional[str] = None   # boot this kept state (on a throwaway overlay) instead of the image
     network: str = "user"
     console: bool = False
     capture_dir: bool = False      # --json: command output goes to files in the job dir
@@ -165,6 +166,7 @@ class Job:
         self.client: Optional[AgentClient] = None
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
+        self.kept = None                        # the Snapshot booted again (spec.from_snapshot)
         self.pins: Optional[ExitStack] = None
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
@@ -242,7 +244,11 @@ class JobRunner:
     def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
         spec = job.spec
         with job.timer.phase("cache lookup"):
-            ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
+            if spec.from_snapshot:
+                job.kept = self.store.get(spec.from_snapshot)
+                ref = job.kept.meta.image
+            else:
+                ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
             job.image = self.cache.resolve(ref)
             job.pins.enter_context(self.cache.pin(job.image))
             if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
@@ -250,8 +256,12 @@ class JobRunner:
         with job.timer.phase("hypervisor"):
             job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("overlay"):
+            top = job.image.disk
+            if job.kept is not None:
+                top = job.kept.disk
+                _check_snapshot_chain(job.kept, job.image.disk)
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(job.image.disk), str(job.overlay)], phase="overlay")
+                      "-b", str(top), str(job.overlay)], phase="overlay")
         with job.timer.phase("define"):
             self._start_domain(job)
         follower = ConsoleFollower(job.console_log, self.stderr).start() if spec.console else None
@@ -312,7 +322,8 @@ class JobRunner:
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
             boot=_boot_spec(job.image, cmdline),
-            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk)),),
+            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk),
+                            middle=(str(job.kept.disk),) if job.kept is not None else ()),),
             channel=ChannelSpec(str(job.socket_path)),
             console=ConsoleSpec(str(job.console_log)),
             network=NetworkSpec(spec.network),
@@ -410,7 +421,7 @@ class JobRunner:
                 image_sha256=job.image.entry.artifacts["disk"].sha256, base_path=str(job.image.disk),
                 command=list(job.spec.command), exit_status=job.status, outcome=outcome_of(job.status),
                 user=_user_name(), hostname=socket.gethostname(), timings=job.timer.to_dict(),
-                error=job.error.message if job.error else None)
+                error=job.error.message if job.error else None, env=dict(job.spec.env), root=job.spec.root)
             try:
                 return self.store.preserve(meta, job.overlay, job.console_log).meta.id
             except VMLoaderError as exc:
@@ -453,6 +464,24 @@ def _file_stamps(entries: list) -> dict:
     """Regular files only: a symlink the job made is never followed on the way out."""
     return {e["name"]: (e.get("size"), e.get("mtime_ns")) for e in entries
             if e.get("type") == "file" and "/" not in e["name"] and e["name"] not in (".", "..")}
+
+
+def _check_snapshot_chain(kept, base: Path) -> None:
+    """A snapshot is a qcow2 layer over its image's base: both must still be there, unchanged."""
+    if not kept.disk.is_file():
+        raise SnapshotError(f"snapshot {kept.meta.id} has no disk ({kept.disk} is missing)",
+                            hint=f"the snapshot is incomplete; remove it with `vmloader snapshot rm {kept.meta.id}`",
+                            phase="overlay")
+    if Path(kept.meta.base_path) != base:
+        raise SnapshotError(
+            f"snapshot {kept.meta.id} was taken over {kept.meta.base_path}, but its image {kept.meta.image} "
+            f"is now at {base}", hint="the image cache moved (cache_dir changed): point cache_dir back at the "
+                                      "cache the job used", phase="overlay")
+    info = json.loads(proc.run(["qemu-img", "info", "--output=json", str(kept.disk)], phase="overlay",
+                               hint=f"the snapshot disk {kept.disk} may be corrupt").stdout)
+    if info.get("format") != "qcow2" or info.get("backing-filename") != kept.meta.base_path:
+        raise SnapshotError(f"snapshot {kept.meta.id}'s disk is not a qcow2 layer over {kept.meta.base_path}",
+                            hint=f"it is damaged; inspect {kept.disk} with qemu-img info", phase="overlay")
 
 
 def _write_owner(job: Job) -> None:

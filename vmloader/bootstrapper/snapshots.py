@@ -8,10 +8,11 @@ The overlay's backing file is the cached base image, which is never written.
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from . import proc
 from .console import tail
 from .errors import SnapshotError
 
@@ -36,6 +37,8 @@ class SnapshotMeta:
     hostname: str
     timings: dict = field(default_factory=dict)
     error: Optional[str] = None
+    env: dict = field(default_factory=dict)      # the job's --env, for `snapshot exec`
+    root: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,12 +91,18 @@ class SnapshotStore:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
         tmp = self.root / f".{meta.id}.partial"
+        # 0711: as root, QEMU (libvirt-qemu) must reach the disk when the snapshot is booted
+        # again; libvirt then lends it the (0600) disk for the run. Listing stays private.
         tmp.mkdir(mode=0o700)
         try:
             os.replace(overlay, tmp / "disk.qcow2")
+            os.chmod(tmp / "disk.qcow2", 0o600)
             if console_log is not None and console_log.exists():
                 shutil.copyfile(console_log, tmp / "console.log")
+                os.chmod(tmp / "console.log", 0o600)
             (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+            os.chmod(tmp / "metadata.json", 0o600)
+            os.chmod(tmp, 0o711)
             os.replace(tmp, path)
         except OSError as exc:
             if (tmp / "disk.qcow2").exists() and not overlay.exists():
@@ -113,7 +122,12 @@ class SnapshotStore:
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"snapshot {snap_id} has unreadable metadata: {exc}",
                                 hint=f"inspect {path} by hand") from None
-        return Snapshot(SnapshotMeta(**data), path)
+        known = {f.name for f in fields(SnapshotMeta)}
+        try:
+            return Snapshot(SnapshotMeta(**{k: v for k, v in data.items() if k in known}), path)
+        except TypeError as exc:
+            raise SnapshotError(f"snapshot {snap_id} has incomplete metadata: {exc}",
+                                hint=f"inspect {path} by hand") from None
 
     def list(self) -> list:
         if not self.root.is_dir():
@@ -131,3 +145,27 @@ class SnapshotStore:
         snapshot = self.get(snap_id)
         shutil.rmtree(snapshot.path)
 
+
+
+def export(snapshot: Snapshot, base_present: bool, dest: Path) -> Path:
+    """Flatten the snapshot and its base into one standalone qcow2 (no backing file).
+
+    Written next to `dest` and renamed at the end: a failure (no space) leaves no
+    half-written image, and the snapshot itself is only read.
+    """
+    if not base_present:
+        raise SnapshotError(f"the base image of snapshot {snapshot.meta.id} ({snapshot.meta.image}, "
+                            f"sha256 {snapshot.meta.image_sha256[:16]}...) is not in the cache and no "
+                            "repository offers it", hint=f"pull {snapshot.meta.image} again (vmloader images "
+                            "pull) or restore the file; the snapshot alone holds only what the job changed")
+    dest = Path(dest)
+    if dest.exists():
+        raise SnapshotError(f"{dest} exists", hint="choose a new file name or remove it first")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    try:
+        proc.run(["qemu-img", "convert", "-O", "qcow2", str(snapshot.disk), str(tmp)], phase="export",
+                 hint=f"is there room for the whole disk in {dest.parent}? (df -h {dest.parent})")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
