@@ -23,6 +23,14 @@ def test_an_unprivileged_user_runs_a_job_through_the_session_daemon(readable_che
     assert result["job_dir"].startswith(user.pw_dir)
     snapshot = Path(user.pw_dir) / ".local/share/vmloader/snapshots" / result["snapshot"]
     assert snapshot.stat().st_uid == user.pw_uid
+    # Another user sees none of it, with a clear message.
+    other = ensure_user("vmloader-test-other")
+    theirs = dict(env, VMLOADER_STATE_DIR=str(Path(user.pw_dir) / ".local/share/vmloader"))
+    for args in (["snapshot", "list"], ["snapshot", "show", result["snapshot"]],
+                 ["snapshot", "exec", result["snapshot"], "--", "true"]):
+        peek = as_user(other, readable_checkout, args, theirs)
+        _, err = peek.communicate(timeout=120)
+        assert peek.returncode == 125 and "belongs to another user" in err, (args, err)
     rm = as_user(user, readable_checkout, ["snapshot", "rm", result["snapshot"]], env)
     _, err = rm.communicate(timeout=60)
     assert rm.returncode == 0, err

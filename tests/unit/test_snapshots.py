@@ -54,3 +54,44 @@ def test_a_failed_preserve_gives_the_overlay_back(tmp_path):
     with pytest.raises(SnapshotError):
         store.preserve(meta("dup"), overlay, None)
     assert overlay.read_bytes() == b"second"
+
+
+def _store_with(tmp_path, specs):
+    """specs: (id, user, created, size) -> a store holding those snapshots."""
+    from dataclasses import replace
+    store = SnapshotStore(tmp_path / "snaps")
+    for snap_id, user, created, size in specs:
+        overlay = tmp_path / f"{snap_id}.qcow2"
+        overlay.write_bytes(b"x" * size)
+        store.preserve(replace(meta(snap_id), user=user, created=created), overlay, None)
+    return store
+
+
+def test_prune_goes_oldest_first_by_age_count_per_user_and_total_size(tmp_path):
+    from vmloader.bootstrapper.snapshots import Retention
+    day = 86400.0
+    store = _store_with(tmp_path, [("a-old", "alice", 0.0, 10), ("a1", "alice", 20 * day, 10),
+                                   ("a2", "alice", 21 * day, 10), ("a3", "alice", 22 * day, 10),
+                                   ("b1", "bob", 21.5 * day, 10)])
+    now = 23 * day
+    by_age = store.prune(Retention(max_age_days=14), now=now, dry_run=True)
+    assert [(s.meta.id, why) for s, why in by_age] == [("a-old", "older than 14 days")]
+    by_count = store.prune(Retention(max_count=2), now=now, dry_run=True)
+    assert [s.meta.id for s, _ in by_count] == ["a-old", "a1"]          # bob's one snapshot stays
+    by_size = store.prune(Retention(max_bytes=3 * 10 + 3 * 400), now=now, dry_run=True)
+    assert [s.meta.id for s, _ in by_size][:1] == ["a-old"]
+    assert {s.meta.id for s in store.list()} == {"a-old", "a1", "a2", "a3", "b1"}    # dry run: nothing gone
+    store.prune(Retention(max_count=2), now=now)
+    assert {s.meta.id for s in store.list()} == {"a2", "a3", "b1"}
+
+
+def test_a_booted_snapshot_is_never_pruned_or_removed(tmp_path):
+    from vmloader.bootstrapper.snapshots import Retention
+    store = _store_with(tmp_path, [("old", "alice", 0.0, 10), ("new", "alice", 5.0, 10)])
+    with store.hold("old"):
+        assert store.in_use(store.get("old"))
+        assert store.prune(Retention(max_count=1), now=10.0) == []
+        with pytest.raises(SnapshotError, match="booted right now"):
+            store.remove("old")
+    assert not store.in_use(store.get("old"))
+    assert [s.meta.id for s, _ in store.prune(Retention(max_count=1), now=10.0)] == ["old"]

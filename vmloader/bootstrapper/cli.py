@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
     sx.add_argument("--network", choices=("user", "none"), default="user")
     sx.add_argument("command", nargs=argparse.REMAINDER)
+    sp = snap.add_parser("prune", help="remove snapshots beyond the retention limits (oldest first)")
+    sp.add_argument("--dry-run", action="store_true", help="only say what would go")
+    sp.add_argument("--json", action="store_true")
     se = snap.add_parser("export", help="write a standalone qcow2 (no backing file) of a kept state")
     se.add_argument("id")
     se.add_argument("-o", "--output", required=True, metavar="FILE.qcow2")
@@ -380,6 +383,13 @@ def cmd_snapshot(args, cfg) -> int:
         snap = store.get(args.id)
         data = snap.to_dict()
         _emit(data, args.json, "\n".join(f"{k}: {v}" for k, v in sorted(data.items())))
+    elif args.snap_cmd == "prune":
+        policy = snapshots_mod.Retention(cfg.snapshot_max_count, cfg.snapshot_max_bytes, cfg.snapshot_max_age_days)
+        pruned = store.prune(policy, dry_run=args.dry_run)
+        verb = "would prune" if args.dry_run else "pruned"
+        _emit([{"id": s.meta.id, "reason": why, "size_bytes": s.size_bytes() if args.dry_run else None}
+               for s, why in pruned], args.json,
+              "\n".join(f"{verb} {s.meta.id} ({why})" for s, why in pruned) or "nothing to prune")
     elif args.snap_cmd == "exec":
         return _snapshot_exec(args, cfg, store)
     elif args.snap_cmd == "export":

@@ -71,6 +71,15 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any):
+        number = kind(value)
+        if number < 0:
+            raise ValueError("expected 0 (no limit) or a positive number")
+        return number
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -92,6 +101,12 @@ SETTINGS: Sequence[Setting] = (
             "cache bound in bytes (suffixes K M G T); least recently used images go first; 0 = unbounded"),
     Setting("memory_mib", "VMLOADER_MEMORY", _positive_int, "default guest memory (MiB)"),
     Setting("cpus", "VMLOADER_CPUS", _positive_int, "default guest vCPUs"),
+    Setting("snapshot_max_count", "VMLOADER_SNAPSHOT_MAX_COUNT", _non_negative(int),
+            "keep at most this many snapshots per user, oldest pruned first (0 = no limit)"),
+    Setting("snapshot_max_bytes", "VMLOADER_SNAPSHOT_MAX_BYTES", _size,
+            "bound on the snapshot store's size (suffixes K M G T; 0 = no limit)"),
+    Setting("snapshot_max_age_days", "VMLOADER_SNAPSHOT_MAX_AGE_DAYS", _non_negative(float),
+            "prune snapshots older than this many days (0 = never)"),
     Setting("host_cert", "VMLOADER_HOST_CERT", _path,
             "host certificate copied into every guest as /etc/grid-security/hostcert.pem"),
     Setting("host_key", "VMLOADER_HOST_KEY", _path,
@@ -110,6 +125,9 @@ class Config:
     cache_max_bytes: int = 50 * 2**30
     memory_mib: int = 1024
     cpus: int = 1
+    snapshot_max_count: int = 20
+    snapshot_max_bytes: int = 0
+    snapshot_max_age_days: float = 14
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
 

@@ -31,7 +31,7 @@ from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEO
                      VMLoaderError)
 from .hypervisors import Hypervisor
 from .repository import is_url, url_image
-from .snapshots import SnapshotMeta, SnapshotStore, should_keep
+from .snapshots import Retention, SnapshotMeta, SnapshotStore, should_keep
 from .timings import PhaseTimer
 
 GUEST_WORKDIR = "/work"
@@ -213,7 +213,19 @@ class JobRunner:
             finally:
                 snapshot_id = self._finish(job)
         self._write_tails(job, out, err)
+        self._prune_snapshots()
         return self._result(job, job_id, snapshot_id)
+
+    def _prune_snapshots(self) -> None:
+        """Retention after every job, so a worker's snapshot store never grows without bound."""
+        c = self.config
+        try:
+            pruned = self.store.prune(Retention(c.snapshot_max_count, c.snapshot_max_bytes, c.snapshot_max_age_days))
+        except (OSError, VMLoaderError) as exc:
+            print(f"vmloader: could not prune old snapshots: {exc}", file=sys.stderr)
+            return
+        for snap, reason in pruned:
+            print(f"vmloader: pruned snapshot {snap.meta.id} ({reason})", file=sys.stderr)
 
     def _make_job_dir(self, job_id: str) -> Path:
         jobs = self.config.jobs_dir
@@ -246,6 +258,7 @@ class JobRunner:
         with job.timer.phase("cache lookup"):
             if spec.from_snapshot:
                 job.kept = self.store.get(spec.from_snapshot)
+                job.pins.enter_context(self.store.hold(job.kept.meta.id))    # never pruned while booted
                 ref = job.kept.meta.image
             else:
                 ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image

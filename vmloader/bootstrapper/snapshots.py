@@ -5,9 +5,12 @@ there, never copied: preserving is a rename), the console log and
 `metadata.json` (image and its sha256, command, exit status, timings, user).
 The overlay's backing file is the cached base image, which is never written.
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -119,6 +122,8 @@ class SnapshotStore:
         except FileNotFoundError:
             raise SnapshotError(f"no snapshot with id {snap_id!r} in {self.root}",
                                 hint="see `vmloader snapshot list`") from None
+        except PermissionError:
+            raise _not_yours(path) from None
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"snapshot {snap_id} has unreadable metadata: {exc}",
                                 hint=f"inspect {path} by hand") from None
@@ -133,7 +138,11 @@ class SnapshotStore:
         if not self.root.is_dir():
             return []
         found = []
-        for path in sorted(self.root.iterdir()):
+        try:
+            paths = sorted(self.root.iterdir())
+        except PermissionError:
+            raise _not_yours(self.root) from None
+        for path in paths:
             if path.is_dir() and not path.name.startswith("."):
                 try:
                     found.append(self.get(path.name))
@@ -143,7 +152,77 @@ class SnapshotStore:
 
     def remove(self, snap_id: str) -> None:
         snapshot = self.get(snap_id)
+        if self.in_use(snapshot):
+            raise SnapshotError(f"snapshot {snap_id} is booted right now (vmloader snapshot exec)",
+                                hint="remove it when that command has finished")
         shutil.rmtree(snapshot.path)
+
+    @contextlib.contextmanager
+    def hold(self, snap_id: str):
+        """Mark a snapshot as booted for the duration: prune and rm leave it alone."""
+        path = self._dir(snap_id) / ".in-use"
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+
+    def in_use(self, snapshot: Snapshot) -> bool:
+        path = snapshot.path / ".in-use"
+        if not path.exists():
+            return False
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    def prune(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> list:
+        """Remove what the retention limits exceed, oldest first; never a booted snapshot.
+
+        Limits: age, count per user, total bytes (0 = no limit). Returns (snapshot, reason) pairs.
+        """
+        now = time.time() if now is None else now
+        alive = [s for s in self.list() if not self.in_use(s)]
+        doomed = {}
+        for snap in alive:
+            if policy.max_age_days and now - snap.meta.created > policy.max_age_days * 86400:
+                doomed[snap.meta.id] = (snap, f"older than {policy.max_age_days:g} days")
+        if policy.max_count:
+            by_user: dict = {}
+            for snap in alive:
+                if snap.meta.id not in doomed:
+                    by_user.setdefault(snap.meta.user, []).append(snap)
+            for user, snaps in by_user.items():
+                for snap in snaps[:max(0, len(snaps) - policy.max_count)]:
+                    doomed[snap.meta.id] = (snap, f"more than {policy.max_count} snapshots of {user}")
+        if policy.max_bytes:
+            sizes = {s.meta.id: s.size_bytes() for s in self.list()}
+            total = sum(size for sid, size in sizes.items() if sid not in doomed)
+            for snap in alive:
+                if total <= policy.max_bytes:
+                    break
+                if snap.meta.id not in doomed:
+                    doomed[snap.meta.id] = (snap, f"the store exceeds {policy.max_bytes} bytes")
+                    total -= sizes[snap.meta.id]
+        pruned = sorted(doomed.values(), key=lambda pair: pair[0].meta.created)
+        if not dry_run:
+            for snap, _ in pruned:
+                shutil.rmtree(snap.path, ignore_errors=True)
+        return pruned
+
+
+def _not_yours(path: Path) -> SnapshotError:
+    return SnapshotError(f"permission denied: {path} belongs to another user",
+                         hint="a job's snapshots are readable only by the user the job ran as "
+                              "(and root); ask them, or run as them")
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_count: int = 0          # per user; 0 = no limit
+    max_bytes: int = 0          # whole store; 0 = no limit
+    max_age_days: float = 0     # 0 = no limit
 
 
 
