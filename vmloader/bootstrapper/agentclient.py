@@ -37,7 +37,10 @@ class ExecTimeout(AgentError):
 
 
 class _Closed:
-    """Queued to wake waiters when the channel failed."""
+    """Queued to wake waiters when the channel failed (or the agent restarted)."""
+
+    def __init__(self, reason: Optional[str] = None):
+        self.reason = reason
 
 
 class AgentClient:
@@ -98,7 +101,15 @@ class AgentClient:
         if frame.type == P.HEARTBEAT:
             return
         if frame.type == P.HELLO:
-            self.info = frame.json()
+            info = frame.json()
+            if self._hello.is_set() and self.info and info.get("pid") != self.info.get("pid"):
+                # The guest's init restarts a dead agent; what the old one was running is lost.
+                self.info = info
+                # Not a permanent failure: the new agent can still sync and power off.
+                self._wake_all("the guest agent restarted (it died or was killed in the guest); "
+                               "the running request was lost")
+                return
+            self.info = info
             self._hello.set()
             return
         with self._waiters_lock:
@@ -116,11 +127,14 @@ class AgentClient:
 
     def _fail(self, why: str) -> None:
         self._failure = self._failure or why
+        self._wake_all(None)
+
+    def _wake_all(self, reason: Optional[str]) -> None:
         with self._waiters_lock:
             waiters = list(self._waiters.values())
         for waiter in waiters:
             try:
-                waiter.put_nowait(_Closed())
+                waiter.put_nowait(_Closed(reason))
             except queue.Full:
                 pass
 
@@ -143,7 +157,8 @@ class AgentClient:
             except queue.Empty:
                 continue
             if isinstance(item, _Closed):
-                raise AgentError(self._failure or "the guest agent went away")
+                raise AgentError(item.reason or self._failure or "the guest agent went away",
+                                 hint="see the console log; the job's state is kept per --snapshot")
             if item.type == P.ERROR:
                 raise AgentError("the guest agent refused a request: " + str(item.json().get("message")))
             return item

@@ -20,6 +20,17 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+CRASH_MARKS = ("Kernel panic", "Out of memory: Killed process", "BUG: ", "soft lockup", "hung_task")
+
+
+def crash_line(path: Path) -> Optional[str]:
+    """The console line that says why the guest died, if it says so (panic, OOM, BUG)."""
+    for line in reversed(tail(path, 200).splitlines()):
+        if any(mark in line for mark in CRASH_MARKS):
+            return line.strip()
+    return None
+
+
 class ConsoleFollower:
     """Copies what the guest prints on its console to `out` as it appears.
 

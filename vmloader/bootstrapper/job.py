@@ -22,7 +22,7 @@ import libvirt
 from . import proc, virt
 from .agentclient import AgentClient, ExecResult, ExecTimeout
 from .cache import ImageCache, ResolvedImage
-from .console import ConsoleFollower, tail
+from .console import ConsoleFollower, crash_line, tail
 from .config import Config
 from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
@@ -285,10 +285,15 @@ class JobRunner:
                 self._stage_in(job)
             with job.timer.phase("exec"):
                 job.exec_started = True
-                result = job.client.exec(
-                    list(spec.command), env=self._guest_env(job), user=self._guest_user(job),
-                    cwd=GUEST_WORKDIR, stdin=self.stdin, stdout=out, stderr=err,
-                    deadline=time.monotonic() + spec.timeout if spec.timeout else None)
+                try:
+                    result = job.client.exec(
+                        list(spec.command), env=self._guest_env(job), user=self._guest_user(job),
+                        cwd=GUEST_WORKDIR, stdin=self.stdin, stdout=out, stderr=err,
+                        deadline=time.monotonic() + spec.timeout if spec.timeout else None)
+                except ExecTimeout:
+                    raise
+                except AgentError as exc:
+                    raise self._explain_guest_death(job, exc) from None
             job.status = exit_status(result)
             _raise_for_spawn_error(result)
         finally:
@@ -371,6 +376,19 @@ class JobRunner:
             client.close()
             raise self._boot_failure(job, exc.message) from None
         return client
+
+    def _explain_guest_death(self, job: Job, exc: AgentError) -> AgentError:
+        """The agent vanished mid-command: say what the console says (panic, OOM), where it is."""
+        time.sleep(0.5)                          # let virtlogd flush the last console lines
+        exc.phase = exc.phase or "exec"
+        crash = crash_line(job.console_log)
+        if crash:
+            exc.message += f"; the guest console says: {crash}"
+        elif not _domain_alive(job):
+            exc.message += "; the VM is gone (its QEMU process exited or was killed on the host)"
+        exc.hint = (f"this is not the command's own exit status; console log {job.console_log}"
+                    + (f"; the job's state is kept per --snapshot ({job.spec.snapshot})"))
+        return exc
 
     def _boot_failure(self, job: Job, why: str) -> GuestTimeout:
         time.sleep(0.5)   # let virtlogd flush the last console lines
@@ -477,6 +495,19 @@ def _file_stamps(entries: list) -> dict:
     """Regular files only: a symlink the job made is never followed on the way out."""
     return {e["name"]: (e.get("size"), e.get("mtime_ns")) for e in entries
             if e.get("type") == "file" and "/" not in e["name"] and e["name"] not in (".", "..")}
+
+
+def _domain_alive(job: Job, settle: float = 3.0) -> bool:
+    """Whether the VM still runs (libvirt notices a dead QEMU within a moment: give it that)."""
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            alive = job.domain is not None and bool(job.domain.isActive())
+        except libvirt.libvirtError:
+            alive = False
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def _check_snapshot_chain(kept, base: Path) -> None:
