@@ -45,7 +45,7 @@ def main() -> None:
         for gib in (1, 10):
             base = work / f"base-{gib}g.qcow2"
             qemu_img("create", "-q", "-f", "qcow2", str(base), f"{gib}G")
-            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 1023M", str(base)],
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1023M", str(base)],
                            check=True, stdout=subprocess.DEVNULL)
             store = SnapshotStore(work / f"store-{gib}")
             rounds = [one_round(work, base, store, n) for n in range(5)]
