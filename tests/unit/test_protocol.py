@@ -102,3 +102,37 @@ def test_arbitrary_bytes_yield_only_valid_frames_or_protocol_errors(data):
 def test_every_valid_frame_survives_a_round_trip(type_, request_id, payload):
     frame = reader_over(P.encode(type_, request_id, payload), chunk=7).read_frame()
     assert (frame.type, frame.request_id, frame.payload) == (type_, request_id, payload)
+
+
+def _mutated_stream():
+    """Valid frames with flipped bits, truncations and junk between them: what a hostile guest sends."""
+    frame = st.builds(lambda t, r, p: P.encode(t, r, p), st.integers(0, 255), st.integers(0, 2**32 - 1),
+                      st.binary(max_size=300))
+    junk = st.binary(max_size=40)
+
+    def mutate(parts, flips):
+        data = bytearray(b"".join(parts))
+        for position, bit in flips:
+            if data:
+                data[position % len(data)] ^= 1 << bit
+        return bytes(data)
+    return st.builds(mutate, st.lists(st.one_of(frame, junk), max_size=6),
+                     st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), max_size=4))
+
+
+@settings(max_examples=10_000, deadline=None)
+@given(_mutated_stream(), st.booleans())
+def test_host_side_parsing_of_hostile_agent_streams_only_ever_raises_protocol_errors(data, resync):
+    """Fuzzed with 10k examples in every run: nothing a guest sends crashes or overreads the host."""
+    reader = P.FrameReader(io.BytesIO(data).read, max_payload=256)
+    try:
+        for _ in range(64):
+            frame = reader.read_frame(resync=resync)
+            assert frame.type in P.NAMES and len(frame.payload) <= 256
+            if frame.type not in P.DATA_TYPES:
+                try:
+                    assert isinstance(frame.json(), dict)
+                except P.ProtocolError:
+                    pass
+    except P.ProtocolError:
+        pass
