@@ -1,4 +1,5 @@
 """HTCondor jobs with +VMImage run in VMs, on a real pool (htcondor 23.9 in a trixie chroot)."""
+import json
 import os
 import re
 import shutil
@@ -213,8 +214,10 @@ def test_a_platform_matrix_in_one_submit_file_reports_each_os_release(pool):
         assert release["VERSION_ID"].strip('"') == image.split("-")[1]
 
 
-def test_condor_rm_stops_the_vm_keeps_the_snapshot_and_leaves_nothing_behind(pool):
-    job = Submission(pool, "removed", {"job.sub": (
+@pytest.mark.parametrize("tool, status", [("condor_rm", REMOVED), ("condor_hold", HELD),
+                                          ("condor_vacate_job", IDLE)])
+def test_stopping_a_running_vm_job_keeps_the_snapshot_and_leaves_nothing_behind(pool, tool, status):
+    job = Submission(pool, tool, {"job.sub": (
         "executable = /bin/sh\narguments = \"-c 'echo started; sleep 600'\"\ntransfer_executable = false\n"
         "should_transfer_files = YES\noutput = out\nerror = err\nlog = log\n"
         '+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue\n')})
@@ -223,15 +226,18 @@ def test_condor_rm_stops_the_vm_keeps_the_snapshot_and_leaves_nothing_behind(poo
     phase = lambda: [d for d in jobs_dir.glob(f"condor-{job.cluster}.0-*")
                      if (d / "phase").exists() and (d / "phase").read_text().strip() == "exec"]
     job_dir = pool.wait_for(phase, 300, "the VM job to reach its exec phase")[0]
-    pool.run(["condor_rm", str(job.cluster)], check=True)
-    job.wait({REMOVED})
+    pool.run([tool, str(job.cluster)], check=True)
     pool.wait_for(lambda: (job_dir / "metadata.json").exists(), 60, "the wrapper to finish its teardown")
+    if status != IDLE:                   # a vacated job goes back to the queue and runs again elsewhere
+        job.wait({status})
+    assert json.loads((job_dir / "metadata.json").read_text())["outcome"] == "killed-by-signal"
     assert not (job_dir / "overlay.qcow2").exists()
     snapshots = pool.path(f"/home/{USER}/.local/share/vmloader/snapshots") / job_dir.name
     assert (snapshots / "disk.qcow2").exists() or any(snapshots.glob("*.qcow2")), list(snapshots.iterdir())
     qemus = [pid for pid in pool.namespace_pids()
              if job_dir.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
     assert qemus == []
+    pool.run(["condor_rm", str(job.cluster)])
 
 
 def test_a_job_submitted_through_the_htcondor2_python_api_runs_in_a_vm(pool):

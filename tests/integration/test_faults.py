@@ -109,6 +109,30 @@ def test_guest_hangs_hard_no_heartbeat(vm_env, state_dir, tmp_path):
     record("guest hangs hard (agent stopped: no heartbeat)", result, "output so far, console log, snapshot")
 
 
+def restart_libvirtd() -> None:
+    """End the libvirtd that `make test` started (by its pid file) and start it again."""
+    pid = int(Path("/run/libvirtd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["libvirtd", "-d"], check=True)
+
+
+def test_libvirtd_restarted_mid_job(vm_env, state_dir, tmp_path):
+    if not Path("/run/libvirtd.pid").exists():
+        pytest.skip("libvirtd was not started by make test here (no /run/libvirtd.pid)")
+    proc = start(vm_env, tmp_path, "fault-libvirtd", "sh", "-c", "echo before-the-fault; sleep 10; echo after")
+    job_dir = wait_for_exec(state_dir, "fault-libvirtd", proc, "before-the-fault")
+    restart_libvirtd()
+    code, result, err = finish(proc)
+    assert code == 0 and result["outcome"] == "succeeded", err   # the job talks to its agent, not libvirtd
+    assert (job_dir / "stdout").read_text() == "before-the-fault\nafter\n"
+    FAULTS.append({"fault": "libvirtd restarted mid-job", "exit": 0, "outcome": "succeeded", "phase": None,
+                   "message": "(the job went on: the agent channel does not go through libvirtd)",
+                   "kept": "the job's output; the VM torn down through a new libvirt connection"})
+
+
 def test_a_daemon_outliving_the_command_does_not_block_teardown(vm_env, state_dir, tmp_path):
     started = time.monotonic()
     proc = start(vm_env, tmp_path, "fault-daemon", "sh", "-c", "sleep 1000 & echo spawned", root=False)

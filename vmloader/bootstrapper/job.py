@@ -439,10 +439,37 @@ class JobRunner:
             try:
                 if job.domain.isActive():
                     job.domain.destroy()
-            except libvirt.libvirtError:
-                pass   # a transient domain that powered off is already gone
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    self._destroy_reconnecting(job)   # e.g. libvirtd restarted during the job
         if job.conn is not None:
-            job.conn.close()
+            try:
+                job.conn.close()
+            except libvirt.libvirtError:
+                pass
+
+    def _destroy_reconnecting(self, job: Job) -> None:
+        """Our connection died with libvirtd; the VM may not have: find it by name on a new one."""
+        uri = self.config.libvirt_uri or job.hypervisor.uri
+        deadline = time.monotonic() + 30                 # libvirtd may be starting up again
+        while True:
+            try:
+                conn = libvirt.open(uri)
+                break
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    print(f"vmloader: cannot reach libvirt at {uri} to destroy VM vmloader-{job.job_dir.name}; "
+                          f"do it with `virsh -c {uri} destroy vmloader-{job.job_dir.name}`", file=sys.stderr)
+                    return
+                time.sleep(1)
+        try:
+            domain = conn.lookupByName(f"vmloader-{job.job_dir.name}")
+            if domain.isActive():
+                domain.destroy()
+        except libvirt.libvirtError:
+            pass                                         # gone already
+        finally:
+            conn.close()
 
     def _keep_or_drop(self, job: Job) -> Optional[str]:
         failed = job.status != 0
