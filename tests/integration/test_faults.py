@@ -81,32 +81,27 @@ def test_qemu_killed_mid_job(vm_env, state_dir, tmp_path):
     record("QEMU process killed (SIGKILL) mid-job", result, "output so far, console log, snapshot")
 
 
-def test_guest_kernel_panic_mid_job(vm_env, state_dir, tmp_path):
-    proc = start(vm_env, tmp_path, "fault-panic", "sh", "-c",
-                 "echo before-the-fault; sleep 1; echo c > /proc/sysrq-trigger; sleep 60")
-    job_dir = wait_for_exec(state_dir, "fault-panic", proc, "before-the-fault")
+# A fault the job itself triggers inside the guest: (job id, command, marker to wait for,
+# word the error must contain, table row, what is kept).
+IN_GUEST_FAULTS = [
+    ("fault-panic", "echo before-the-fault; sleep 1; echo c > /proc/sysrq-trigger; sleep 60", "before-the-fault",
+     "Kernel panic", "guest kernel panic mid-job", "output so far, console log (with the panic), snapshot"),
+    ("fault-agent-kill", "echo before-the-fault; kill -9 $PPID; sleep 60", "",
+     "agent restarted", "agent process killed in the guest", "output so far, console log, snapshot"),
+    ("fault-agent-stop", "echo before-the-fault; kill -STOP $PPID; sleep 60", "",
+     "no heartbeat", "guest hangs hard (agent stopped: no heartbeat)", "output so far, console log, snapshot"),
+]
+
+
+@pytest.mark.parametrize("job_id, command, marker, word, fault, kept", IN_GUEST_FAULTS,
+                         ids=[f[0] for f in IN_GUEST_FAULTS])
+def test_a_fault_inside_the_guest(vm_env, state_dir, tmp_path, job_id, command, marker, word, fault, kept):
+    proc = start(vm_env, tmp_path, job_id, "sh", "-c", command)
+    job_dir = wait_for_exec(state_dir, job_id, proc, marker)
     code, result, err = finish(proc)
     assert code == 125
-    assert_infrastructure_failure(result, job_dir, "Kernel panic")
-    record("guest kernel panic mid-job", result, "output so far, console log (with the panic), snapshot")
-
-
-def test_agent_killed_in_the_guest(vm_env, state_dir, tmp_path):
-    proc = start(vm_env, tmp_path, "fault-agent-kill", "sh", "-c", "echo before-the-fault; kill -9 $PPID; sleep 60")
-    job_dir = wait_for_exec(state_dir, "fault-agent-kill", proc)
-    code, result, err = finish(proc)
-    assert code == 125
-    assert_infrastructure_failure(result, job_dir, "agent restarted")
-    record("agent process killed in the guest", result, "output so far, console log, snapshot")
-
-
-def test_guest_hangs_hard_no_heartbeat(vm_env, state_dir, tmp_path):
-    proc = start(vm_env, tmp_path, "fault-agent-stop", "sh", "-c", "echo before-the-fault; kill -STOP $PPID; sleep 60")
-    job_dir = wait_for_exec(state_dir, "fault-agent-stop", proc)
-    code, result, err = finish(proc)
-    assert code == 125
-    assert_infrastructure_failure(result, job_dir, "no heartbeat")
-    record("guest hangs hard (agent stopped: no heartbeat)", result, "output so far, console log, snapshot")
+    assert_infrastructure_failure(result, job_dir, word)
+    record(fault, result, kept)
 
 
 def restart_libvirtd() -> None:

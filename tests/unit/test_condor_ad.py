@@ -75,7 +75,7 @@ def test_sandbox_inputs_skip_the_starters_own_files_and_keep_subdirs(tmp_path: P
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     (tmp_path / "link").symlink_to("/etc/passwd")
-    got = sorted(rel for _, rel in sandbox_inputs(tmp_path, tmp_path / "condor_exec.exe"))
+    got = sorted(rel for _, rel in sandbox_inputs(tmp_path))
     assert got == ["condor_exec.exe", "data/in.txt", "src.tar.gz"]
 
 

@@ -60,6 +60,16 @@ class ImageCache:
         self.max_bytes = max_bytes            # 0: unbounded
         self.index = CacheIndex(self.root / "index", self.artifacts_dir, shared=self.shared)
 
+    @classmethod
+    def configured(cls, cfg) -> "ImageCache":
+        """The cache as configured: its dir, its repositories (mirrors, in order), its bound."""
+        from .repository import repository_for
+        cache = cls(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
+                    max_bytes=cfg.cache_max_bytes)
+        if cache.shared:
+            os.umask(0o002)     # what we create in a group's cache (index, partial downloads) stays group-writable
+        return cache
+
     @property
     def pins_dir(self) -> Path:
         return self.root / "pins"

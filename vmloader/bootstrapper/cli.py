@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, status, virt
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
-from .repository import repository_for
 from .errors import EXIT_INFRA, ImageError, Interrupted, UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
@@ -134,14 +133,6 @@ def _emit(data, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 
-def _cache(cfg: config_mod.Config) -> ImageCache:
-    cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
-                       max_bytes=cfg.cache_max_bytes)
-    if cache.shared:
-        os.umask(0o002)     # what we create in a group's cache (index, partial downloads) stays group-writable
-    return cache
-
-
 def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
     """Probes that test-boot a real guest kernel under KVM when one is cached."""
     try:
@@ -160,6 +151,18 @@ def _reap_orphans(cfg) -> list:
         print(f"vmloader: cleaned up job {orphan.job_id}: its vmloader (pid {orphan.owner_pid}) had died"
               f"{'; VM destroyed' if orphan.domain_destroyed else ''}{kept}", file=sys.stderr)
     return reaped
+
+
+def _command(args) -> list:
+    """The command after `--` (argparse keeps the separator in REMAINDER)."""
+    return args.command[1:] if args.command[:1] == ["--"] else args.command
+
+
+def _report(result) -> None:
+    """A job's infrastructure error, as the user reads it on stderr."""
+    if result.error:
+        err = VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"])
+        print(err.user_text(), file=sys.stderr)
 
 
 def cmd_status(args, cfg) -> int:
@@ -189,22 +192,20 @@ def cmd_run(args, cfg) -> int:
         _reap_orphans(cfg)
     except VMLoaderError as exc:       # the job itself will report a broken libvirt clearly
         print(f"vmloader: skipped cleaning up orphaned jobs: {exc.message}", file=sys.stderr)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = _command(args)
     spec = JobSpec(image=args.image, image_sha256=args.sha256, command=tuple(command), cpus=args.cpus, memory_mib=args.memory,
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
                    outputs=tuple(args.output), output_dir=Path(args.output_dir), collect_new=args.output_new,
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
                    console=args.console, capture_dir=args.json, job_id=args.job_id)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)), args.hypervisor)
-    runner = JobRunner(cfg, _cache(cfg), SnapshotStore(cfg.snapshots_dir), choose,
+    runner = JobRunner(cfg, ImageCache.configured(cfg), SnapshotStore(cfg.snapshots_dir), choose,
                        stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
     result = runner.run(spec)
     if args.json:
         _emit(result.to_dict(), True, "")
     else:
-        if result.error:
-            err = VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"])
-            print(err.user_text(), file=sys.stderr)
+        _report(result)
         where = f"; snapshot {result.snapshot} in {cfg.snapshots_dir / result.snapshot}" if result.snapshot else ""
         print(f"vmloader: job {result.job_id}: {result.outcome} (exit {result.exit_status}){where}",
               file=sys.stderr)
@@ -219,7 +220,7 @@ def cmd_hypervisors(args, cfg) -> int:
 
 
 def cmd_images(args, cfg) -> int:
-    cache = _cache(cfg)
+    cache = ImageCache.configured(cfg)
     if args.images_cmd == "build":
         entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(args.name)
         if entry is None or not entry.buildable:
@@ -340,7 +341,7 @@ def cmd_repo(args, cfg) -> int:
 def cmd_condor(args, cfg) -> int:
     from . import condor
     if args.condor_cmd == "wrapper":
-        return condor.run_wrapper(args.command[1:] if args.command[:1] == ["--"] else args.command)
+        return condor.run_wrapper(_command(args))
     print("\n".join(condor.probe_lines(cfg)))
     return 0
 
@@ -350,7 +351,7 @@ def _base_present(cfg, snap) -> bool:
     if Path(snap.meta.base_path).is_file():
         return True
     try:
-        _cache(cfg).resolve(snap.meta.image)
+        ImageCache.configured(cfg).resolve(snap.meta.image)
     except VMLoaderError:
         return False
     return Path(snap.meta.base_path).is_file()
@@ -358,17 +359,14 @@ def _base_present(cfg, snap) -> bool:
 
 def _snapshot_exec(args, cfg, store) -> int:
     snap = store.get(args.id)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    spec = JobSpec(image=snap.meta.image, command=tuple(command), root=args.root, timeout=args.timeout,
+    spec = JobSpec(image=snap.meta.image, command=tuple(_command(args)), root=args.root, timeout=args.timeout,
                    env={**snap.meta.env, **dict(args.env)}, snapshot="never", from_snapshot=snap.meta.id,
                    network=args.network, console=args.console)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
-    runner = JobRunner(cfg, _cache(cfg), store, choose,
+    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose,
                        stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
     result = runner.run(spec)
-    if result.error:
-        err = VMLoaderError(result.error["message"], result.error["hint"], result.error["phase"])
-        print(err.user_text(), file=sys.stderr)
+    _report(result)
     return result.exit_status
 
 

@@ -27,7 +27,6 @@ from . import classad, config as config_mod, hypervisors
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from .job import GuestFile, JobRunner, JobSpec
-from .repository import repository_for
 from .snapshots import SnapshotStore
 
 HOLD_ATTR = "VMLoaderHoldReason"
@@ -138,7 +137,7 @@ class Chirp:
         return done.returncode == 0
 
 
-def sandbox_inputs(sandbox: Path, executable: Path) -> list:
+def sandbox_inputs(sandbox: Path) -> list:
     """(host path, guest relative path) for every file the job brought, at any depth."""
     pairs = []
     for dirpath, dirnames, filenames in os.walk(sandbox):
@@ -229,10 +228,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         runtime = _private_libvirt(environ)
         sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
         spec = _job_spec(request, argv, sandbox, environ, cfg)
-        cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
-                           max_bytes=cfg.cache_max_bytes)
-        if cache.shared:
-            os.umask(0o002)
+        cache = ImageCache.configured(cfg)
         choose = lambda: hypervisors.choose(hypervisors.detect(hypervisors.HostProbes()))
         runner = JobRunner(cfg, cache, SnapshotStore(cfg.snapshots_dir), choose,
                            stdin=None, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
@@ -267,7 +263,7 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
     return JobSpec(
         image=request.image, command=tuple(guest_command(argv, sandbox)), cpus=request.cpus,
         memory_mib=request.memory_mib, root=request.root, timeout=request.timeout, env=env,
-        inputs=tuple(sandbox_inputs(sandbox, Path(argv[0]))), outputs=request.outputs or (),
+        inputs=tuple(sandbox_inputs(sandbox)), outputs=request.outputs or (),
         output_dir=sandbox, collect_new=request.outputs is None, guest_files=guest_files,
         snapshot=request.snapshot or cfg.snapshot_policy,
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")
@@ -287,8 +283,7 @@ def probe_lines(cfg: config_mod.Config) -> list:
     from .. import __version__
     found = hypervisors.detect(hypervisors.HostProbes())
     usable = [h.name for h in found if h.usable]
-    cache = ImageCache(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
-                       max_bytes=cfg.cache_max_bytes)
+    cache = ImageCache.configured(cfg)
     try:
         cached = cache.cached_names()
     except (VMLoaderError, OSError):

@@ -183,7 +183,8 @@ class SnapshotStore:
         Limits: age, count per user, total bytes (0 = no limit). Returns (snapshot, reason) pairs.
         """
         now = time.time() if now is None else now
-        alive = [s for s in self.list() if not self.in_use(s)]
+        every = self.list()
+        alive = [s for s in every if not self.in_use(s)]
         doomed = {}
         for snap in alive:
             if policy.max_age_days and now - snap.meta.created > policy.max_age_days * 86400:
@@ -197,7 +198,7 @@ class SnapshotStore:
                 for snap in snaps[:max(0, len(snaps) - policy.max_count)]:
                     doomed[snap.meta.id] = (snap, f"more than {policy.max_count} snapshots of {user}")
         if policy.max_bytes:
-            sizes = {s.meta.id: s.size_bytes() for s in self.list()}
+            sizes = {s.meta.id: s.size_bytes() for s in every}
             total = sum(size for sid, size in sizes.items() if sid not in doomed)
             for snap in alive:
                 if total <= policy.max_bytes:
