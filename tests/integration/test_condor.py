@@ -124,6 +124,14 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     done = job.wait({COMPLETED})
     assert done[0]["ExitCode"] == "0"
     assert "@vm2@" in done[0]["LastRemoteHost"], analysis
+    # Not by luck: the transform gave the job a rank that scores vm2 above vm1.
+    rank = pool.run(["condor_history", str(job.cluster), "-af", "Rank"], user=None, check=True).stdout.strip()
+    assert "StringListMember" in rank and "VMLoaderImages" in rank, rank
+    scores = pool.run(["condor_status", "-af:t", "VMLoaderCacheDir",
+                       'ifThenElse(StringListMember("debian-11", VMLoaderImages ?: ""), 10, 0)'],
+                      user=None, check=True).stdout
+    assert dict(line.split("\t") for line in scores.splitlines()) == {
+        "/var/cache/vmloader-1": "0", "/var/cache/vmloader-2": "10"}, scores
     assert job.file("out").read_text().startswith("11.")
 
 
