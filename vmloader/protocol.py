@@ -15,6 +15,10 @@ Frame: 16-byte header, then `length` bytes of payload.
 
 Control payloads are UTF-8 JSON objects; data payloads (STDIN, STDOUT,
 STDERR, PUT_DATA, GET_DATA) are raw bytes.
+
+An agent serves every port named CHANNEL_PREFIX + N: port 0 belongs to the
+job's vmloader, the others let a second client (an interactive shell into a
+booted snapshot) attach while the first stays connected.
 """
 import json
 import struct
@@ -25,7 +29,10 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">2sBBIII")
 MAX_PAYLOAD = 1 << 20          # no frame larger than this is ever read into memory
 DATA_CHUNK = 64 * 1024         # data frames carry at most this much
-CHANNEL_NAME = "org.vmloader.agent.0"
+CHANNEL_PREFIX = "org.vmloader.agent."
+CHANNEL_NAME = CHANNEL_PREFIX + "0"
+ATTACH_PORTS = 2             # ports 1..ATTACH_PORTS beside the job's own port 0
+FEATURES = ("list", "pty", "connect")   # announced in HELLO; hosts check before asking
 
 HELLO = 1
 HEARTBEAT = 3
@@ -36,6 +43,8 @@ STDOUT = 13
 STDERR = 14
 EXIT = 15
 KILL = 16
+RESIZE = 17        # a pty exec's window changed: {"rows": R, "cols": C}
+CONNECT = 18       # open a TCP stream to the guest's 127.0.0.1:{"port": P}; data as STDIN/STDOUT, end as EXIT
 PUT = 20
 PUT_DATA = 21
 PUT_END = 22
@@ -49,7 +58,7 @@ SHUTDOWN = 40
 
 NAMES = {value: name for name, value in globals().items()
          if name.isupper() and isinstance(value, int) and 0 < value < 64
-         and name not in ("PROTOCOL_VERSION",)}
+         and name not in ("PROTOCOL_VERSION", "ATTACH_PORTS")}
 DATA_TYPES = frozenset((STDIN, STDOUT, STDERR, PUT_DATA, GET_DATA))
 
 

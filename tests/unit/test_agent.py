@@ -184,3 +184,90 @@ def test_a_hostile_agent_gets_a_clear_error_not_a_hang(frames, message):
     with pytest.raises(AgentError, match=message):
         run(client, "true")
     guest.close()
+
+
+# -- terminals and TCP streams (snapshot shell, --forward) ---------------------
+def run_on_pty(client, script, rows=30, cols=100, stdin=None, on_start=None):
+    from vmloader.bootstrapper.agentclient import PtySpec
+    out = io.BytesIO()
+    result = client.exec(["sh", "-c", script], env={}, user="vmloader", stdin=stdin, stdout=out,
+                         stderr=io.BytesIO(), pty=PtySpec(rows, cols, "vt100"), on_start=on_start)
+    return result, out.getvalue().decode()
+
+
+def test_a_command_on_a_pty_sees_a_terminal_of_the_requested_size(pair):
+    result, out = run_on_pty(pair, 'stty size; test -t 0 && echo tty; echo "TERM=$TERM"')
+    assert result.exit_code == 0
+    assert "30 100" in out and "tty" in out and "TERM=vt100" in out
+
+
+def test_a_window_size_change_reaches_the_terminal(pair):
+    read_end, write_end = os.pipe()
+    started = []
+
+    def resize_then_continue(request_id):
+        started.append(request_id)
+        pair.resize(request_id, 40, 120)
+        os.write(write_end, b"go\n")
+        os.close(write_end)
+    result, out = run_on_pty(pair, "read x; stty size", stdin=os.fdopen(read_end, "rb"),
+                             on_start=resize_then_continue)
+    assert started and "40 120" in out
+
+
+def test_ctrl_c_on_the_pty_interrupts_the_foreground_command(pair):
+    read_end, write_end = os.pipe()
+    threading.Timer(1.5, lambda: (os.write(write_end, b"\x03"), os.close(write_end))).start()
+    started = time.monotonic()
+    result, out = run_on_pty(pair, 'trap "echo interrupted; exit 3" INT; echo ready; sleep 30 & wait',
+                             stdin=os.fdopen(read_end, "rb"))
+    assert time.monotonic() - started < 20
+    assert result.exit_code == 3 and "interrupted" in out, (result, out)
+
+
+def test_the_hello_announces_features_and_no_busy_requests(pair):
+    assert {"pty", "connect", "list"} <= set(pair.info["features"])
+    assert pair.info["busy"] == []
+
+
+def test_a_tcp_stream_reaches_a_guest_port_both_ways():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def echo_upper():
+        conn, _ = server.accept()
+        with conn:
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                conn.sendall(data.upper())
+    threading.Thread(target=echo_upper, daemon=True).start()
+    host, guest = socket.socketpair()
+    agent = Agent(SocketTransport(guest), workdir="/tmp", lookup_user=lambda name: ME, poweroff=lambda: None)
+    threading.Thread(target=agent.serve, daemon=True).start()
+    client = AgentClient(host, heartbeat_timeout=3.0)
+    client.handshake(timeout=5)
+    stream = client.connect(server.getsockname()[1])
+    stream.send(b"hello over the channel")
+    stream.send_eof()
+    received = b""
+    while True:
+        data = stream.recv()
+        if not data:
+            break
+        received += data
+    stream.close()
+    assert received == b"HELLO OVER THE CHANNEL"
+    client.close()
+
+
+def test_a_stream_to_a_closed_guest_port_says_so(pair):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    stream = pair.connect(port)
+    with pytest.raises(AgentError, match=f"127.0.0.1:{port}"):
+        stream.recv()

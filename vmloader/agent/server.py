@@ -1,15 +1,20 @@
-"""The agent's request handling: exec with live streaming, file transfer, shutdown."""
+"""The agent's request handling: exec with live streaming (pipes or a pty), TCP
+streams to guest ports, file transfer, shutdown."""
 import errno
+import fcntl
 import json
 import os
 import platform
+import pty
 import pwd
 import queue
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -58,11 +63,14 @@ class Execution(object):
         self.request_id = request_id
         self.proc = proc
         self.closed = threading.Event()      # set once EXIT was sent: pumps stop sending
-        self.pumps = [self._start_pump(proc.stdout, P.STDOUT), self._start_pump(proc.stderr, P.STDERR)]
+        self.pumps = [self._start_pump(fd, type_) for fd, type_ in self._outputs()]
         threading.Thread(target=self._finish, daemon=True).start()
 
-    def _start_pump(self, pipe, type_):
-        thread = threading.Thread(target=self._pump, args=(pipe.fileno(), type_), daemon=True)
+    def _outputs(self):
+        return [(self.proc.stdout.fileno(), P.STDOUT), (self.proc.stderr.fileno(), P.STDERR)]
+
+    def _start_pump(self, fd, type_):
+        thread = threading.Thread(target=self._pump, args=(fd, type_), daemon=True)
         thread.start()
         return thread
 
@@ -84,6 +92,9 @@ class Execution(object):
         self.closed.set()
         result = {"signal": -status} if status < 0 else {"code": status}
         self.channel.send_json(P.EXIT, self.request_id, result)
+        self._close_outputs()
+
+    def _close_outputs(self):
         for pipe in (self.proc.stdout, self.proc.stderr):
             try:
                 pipe.close()
@@ -106,6 +117,94 @@ class Execution(object):
         except OSError:
             pass
 
+    def resize(self, rows, cols):
+        raise ValueError("RESIZE for a command that has no terminal")
+
+
+class PtyExecution(Execution):
+    """A command on a pseudo-terminal (interactive shells): one output, line editing and
+    Ctrl-C by the guest's tty layer, window size changes passed on."""
+
+    def __init__(self, channel, request_id, proc, master):
+        self.master = master
+        Execution.__init__(self, channel, request_id, proc)
+
+    def _outputs(self):
+        return [(self.master, P.STDOUT)]
+
+    def _close_outputs(self):
+        try:
+            os.close(self.master)
+        except OSError:
+            pass
+
+    def write_stdin(self, data):
+        if data is None:
+            return                             # end of the host's input: the shell decides (exit, ^D)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.master, view):]
+        except OSError:
+            pass
+
+    def resize(self, rows, cols):
+        set_window_size(self.master, rows, cols)
+
+
+def set_window_size(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", int(rows), int(cols), 0, 0))
+
+
+class Stream(object):
+    """A TCP connection to a guest port, relayed like a command: STDIN in, STDOUT out, EXIT at its end."""
+
+    def __init__(self, channel, request_id, sock):
+        self.channel = channel
+        self.request_id = request_id
+        self.sock = sock
+        self.closed = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        try:
+            while True:
+                data = self.sock.recv(P.DATA_CHUNK)
+                if not data:
+                    break
+                self.channel.send(P.STDOUT, self.request_id, data)
+        except OSError:
+            pass
+        self.closed.set()
+        self.channel.send_json(P.EXIT, self.request_id, {"code": 0})
+        self.sock.close()
+
+    def write_stdin(self, data):
+        try:
+            if data is None:
+                self.sock.shutdown(socket.SHUT_WR)
+            else:
+                self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def kill(self, signum):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def resize(self, rows, cols):
+        raise ValueError("RESIZE for a TCP stream")
+
+
+def login_shell(entry):
+    """An interactive shell for `snapshot shell`: bash where there is one (line editing), else the user's."""
+    if os.path.exists("/bin/bash"):
+        return ["/bin/bash", "-l"]
+    shell = entry.pw_shell if entry is not None and entry.pw_shell else "/bin/sh"
+    return [shell, "-l"]
+
 
 class Agent(object):
     def __init__(self, transport, workdir="/work", lookup_user=pwd.getpwnam,
@@ -122,9 +221,13 @@ class Agent(object):
         self.cancelled = set()
 
     def info(self):
+        # "busy": requests still running from an earlier host connection (a VM resumed
+        # from a memory snapshot): their late output must not look like a protocol error.
+        busy = sorted(rid for rid, e in list(self.execs.items()) if not e.closed.is_set())
         return {"protocol": P.PROTOCOL_VERSION, "agent": __version__,
                 "python": platform.python_version(), "kernel": platform.release(),
-                "hostname": socket.gethostname(), "pid": os.getpid()}
+                "hostname": socket.gethostname(), "pid": os.getpid(),
+                "features": list(P.FEATURES), "busy": busy}
 
     def serve(self):
         threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -170,7 +273,7 @@ class Agent(object):
         handler = {
             P.HELLO: lambda f: self.channel.send_json(P.HELLO, 0, self.info()),
             P.EXEC: self.on_exec, P.STDIN: self.on_stdin, P.STDIN_EOF: self.on_stdin,
-            P.KILL: self.on_kill, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
+            P.KILL: self.on_kill, P.RESIZE: self.on_resize, P.CONNECT: self.on_connect, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
             P.PUT_END: self.on_put_end, P.GET: self.on_get, P.LIST: self.on_list,
             P.SHUTDOWN: self.on_shutdown,
         }.get(frame.type)
@@ -191,9 +294,11 @@ class Agent(object):
         env.update({str(k): str(v) for k, v in extra.items()})
         return env
 
-    def _preexec(self, entry):
+    def _preexec(self, entry, controlling_tty=False):
         def demote():
             os.setsid()
+            if controlling_tty:
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)      # Ctrl-C in the pty reaches the command
             if entry is not None and os.geteuid() == 0:
                 os.setgroups(os.getgrouplist(entry.pw_name, entry.pw_gid))
                 os.setgid(entry.pw_gid)
@@ -202,28 +307,67 @@ class Agent(object):
 
     def on_exec(self, frame):
         req = frame.json()
-        argv = req.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ValueError("EXEC needs a non-empty argv list of strings")
         try:
             entry = self._identity(req.get("user") or self.default_user)
         except KeyError:
             raise ValueError("no such guest user %r" % req.get("user"))
+        argv = login_shell(entry) if req.get("shell") else req.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("EXEC needs a non-empty argv list of strings")
         cwd = req.get("cwd") or self.workdir
         if not os.path.isdir(cwd):
             os.makedirs(cwd)
+        env = self._environment(entry, req.get("env") or {})
+        terminal = req.get("pty")
+        master = None
         try:
-            proc = subprocess.Popen(argv, cwd=cwd, env=self._environment(entry, req.get("env") or {}),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    preexec_fn=self._preexec(entry), close_fds=True)
+            if isinstance(terminal, dict):
+                env["TERM"] = str(terminal.get("term") or "xterm")
+                master, slave = pty.openpty()
+                set_window_size(slave, terminal.get("rows") or 24, terminal.get("cols") or 80)
+                try:
+                    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
+                                            preexec_fn=self._preexec(entry, controlling_tty=True),
+                                            close_fds=True)
+                finally:
+                    os.close(slave)
+            else:
+                proc = subprocess.Popen(argv, cwd=cwd, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        preexec_fn=self._preexec(entry), close_fds=True)
         except OSError as exc:
+            if master is not None:
+                os.close(master)
             kind = "not_found" if exc.errno == errno.ENOENT else (
                 "not_executable" if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM)
                 else "spawn_failed")
             message = "%s: %s" % (argv[0], exc.strerror)
             self.channel.send_json(P.EXIT, frame.request_id, {"error": kind, "message": message})
             return
-        self.execs[frame.request_id] = Execution(self.channel, frame.request_id, proc)
+        if master is not None:
+            self.execs[frame.request_id] = PtyExecution(self.channel, frame.request_id, proc, master)
+        else:
+            self.execs[frame.request_id] = Execution(self.channel, frame.request_id, proc)
+        self._start_stdin_feeder(frame.request_id)
+
+    def on_resize(self, frame):
+        execution = self.execs.get(frame.request_id)
+        if execution is not None:
+            req = frame.json()
+            execution.resize(req.get("rows") or 24, req.get("cols") or 80)
+
+    def on_connect(self, frame):
+        port = frame.json().get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError("CONNECT needs a TCP port number")
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError as exc:
+            self.channel.send_json(P.EXIT, frame.request_id, {
+                "error": "connect_failed", "message": "127.0.0.1:%d in the guest: %s" % (port, exc)})
+            return
+        sock.settimeout(None)
+        self.execs[frame.request_id] = Stream(self.channel, frame.request_id, sock)
         self._start_stdin_feeder(frame.request_id)
 
     def _start_stdin_feeder(self, request_id):

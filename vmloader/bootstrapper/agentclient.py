@@ -31,6 +31,14 @@ class ExecResult:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class PtySpec:
+    """Ask the agent for a pseudo-terminal of this size for the command."""
+    rows: int = 24
+    cols: int = 80
+    term: str = "xterm"
+
+
 class ExecTimeout(AgentError):
     """The command ran past its deadline and was killed."""
     timed_out = True
@@ -110,6 +118,7 @@ class AgentClient:
                                "the running request was lost")
                 return
             self.info = info
+            self._adopt_busy(info)
             self._hello.set()
             return
         with self._waiters_lock:
@@ -124,6 +133,14 @@ class AgentClient:
         finally:
             self._reader_blocked = False
             self._last_seen = time.monotonic()
+
+    def _adopt_busy(self, info: dict) -> None:
+        """A resumed VM's agent may still run requests of its earlier host: ignore their
+        frames and number ours past them."""
+        busy = [r for r in info.get("busy") or () if isinstance(r, int) and r > 0]
+        if busy:
+            with self._waiters_lock:
+                self._next_id = max(self._next_id, max(busy) + 1)
 
     def _fail(self, why: str) -> None:
         self._failure = self._failure or why
@@ -225,24 +242,55 @@ class AgentClient:
                     raise AgentError(f"{name}: the guest sent more than the {limit} byte limit; transfer aborted")
                 out.write(frame.payload)
 
-    def exec(self, argv: list, *, env: dict, user: str, cwd: Optional[str] = None,
+    def supports(self, feature: str) -> bool:
+        return feature in ((self.info or {}).get("features") or ())
+
+    def exec(self, argv: Optional[list], *, env: dict, user: str, cwd: Optional[str] = None,
              stdin: Optional[BinaryIO], stdout: BinaryIO, stderr: BinaryIO,
-             deadline: Optional[float] = None, kill_grace: float = 0.0) -> ExecResult:
+             deadline: Optional[float] = None, kill_on_timeout: bool = True,
+             pty: Optional[PtySpec] = None, on_start=None) -> ExecResult:
+        """Run a command (argv None: the user's login shell). With `pty`, it gets a terminal
+        and `on_start(request_id)` is called so window size changes can follow (resize()).
+        Past `deadline` it is killed, or with kill_on_timeout=False left running (for a
+        memory snapshot) and ExecTimeout raised at once."""
+        if pty is not None and not self.supports("pty"):
+            raise AgentError("this guest's agent has no terminal support (an image built by an older vmloader)",
+                             hint="rebuild the image (vmloader images build NAME), or use `snapshot exec`")
         request_id, waiter = self._new_request()
         finished = threading.Event()
+        request = {"argv": list(argv) if argv else None, "shell": not argv, "env": env, "user": user, "cwd": cwd}
+        if pty is not None:
+            request["pty"] = {"rows": pty.rows, "cols": pty.cols, "term": pty.term}
         try:
-            self._send_json(P.EXEC, request_id, {"argv": list(argv), "env": env, "user": user, "cwd": cwd})
+            self._send_json(P.EXEC, request_id, request)
+            if on_start is not None:
+                on_start(request_id)
             self._feed_stdin(request_id, stdin, finished)
-            return self._exec_loop(request_id, waiter, stdout, stderr, deadline)
+            return self._exec_loop(request_id, waiter, stdout, stderr, deadline, kill_on_timeout)
         finally:
             finished.set()
             self._done(request_id)
 
-    def _exec_loop(self, request_id, waiter, stdout, stderr, deadline) -> ExecResult:
+    def resize(self, request_id: int, rows: int, cols: int) -> None:
+        self._send_json(P.RESIZE, request_id, {"rows": rows, "cols": cols})
+
+    def connect(self, port: int, timeout: float = 15.0) -> "GuestStream":
+        """A TCP connection to the guest's 127.0.0.1:port, relayed over the channel."""
+        if not self.supports("connect"):
+            raise AgentError("this guest's agent cannot forward ports (an image built by an older vmloader)",
+                             hint="rebuild the image (vmloader images build NAME)")
+        request_id, waiter = self._new_request()
+        self._send_json(P.CONNECT, request_id, {"port": port})
+        return GuestStream(self, request_id, waiter)
+
+    def _exec_loop(self, request_id, waiter, stdout, stderr, deadline, kill_on_timeout=True) -> ExecResult:
         sinks = {P.STDOUT: stdout, P.STDERR: stderr}
         timed_out = False
         while True:
             frame = self._next(waiter, deadline)
+            if frame is None and not kill_on_timeout:
+                raise ExecTimeout("the command ran past its --timeout (left running for a memory snapshot)",
+                                  phase="exec")
             if frame is None:
                 self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
                 timed_out, deadline = True, time.monotonic() + KILL_DRAIN
@@ -316,6 +364,44 @@ class AgentClient:
         except OSError:
             pass
         self.sock.close()
+
+
+class GuestStream:
+    """One relayed TCP connection (see AgentClient.connect)."""
+
+    def __init__(self, client: AgentClient, request_id: int, waiter: queue.Queue):
+        self.client = client
+        self.request_id = request_id
+        self.waiter = waiter
+        self.ended = False
+
+    def send(self, data: bytes) -> None:
+        for start in range(0, len(data), P.DATA_CHUNK):
+            self.client._send(P.STDIN, self.request_id, data[start:start + P.DATA_CHUNK])
+
+    def send_eof(self) -> None:
+        self.client._send(P.STDIN_EOF, self.request_id)
+
+    def recv(self) -> bytes:
+        """The next bytes from the guest side; b"" once it closed. AgentError if it never connected."""
+        if self.ended:
+            return b""
+        frame = self.client._next(self.waiter)
+        if frame.type == P.STDOUT:
+            return frame.payload
+        self.ended = True
+        if frame.type == P.EXIT and frame.json().get("error"):
+            raise AgentError(f"cannot connect to {frame.json().get('message')}",
+                             hint="is anything listening on that port in the guest?")
+        return b""
+
+    def close(self) -> None:
+        if not self.ended:
+            try:
+                self.client._send_json(P.KILL, self.request_id, {"signal": int(signal.SIGKILL)})
+            except AgentError:
+                pass
+        self.client._done(self.request_id)
 
 
 def safe_destination(dest_dir: str, guest_path: str) -> Path:

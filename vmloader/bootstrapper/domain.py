@@ -164,6 +164,10 @@ class DomainSpec:
     network: NetworkSpec = NetworkSpec()
     metadata: Optional[JobMetadata] = None
     uuid: Optional[str] = None
+    attach_channels: Sequence[ChannelSpec] = ()   # more agent ports: a shell can attach beside the job
+
+    def channels(self) -> list:
+        return [self.channel, *self.attach_channels]
 
     def to_element(self) -> ET.Element:
         hv = self.hypervisor
@@ -190,7 +194,8 @@ class DomainSpec:
         devices = ET.Element("devices")
         for disk in self.disks:
             devices.append(disk.to_element(hv))
-        devices.append(self.channel.to_element(hv))
+        for channel in self.channels():
+            devices.append(channel.to_element(hv))
         devices.extend(self.console.to_elements(hv))
         iface = self.network.to_element(hv)
         if iface is not None:
@@ -206,6 +211,44 @@ def domain_xml(spec: DomainSpec) -> str:
     element = spec.to_element()
     ET.indent(element)
     return ET.tostring(element, encoding="unicode") + "\n"
+
+
+def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
+    """The domain XML kept in a memory state file, pointed at a new run's files.
+
+    Resuming must keep the guest's hardware exactly as saved (libvirt checks the ABI),
+    so only host-side paths change: the disk (a fresh throwaway overlay over the kept
+    one), the agent sockets, the console log; plus the name and job metadata.
+    """
+    root = ET.fromstring(saved_xml)
+    root.find("name").text = spec.name       # the uuid stays: libvirt requires the saved one
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = _sub(root, "metadata")
+    for old in metadata.findall(f"{{{JOB_NS}}}job"):
+        metadata.remove(old)
+    if spec.metadata:
+        metadata.append(spec.metadata.to_element())
+    devices = root.find("devices")
+    disk = devices.find("disk[@device='disk']")
+    new_disk = spec.disks[0].to_element(spec.hypervisor)
+    for keep in ("address", "alias"):
+        element = disk.find(keep)
+        if element is not None:
+            new_disk.append(element)
+    devices.insert(list(devices).index(disk), new_disk)
+    devices.remove(disk)
+    by_name = {c.name: c for c in spec.channels()}
+    for channel in devices.findall("channel"):
+        target = by_name.get(channel.find("target").get("name"))
+        if target is not None:
+            channel.find("source").set("path", target.socket_path)
+    for serial in devices.findall("serial"):
+        log = serial.find("log")
+        if log is not None:
+            log.set("file", spec.console.log_path)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode") + "\n"
 
 
 def read_job_metadata(xml: str) -> Optional[JobMetadata]:

@@ -15,17 +15,18 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Mapping, Optional
+from typing import BinaryIO, Callable, Mapping, Optional
 
 import libvirt
 
+from .. import protocol as P
 from . import proc, virt
 from .agentclient import AgentClient, ExecResult, ExecTimeout
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
 from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
-                     NetworkSpec, domain_xml)
+                     NetworkSpec, domain_xml, retarget_saved_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
                      GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
                      VMLoaderError)
@@ -152,6 +153,22 @@ class TailWriter:
         self.out.flush()
 
 
+@dataclass
+class Attached:
+    """What a session gets once the guest's agent answers: the client and the job's
+    identity in the guest (the default session runs the job's command; `snapshot shell`
+    and `snapshot boot` bring their own)."""
+    client: AgentClient
+    env: dict
+    user: str
+    cwd: str
+    job_id: str
+    sockets: tuple = ()          # agent sockets another client may attach to
+
+
+Session = Callable[[Attached, BinaryIO, BinaryIO], ExecResult]
+
+
 class Job:
     """The state of one running job; `JobRunner.run` drives it through its phases."""
 
@@ -170,6 +187,7 @@ class Job:
         self.pins: Optional[ExitStack] = None
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
+        self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
 
     @property
     def overlay(self) -> Path:
@@ -183,11 +201,28 @@ class Job:
     def socket_path(self) -> Path:
         return self.job_dir / "agent.sock"
 
+    @property
+    def attach_sockets(self) -> tuple:
+        return tuple(self.job_dir / f"attach-{n}.sock" for n in range(1, P.ATTACH_PORTS + 1))
+
+    @property
+    def memory_state(self) -> Path:
+        return self.job_dir / "memory.save"
+
+    @property
+    def domain_name(self) -> str:
+        # A resumed memory snapshot keeps the name it was saved under (libvirt insists).
+        if self.kept is not None and self.kept.meta.memory and self.kept.memory_state.exists():
+            return f"vmloader-{self.kept.meta.id}"
+        return f"vmloader-{self.job_dir.name}"
+
 
 class JobRunner:
     def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
                  choose_hypervisor, *, stdin: Optional[BinaryIO] = None,
-                 stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None):
+                 stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
+                 session: Optional[Session] = None):
+        self.session = session
         self.config = config
         self.cache = cache
         self.store = store
@@ -286,10 +321,9 @@ class JobRunner:
             with job.timer.phase("exec"):
                 job.exec_started = True
                 try:
-                    result = job.client.exec(
-                        list(spec.command), env=self._guest_env(job), user=self._guest_user(job),
-                        cwd=GUEST_WORKDIR, stdin=self.stdin, stdout=out, stderr=err,
-                        deadline=time.monotonic() + spec.timeout if spec.timeout else None)
+                    attached = Attached(job.client, self._guest_env(job), self._guest_user(job), GUEST_WORKDIR,
+                                        job.job_dir.name, tuple(str(p) for p in job.attach_sockets))
+                    result = (self.session or self._run_command(job))(attached, out, err)
                 except ExecTimeout:
                     raise
                 except AgentError as exc:
@@ -299,6 +333,20 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _run_command(self, job: Job) -> Session:
+        spec = job.spec
+
+        def run(attached: Attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+            # A timed-out job whose state is kept keeps its memory too: the command is left
+            # running and the VM saved, so `snapshot boot` resumes it at that moment.
+            job.keep_memory = (spec.timeout is not None and should_keep(spec.snapshot, True)
+                               and job.hypervisor.domain_type in ("kvm", "qemu"))
+            return attached.client.exec(
+                list(spec.command), env=attached.env, user=attached.user, cwd=attached.cwd,
+                stdin=self.stdin, stdout=out, stderr=err, kill_on_timeout=not job.keep_memory,
+                deadline=time.monotonic() + spec.timeout if spec.timeout else None)
+        return run
 
     def _stage_in(self, job: Job) -> None:
         for item in self._credentials() + list(job.spec.guest_files):
@@ -336,13 +384,15 @@ class JobRunner:
         cmdline = (f"{entry.cmdline} panic=1 vmloader.hostname=vm-{job.job_dir.name[-6:]} "
                    f"vmloader.net={spec.network}")
         return DomainSpec(
-            name=f"vmloader-{job.job_dir.name}", hypervisor=job.hypervisor.domain_type,
+            name=job.domain_name, hypervisor=job.hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
             boot=_boot_spec(job.image, cmdline),
             disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk),
                             middle=(str(job.kept.disk),) if job.kept is not None else ()),),
             channel=ChannelSpec(str(job.socket_path)),
+            attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
+                                  for n, path in enumerate(job.attach_sockets, 1)),
             console=ConsoleSpec(str(job.console_log)),
             network=NetworkSpec(spec.network),
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
@@ -351,12 +401,35 @@ class JobRunner:
     def _start_domain(self, job: Job) -> None:
         uri = self.config.libvirt_uri or job.hypervisor.uri
         job.conn = virt.connect(uri)
+        if job.kept is not None and job.kept.meta.memory:
+            if job.kept.memory_state.exists():
+                self._resume_domain(job)
+                return
+            print(f"vmloader: snapshot {job.kept.meta.id} has lost its memory state; booting its disk state",
+                  file=sys.stderr)
         xml = domain_xml(self._domain_spec(job))
         (job.job_dir / "domain.xml").write_text(xml)
         try:
             job.domain = job.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
         except libvirt.libvirtError as exc:
             raise virt.translate(exc, "define") from None
+
+    def _resume_domain(self, job: Job) -> None:
+        """Start a memory snapshot where it stopped: same guest hardware, new host-side files."""
+        state = job.kept.memory_state
+        _write_owner(job)                     # a later vmloader must find the VM by this name
+        try:
+            saved = job.conn.saveImageGetXMLDesc(str(state), 0)
+            xml = retarget_saved_xml(saved, self._domain_spec(job))
+            (job.job_dir / "domain.xml").write_text(xml)
+            job.conn.restoreFlags(str(state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            job.domain = job.conn.lookupByName(job.domain_name)
+        except libvirt.libvirtError as exc:
+            err = virt.translate(exc, "define")
+            err.message = f"cannot resume snapshot {job.kept.meta.id} from its memory state {state}: {err.message}"
+            err.hint = (f"the memory state may be damaged or saved by another QEMU/libvirt version; to boot "
+                        f"the kept disk alone, move {state} out of the way")
+            raise err from None
 
     def _connect_agent(self, job: Job) -> AgentClient:
         deadline = time.monotonic() + self.config.boot_timeout
@@ -426,7 +499,23 @@ class JobRunner:
             except VMLoaderError as exc:
                 print(f"vmloader: could not copy back --output {out}: {exc.message}", file=sys.stderr)
 
+    def _save_memory(self, job: Job) -> bool:
+        """Stop the VM by saving its memory (the timed-out command still in it); False if that failed."""
+        try:
+            if job.domain is None or not job.domain.isActive():
+                return False
+            job.domain.save(str(job.memory_state))
+        except libvirt.libvirtError as exc:
+            print(f"vmloader: could not save the guest's memory ({exc.get_error_message()}); "
+                  "keeping its disk state only", file=sys.stderr)
+            job.memory_state.unlink(missing_ok=True)
+            return False
+        return True
+
     def _stop_domain(self, job: Job) -> None:
+        if job.keep_memory and job.status == EXIT_TIMEOUT and self._save_memory(job):
+            job.client.close()
+            job.client = None
         if job.client is not None:
             try:
                 # The agent acknowledges only after sync(): the overlay is consistent,
@@ -458,12 +547,12 @@ class JobRunner:
                 break
             except libvirt.libvirtError:
                 if time.monotonic() > deadline:
-                    print(f"vmloader: cannot reach libvirt at {uri} to destroy VM vmloader-{job.job_dir.name}; "
-                          f"do it with `virsh -c {uri} destroy vmloader-{job.job_dir.name}`", file=sys.stderr)
+                    print(f"vmloader: cannot reach libvirt at {uri} to destroy VM {job.domain_name}; "
+                          f"do it with `virsh -c {uri} destroy {job.domain_name}`", file=sys.stderr)
                     return
                 time.sleep(1)
         try:
-            domain = conn.lookupByName(f"vmloader-{job.job_dir.name}")
+            domain = conn.lookupByName(job.domain_name)
             if domain.isActive():
                 domain.destroy()
         except libvirt.libvirtError:
@@ -479,17 +568,20 @@ class JobRunner:
                 image_sha256=job.image.entry.artifacts["disk"].sha256, base_path=str(job.image.disk),
                 command=list(job.spec.command), exit_status=job.status, outcome=outcome_of(job.status),
                 user=_user_name(), hostname=socket.gethostname(), timings=job.timer.to_dict(),
-                error=job.error.message if job.error else None, env=dict(job.spec.env), root=job.spec.root)
+                error=job.error.message if job.error else None, env=dict(job.spec.env), root=job.spec.root,
+                memory=job.memory_state.exists())
             try:
-                return self.store.preserve(meta, job.overlay, job.console_log).meta.id
+                return self.store.preserve(meta, job.overlay, job.console_log, job.memory_state).meta.id
             except VMLoaderError as exc:
                 job.error = job.error or exc
                 return None
         job.overlay.unlink(missing_ok=True)
+        job.memory_state.unlink(missing_ok=True)
         return None
 
     def _write_metadata(self, job: Job, snapshot_id: Optional[str]) -> None:
-        job.socket_path.unlink(missing_ok=True)
+        for sock in (job.socket_path, *job.attach_sockets):
+            sock.unlink(missing_ok=True)
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
                 "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
@@ -558,7 +650,8 @@ def _check_snapshot_chain(kept, base: Path) -> None:
 def _write_owner(job: Job) -> None:
     """Who runs this job and what it wants kept: lets a later vmloader clean up if we die."""
     (job.job_dir / "owner.json").write_text(json.dumps(
-        {"pid": os.getpid(), "snapshot": job.spec.snapshot, "command": list(job.spec.command),
+        {"pid": os.getpid(), "domain": job.domain_name, "snapshot": job.spec.snapshot,
+         "command": list(job.spec.command),
          "image": job.spec.image, "started": time.time()}) + "\n")
 
 

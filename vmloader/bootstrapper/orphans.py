@@ -78,7 +78,7 @@ def reap_all(jobs_dir: Path, connect: Callable[[], object], store: SnapshotStore
 
 def reap(job_dir: Path, conn, store: SnapshotStore) -> Orphan:
     owner = json.loads((job_dir / "owner.json").read_text())
-    destroyed = _destroy(conn, f"vmloader-{job_dir.name}")
+    destroyed = _destroy(conn, owner.get("domain") or f"vmloader-{job_dir.name}")
     overlay = job_dir / "overlay.qcow2"
     snapshot = None
     if overlay.exists() and should_keep(owner.get("snapshot", "on-failure"), failed=True):

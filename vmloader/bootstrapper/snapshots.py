@@ -42,6 +42,7 @@ class SnapshotMeta:
     error: Optional[str] = None
     env: dict = field(default_factory=dict)      # the job's --env, for `snapshot exec`
     root: bool = False
+    memory: bool = False                         # guest memory kept too (timed out): boot resumes it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +60,16 @@ class Snapshot:
     @property
     def console_log(self) -> Path:
         return self.path / "console.log"
+
+    @property
+    def memory_state(self) -> Path:
+        """The guest's memory and device state (libvirt save format), when meta.memory."""
+        return self.path / "memory.save"
+
+    @property
+    def booted_file(self) -> Path:
+        """Written by `vmloader snapshot boot` while the snapshot runs: how to attach to it."""
+        return self.path / "booted.json"
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
@@ -88,8 +99,10 @@ class SnapshotStore:
             raise SnapshotError(f"invalid snapshot id {snap_id!r}", hint="see `vmloader snapshot list`")
         return self.root / snap_id
 
-    def preserve(self, meta: SnapshotMeta, overlay: Path, console_log: Optional[Path]) -> Snapshot:
-        """Move the overlay (a rename: constant time whatever the disk size) into the store."""
+    def preserve(self, meta: SnapshotMeta, overlay: Path, console_log: Optional[Path],
+                 memory_state: Optional[Path] = None) -> Snapshot:
+        """Move the overlay (a rename: constant time whatever the disk size) into the store,
+        and the memory state file with it when there is one."""
         path = self._dir(meta.id)
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)
@@ -100,6 +113,9 @@ class SnapshotStore:
         try:
             os.replace(overlay, tmp / "disk.qcow2")
             os.chmod(tmp / "disk.qcow2", 0o600)
+            if memory_state is not None and memory_state.exists():
+                os.replace(memory_state, tmp / "memory.save")
+                os.chmod(tmp / "memory.save", 0o600)
             if console_log is not None and console_log.exists():
                 shutil.copyfile(console_log, tmp / "console.log")
                 os.chmod(tmp / "console.log", 0o600)
@@ -110,6 +126,8 @@ class SnapshotStore:
         except OSError as exc:
             if (tmp / "disk.qcow2").exists() and not overlay.exists():
                 os.replace(tmp / "disk.qcow2", overlay)   # give the overlay back, lose nothing
+            if memory_state is not None and (tmp / "memory.save").exists():
+                os.replace(tmp / "memory.save", memory_state)
             shutil.rmtree(tmp, ignore_errors=True)
             raise SnapshotError(f"could not preserve snapshot {meta.id}: {exc}",
                                 hint=f"the job's disk state is still at {overlay}", phase="snapshot") from None

@@ -27,8 +27,8 @@ class RunningJob:
         return asdict(self)
 
 
-def _qemu_process(job_id: str) -> Optional[psutil.Process]:
-    marker = f"guest=vmloader-{job_id}"
+def _qemu_process(domain: str) -> Optional[psutil.Process]:
+    marker = f"guest={domain}"
     for proc in psutil.process_iter(["cmdline"]):
         if any(marker in arg for arg in (proc.info["cmdline"] or [])):
             return proc
@@ -51,7 +51,7 @@ def running_jobs(jobs_dir: Path, user: str) -> List[RunningJob]:
 
 
 def _describe(job_dir: Path, owner: dict, user: str) -> RunningJob:
-    qemu = _qemu_process(job_dir.name)
+    qemu = _qemu_process(owner.get("domain") or f"vmloader-{job_dir.name}")
     cpu = rss = None
     if qemu is not None:
         try:
