@@ -181,6 +181,10 @@ class AgentClient:
             return item
 
     # -- API -----------------------------------------------------------------
+    def check_alive(self) -> None:
+        """AgentError when the channel failed or the guest stopped sending heartbeats."""
+        self._check_alive()
+
     def handshake(self, timeout: float) -> dict:
         """Wait for the agent's HELLO (asking for it every second); returns its info."""
         deadline = time.monotonic() + timeout

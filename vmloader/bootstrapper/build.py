@@ -163,6 +163,8 @@ def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
     proc.run(["cp", "-a", "--reflink=auto", str(tree), str(root)], phase="image build")
     (root / ".vmloader-complete").unlink(missing_ok=True)
     _add_guest_user(root)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()          # every VM makes its own (`snapshot boot --ssh`), none ships in the image
     _install_agent(root, entry.recipe)
     kernel, initrd = _boot_files(root)
     progress(f"writing a {entry.disk_gib} GiB ext4 filesystem")

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, hypervisors, orphans, proc, publish, reposerver, status, virt
+from . import build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
+from . import job as job_mod, sessions, status, virt
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
-from .errors import EXIT_INFRA, ImageError, Interrupted, UsageError, VMLoaderError
+from .errors import EXIT_INFRA, ImageError, Interrupted, SnapshotError, UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
 
@@ -119,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
     sx.add_argument("--network", choices=("user", "none"), default="user")
     sx.add_argument("command", nargs=argparse.REMAINDER)
+    sh = snap.add_parser("shell", help="an interactive shell (a real terminal) in a kept state, in the job's "
+                                       "work dir with its environment; attaches to it when booted")
+    sh.add_argument("id")
+    sh.add_argument("--root", action="store_true", help="a root shell")
+    sh.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sh.add_argument("--network", choices=("user", "none"), default="user")
+    sb = snap.add_parser("boot", help="boot a kept state (resuming its memory when kept) on a throwaway "
+                                      "overlay and keep it running until Ctrl-C")
+    sb.add_argument("id")
+    sb.add_argument("--root", action="store_true", help="shells and --ssh log in as root")
+    sb.add_argument("--forward", action="append", default=[], metavar="HOST:GUEST",
+                    help="forward host port HOST (127.0.0.1; 0 = any free) to the guest's port GUEST")
+    sb.add_argument("--ssh", action="store_true", help="authorize your public key and forward a port to sshd")
+    sb.add_argument("--ssh-key", metavar="FILE.pub", help="the public key for --ssh (default ~/.ssh/id_*.pub)")
+    sb.add_argument("--ssh-port", type=int, default=0, metavar="PORT", help="host port for --ssh (default: free)")
+    sb.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sb.add_argument("--network", choices=("user", "none"), default="user")
+    sb.add_argument("--json", action="store_true", help="print how to reach it as one JSON line on stdout")
     sp = snap.add_parser("prune", help="remove snapshots beyond the retention limits (oldest first)")
     sp.add_argument("--dry-run", action="store_true", help="only say what would go")
     sp.add_argument("--json", action="store_true")
@@ -357,14 +376,61 @@ def _base_present(cfg, snap) -> bool:
     return Path(snap.meta.base_path).is_file()
 
 
-def _snapshot_exec(args, cfg, store) -> int:
-    snap = store.get(args.id)
-    spec = JobSpec(image=snap.meta.image, command=tuple(_command(args)), root=args.root, timeout=args.timeout,
-                   env={**snap.meta.env, **dict(args.env)}, snapshot="never", from_snapshot=snap.meta.id,
+def _stdin():
+    return None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer
+
+
+def _reopen(args, cfg, store, snap, session, command: tuple, env: dict, timeout=None) -> int:
+    """Run `session` in the snapshot: in its running VM when `snapshot boot` has it up,
+    else in a fresh boot on a throwaway overlay."""
+    info = sessions.booted(snap)
+    if info is not None:
+        with sessions.attach(snap, info, args.root) as attached:
+            attached.env.update(env)
+            result = session(attached, sys.stdout.buffer, sys.stderr.buffer)
+        if result.error:
+            print(f"vmloader: {result.message}", file=sys.stderr)
+        return job_mod.exit_status(result)
+    spec = JobSpec(image=snap.meta.image, command=command, root=args.root, timeout=timeout,
+                   env={**snap.meta.env, **env}, snapshot="never", from_snapshot=snap.meta.id,
                    network=args.network, console=args.console)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
-    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose,
-                       stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
+    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=_stdin(), session=session)
+    result = runner.run(spec)
+    _report(result)
+    return result.exit_status
+
+
+def _snapshot_exec(args, cfg, store) -> int:
+    snap = store.get(args.id)
+    command = _command(args)
+    if not command:
+        raise UsageError("no command given", hint=f"vmloader snapshot exec {args.id} -- COMMAND [ARGS...]")
+    return _reopen(args, cfg, store, snap, sessions.command_session(command, _stdin(), args.timeout),
+                   tuple(command), dict(args.env), args.timeout)
+
+
+def _snapshot_shell(args, cfg, store) -> int:
+    snap = store.get(args.id)
+    return _reopen(args, cfg, store, snap, sessions.shell_session(_stdin()), ("(interactive shell)",), {})
+
+
+def _snapshot_boot(args, cfg, store) -> int:
+    snap = store.get(args.id)
+    if sessions.booted(snap) is not None:
+        raise SnapshotError(f"snapshot {snap.meta.id} is already booted (pid {sessions.booted(snap)['pid']})",
+                            hint=f"attach to it: vmloader snapshot shell {snap.meta.id}")
+    ssh_key = None
+    if args.ssh:
+        ssh_key = Path(args.ssh_key) if args.ssh_key else sessions.default_ssh_key()
+    options = sessions.BootOptions(tuple(forward.parse_forward(f) for f in args.forward), ssh_key,
+                                   args.ssh_port, args.json)
+    spec = JobSpec(image=snap.meta.image, command=("(booted for debugging)",), root=args.root,
+                   env=dict(snap.meta.env), snapshot="never", from_snapshot=snap.meta.id,
+                   network=args.network, console=args.console)
+    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
+    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=None,
+                       session=sessions.hold_session(snap, options, cfg.jobs_dir))
     result = runner.run(spec)
     _report(result)
     return result.exit_status
@@ -390,6 +456,10 @@ def cmd_snapshot(args, cfg) -> int:
               "\n".join(f"{verb} {s.meta.id} ({why})" for s, why in pruned) or "nothing to prune")
     elif args.snap_cmd == "exec":
         return _snapshot_exec(args, cfg, store)
+    elif args.snap_cmd == "shell":
+        return _snapshot_shell(args, cfg, store)
+    elif args.snap_cmd == "boot":
+        return _snapshot_boot(args, cfg, store)
     elif args.snap_cmd == "export":
         snap = store.get(args.id)
         dest = snapshots_mod.export(snap, _base_present(cfg, snap), Path(args.output))

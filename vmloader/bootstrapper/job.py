@@ -582,6 +582,7 @@ class JobRunner:
     def _write_metadata(self, job: Job, snapshot_id: Optional[str]) -> None:
         for sock in (job.socket_path, *job.attach_sockets):
             sock.unlink(missing_ok=True)
+            sock.with_name(sock.name + ".lock").unlink(missing_ok=True)
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
                 "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}

@@ -1,0 +1,213 @@
+"""Interactive ways into a kept job state: a shell on a pty, a long-running boot that
+others attach to (shell, exec, forwarded ports, ssh).
+
+A session runs where a job's command would (see `job.Session`): the VM is booted
+on a throwaway overlay by JobRunner and torn down after; the snapshot is only read.
+`snapshot boot` also writes `booted.json` into the snapshot's directory so later
+`snapshot shell`/`exec` calls attach to the running VM through a free agent port.
+"""
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, List, Optional
+
+from .agentclient import AgentClient, ExecResult, PtySpec
+from .errors import AgentError, Interrupted, SnapshotError, UsageError
+from .forward import Forward, start_all
+from .orphans import pid_alive
+from .snapshots import Snapshot
+from .terminal import following_window_size, raw_mode, window_size
+
+SSH_KEYS = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
+
+
+def shell_session(stdin: Optional[BinaryIO]):
+    """The user's login shell in the guest on a pty sized like this terminal."""
+    fd = _fileno(stdin)
+
+    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+        rows, cols = window_size(fd if fd is not None else 1)
+        started: List[int] = []
+        with raw_mode(fd), following_window_size(
+                fd if fd is not None else 1,
+                lambda r, c: started and attached.client.resize(started[0], r, c)):
+            return attached.client.exec(None, env=attached.env, user=attached.user, cwd=attached.cwd,
+                                        stdin=stdin, stdout=out, stderr=err,
+                                        pty=PtySpec(rows, cols, os.environ.get("TERM") or "xterm"),
+                                        on_start=started.append)
+    return run
+
+
+def command_session(argv: list, stdin: Optional[BinaryIO], timeout: Optional[float]):
+    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+        return attached.client.exec(argv, env=attached.env, user=attached.user, cwd=attached.cwd,
+                                    stdin=stdin, stdout=out, stderr=err,
+                                    deadline=time.monotonic() + timeout if timeout else None)
+    return run
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    forwards: tuple = ()             # Forward
+    ssh_key: Optional[Path] = None   # a public key: start sshd in the guest and forward a port to it
+    ssh_port: int = 0
+    as_json: bool = False
+
+
+def default_ssh_key() -> Path:
+    home = Path.home() / ".ssh"
+    for name in SSH_KEYS:
+        if (home / name).is_file():
+            return home / name
+    raise UsageError(f"--ssh: no public key in {home} ({', '.join(SSH_KEYS)})",
+                     hint="create one with `ssh-keygen -t ed25519`, or name it with --ssh-key FILE.pub")
+
+
+def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
+    """Keep the VM running until Ctrl-C/SIGTERM, with forwarded ports; say how to reach it."""
+    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+        forwards = list(options.forwards)
+        ssh_user = None
+        if options.ssh_key is not None:
+            ssh_user = _start_sshd(attached, options.ssh_key)
+            forwards.append(Forward(options.ssh_port, 22))
+        forwarders = start_all(attached.client, forwards)
+        info = {"snapshot": snapshot.meta.id, "pid": os.getpid(), "job_id": attached.job_id,
+                "resumed_from_memory": snapshot.meta.memory, "sockets": list(attached.sockets),
+                "user": attached.user, "env": attached.env,
+                "console_log": str(Path(jobs_dir) / attached.job_id / "console.log"),
+                "forwards": [{"host": f.forward.bind, "host_port": f.forward.host_port,
+                              "guest_port": f.forward.guest_port} for f in forwarders]}
+        if ssh_user:
+            port = forwarders[-1].forward.host_port
+            info["ssh"] = (f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                           f"{ssh_user}@127.0.0.1")
+        _write_private_json(snapshot.booted_file, info)
+        try:
+            _announce(info, options.as_json)
+            while True:
+                attached.client.check_alive()
+                time.sleep(0.5)
+        except Interrupted:
+            return ExecResult(0, None, None)
+        finally:
+            snapshot.booted_file.unlink(missing_ok=True)
+            for forwarder in forwarders:
+                forwarder.close()
+    return run
+
+
+def _announce(info: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info), flush=True)
+        return
+    how = "resumed from its memory state" if info["resumed_from_memory"] else "booted from its disk state"
+    lines = [f"vmloader: snapshot {info['snapshot']} is running ({how}) on a throwaway overlay; "
+             "the snapshot itself stays unchanged.",
+             f"  shell:    vmloader snapshot shell {info['snapshot']} [--root]",
+             f"  command:  vmloader snapshot exec {info['snapshot']} -- CMD"]
+    lines += [f"  forward:  {f['host']}:{f['host_port']} -> guest port {f['guest_port']}" for f in info["forwards"]]
+    if info.get("ssh"):
+        lines.append(f"  ssh:      {info['ssh']}")
+    lines += [f"  console:  {info['console_log']}",
+              f"Stop it with Ctrl-C (or kill {info['pid']}); the overlay is thrown away."]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _start_sshd(attached, key: Path) -> str:
+    """Authorize `key` for the session's guest user and start the guest's sshd on loopback."""
+    if not key.is_file():
+        raise UsageError(f"--ssh-key {key}: no such file", hint="give a public key file (*.pub)")
+    user = attached.user
+    home = "/root" if user == "root" else f"/home/{user}"
+    attached.client.put_file(str(key), f"{home}/.ssh/authorized_keys", mode=0o600, user=user)
+    script = ("test -x /usr/sbin/sshd || { echo 'this image has no sshd (package openssh-server)'; exit 3; }; "
+              "mkdir -p /run/sshd && chmod 0755 /run/sshd; "
+              "ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || "
+              "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; "
+              f"chown {user} {home}/.ssh 2>/dev/null; chmod 0700 {home}/.ssh; "
+              "exec /usr/sbin/sshd -o ListenAddress=127.0.0.1 </dev/null >/dev/null 2>&1")
+    out = _Buffer()
+    result = attached.client.exec(["sh", "-c", script], env={}, user="root", cwd="/", stdin=None,
+                                  stdout=out, stderr=out, deadline=time.monotonic() + 60)
+    if result.exit_code != 0:
+        raise AgentError(f"--ssh: could not start sshd in the guest: {bytes(out.data).decode(errors='replace').strip()}"
+                         f" (exit {result.exit_code})",
+                         hint="use `vmloader snapshot shell ID` instead, or add openssh-server to the image")
+    return user
+
+
+class _Buffer:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _write_private_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(tmp, path)
+
+
+# -- attaching to a booted snapshot -------------------------------------------
+def booted(snapshot: Snapshot) -> Optional[dict]:
+    """What `snapshot boot` wrote, if that boot is still running."""
+    try:
+        info = json.loads(snapshot.booted_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if pid_alive(int(info.get("pid") or 0)) else None
+
+
+@contextmanager
+def attach(snapshot: Snapshot, info: dict, root: bool):
+    """A connected agent client on a free attach port of a booted snapshot's VM."""
+    from .job import Attached, GUEST_USER, GUEST_WORKDIR
+    for path in info.get("sockets") or ():
+        lock = open(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            lock.close()
+            raise SnapshotError(f"snapshot {snapshot.meta.id} is booted (pid {info['pid']}) but its agent "
+                                f"socket {path} does not answer: {exc.strerror}",
+                                hint="stop that boot and try again") from None
+        client = AgentClient(sock)
+        try:
+            client.handshake(timeout=15)
+            env = dict(info.get("env") or {})
+            yield Attached(client, env, "root" if root else GUEST_USER, GUEST_WORKDIR, info.get("job_id", ""))
+            return
+        finally:
+            client.close()
+            lock.close()
+    raise SnapshotError(f"snapshot {snapshot.meta.id} is booted (pid {info['pid']}) and all its "
+                        f"{len(info.get('sockets') or ())} attach ports are in use",
+                        hint="close one of the other shells, or stop the boot and try again")
+
+
+def _fileno(stream: Optional[BinaryIO]) -> Optional[int]:
+    try:
+        return stream.fileno() if stream is not None else None
+    except (OSError, ValueError, AttributeError):
+        return None
