@@ -25,4 +25,5 @@ bench: image
 	$(VENV)/bin/python bench/run_overhead.py
 	$(VENV)/bin/python bench/pull_throughput.py
 	$(VENV)/bin/python bench/snapshot_times.py
+	$(VENV)/bin/python bench/shell_prompt.py
 	$(VENV)/bin/python bench/condor_throughput.py
