@@ -65,3 +65,35 @@ def test_snapshot_export_refuses_to_overwrite_and_names_unknown_ids(vmloader, fa
     assert run.returncode == 125 and "exists" in run.err and target.read_text() == "mine"
     unknown = vmloader("snapshot", "exec", "no-such-id", "--", "true")
     assert unknown.returncode == 125 and "no snapshot with id 'no-such-id'" in unknown.err
+
+
+def test_a_corrupted_snapshot_is_reported_and_nothing_is_deleted(vmloader, state_dir, failed_job):
+    folder = state_dir / "snapshots" / failed_job
+    with open(folder / "disk.qcow2", "r+b") as disk:
+        disk.write(b"\0" * 512)                   # the qcow2 header is gone
+    run = vmloader("snapshot", "exec", failed_job, "--", "true")
+    assert run.returncode == 125, run.err
+    assert failed_job in run.err and "qcow2" in run.err and "hint:" in run.err, run.err
+    export = vmloader("snapshot", "export", failed_job, "-o", str(folder.parent / "out.qcow2"))
+    assert export.returncode == 125 and "hint:" in export.err, export.err
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "console.log", "disk.qcow2", "metadata.json", "stderr.tail", "stdout.tail"]
+    (folder / "metadata.json").write_text("{not json")
+    shown = vmloader("snapshot", "show", failed_job)
+    assert shown.returncode == 125 and "unreadable metadata" in shown.err
+    assert (folder / "disk.qcow2").exists()
+
+
+def test_export_without_room_leaves_no_partial_file_and_says_so(vmloader, state_dir, failed_job, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        before = sha256(state_dir / "snapshots" / failed_job / "disk.qcow2")
+        run = vmloader("snapshot", "export", failed_job, "-o", str(small / "full.qcow2"))
+        assert run.returncode == 125, run.err
+        assert "is there room" in run.err and str(small) in run.err, run.err
+        assert list(small.iterdir()) == []
+        assert sha256(state_dir / "snapshots" / failed_job / "disk.qcow2") == before
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -32,7 +32,7 @@ from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEO
                      VMLoaderError)
 from .hypervisors import Hypervisor
 from .repository import is_url, url_image
-from .snapshots import Retention, SnapshotMeta, SnapshotStore, should_keep
+from .snapshots import Retention, SnapshotMeta, SnapshotStore, check_chain, should_keep
 from .timings import PhaseTimer
 
 GUEST_WORKDIR = "/work"
@@ -307,7 +307,7 @@ class JobRunner:
             top = job.image.disk
             if job.kept is not None:
                 top = job.kept.disk
-                _check_snapshot_chain(job.kept, job.image.disk)
+                check_chain(job.kept, job.image.disk, phase="overlay")
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                       "-b", str(top), str(job.overlay)], phase="overlay")
         with job.timer.phase("define"):
@@ -628,24 +628,6 @@ def _domain_alive(job: Job, settle: float = 3.0) -> bool:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)
-
-
-def _check_snapshot_chain(kept, base: Path) -> None:
-    """A snapshot is a qcow2 layer over its image's base: both must still be there, unchanged."""
-    if not kept.disk.is_file():
-        raise SnapshotError(f"snapshot {kept.meta.id} has no disk ({kept.disk} is missing)",
-                            hint=f"the snapshot is incomplete; remove it with `vmloader snapshot rm {kept.meta.id}`",
-                            phase="overlay")
-    if Path(kept.meta.base_path) != base:
-        raise SnapshotError(
-            f"snapshot {kept.meta.id} was taken over {kept.meta.base_path}, but its image {kept.meta.image} "
-            f"is now at {base}", hint="the image cache moved (cache_dir changed): point cache_dir back at the "
-                                      "cache the job used", phase="overlay")
-    info = json.loads(proc.run(["qemu-img", "info", "--output=json", str(kept.disk)], phase="overlay",
-                               hint=f"the snapshot disk {kept.disk} may be corrupt").stdout)
-    if info.get("format") != "qcow2" or info.get("backing-filename") != kept.meta.base_path:
-        raise SnapshotError(f"snapshot {kept.meta.id}'s disk is not a qcow2 layer over {kept.meta.base_path}",
-                            hint=f"it is damaged; inspect {kept.disk} with qemu-img info", phase="overlay")
 
 
 def _write_owner(job: Job) -> None:

@@ -245,6 +245,24 @@ class Retention:
 
 
 
+def check_chain(kept: Snapshot, base: Path, phase: str) -> None:
+    """A snapshot is a qcow2 layer over its image's base: both must still be there, unchanged."""
+    if not kept.disk.is_file():
+        raise SnapshotError(f"snapshot {kept.meta.id} has no disk ({kept.disk} is missing)",
+                            hint=f"the snapshot is incomplete; remove it with `vmloader snapshot rm {kept.meta.id}`",
+                            phase=phase)
+    if Path(kept.meta.base_path) != base:
+        raise SnapshotError(
+            f"snapshot {kept.meta.id} was taken over {kept.meta.base_path}, but its image {kept.meta.image} "
+            f"is now at {base}", hint="the image cache moved (cache_dir changed): point cache_dir back at the "
+                                      "cache the job used", phase=phase)
+    info = json.loads(proc.run(["qemu-img", "info", "--output=json", str(kept.disk)], phase=phase,
+                               hint=f"the snapshot disk {kept.disk} may be corrupt").stdout)
+    if info.get("format") != "qcow2" or info.get("backing-filename") != kept.meta.base_path:
+        raise SnapshotError(f"snapshot {kept.meta.id}'s disk is not a qcow2 layer over {kept.meta.base_path}",
+                            hint=f"it is damaged; inspect {kept.disk} with qemu-img info", phase=phase)
+
+
 def export(snapshot: Snapshot, base_present: bool, dest: Path) -> Path:
     """Flatten the snapshot and its base into one standalone qcow2 (no backing file).
 
@@ -259,9 +277,10 @@ def export(snapshot: Snapshot, base_present: bool, dest: Path) -> Path:
     dest = Path(dest)
     if dest.exists():
         raise SnapshotError(f"{dest} exists", hint="choose a new file name or remove it first")
+    check_chain(snapshot, Path(snapshot.meta.base_path), phase="export")
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
-        proc.run(["qemu-img", "convert", "-O", "qcow2", str(snapshot.disk), str(tmp)], phase="export",
+        proc.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(snapshot.disk), str(tmp)], phase="export",
                  hint=f"is there room for the whole disk in {dest.parent}? (df -h {dest.parent})")
         os.replace(tmp, dest)
     finally:
