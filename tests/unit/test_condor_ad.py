@@ -83,3 +83,11 @@ def test_an_executable_from_the_sandbox_runs_from_the_guest_work_dir(tmp_path: P
     (tmp_path / "condor_exec.exe").write_text("#!/bin/sh\n")
     assert guest_command([str(tmp_path / "condor_exec.exe"), "a"], tmp_path) == ["./condor_exec.exe", "a"]
     assert guest_command(["/bin/echo", "hi"], tmp_path) == ["/bin/echo", "hi"]
+
+
+def test_the_walltime_limit_times_the_vm_out_just_before_htcondor_does():
+    assert vm_request(classad.parse_ad('VMImage = "debian-12"\nAllowedJobDuration = 3600')).timeout == 3540
+    assert vm_request(classad.parse_ad('VMImage = "debian-12"\nAllowedJobDuration = 100')).timeout == 95
+    explicit = 'VMImage = "debian-12"\nAllowedJobDuration = 3600\nVMLoaderTimeout = 10'
+    assert vm_request(classad.parse_ad(explicit)).timeout == 10
+    assert vm_request(classad.parse_ad('VMImage = "debian-12"')).timeout is None

@@ -86,11 +86,21 @@ def vm_request(ad: Mapping[str, Any]) -> Optional[VMRequest]:
                          hint="write e.g. +VMLoaderTimeout = 3600")
     outputs = ad.get("transferoutput")
     return VMRequest(
-        image=image.strip(), root=root, snapshot=policy, timeout=float(timeout) if timeout else None,
+        image=image.strip(), root=root, snapshot=policy,
+        timeout=float(timeout) if timeout else _within_walltime(ad.get("allowedjobduration")),
         cpus=_positive(ad.get("requestcpus")), memory_mib=_vm_memory(ad.get("requestmemory")),
         outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
         env_names=_env_names(ad.get("environment")),
         label=f"{ad.get('clusterid', 0)}.{ad.get('procid', 0)}")
+
+
+def _within_walltime(allowed: Any) -> Optional[float]:
+    """HTCondor's `allowed_job_duration` (walltime): time the job out a little earlier
+    ourselves, so its VM is frozen with its memory for `snapshot boot` before HTCondor
+    holds the job and kills everything."""
+    if isinstance(allowed, bool) or not isinstance(allowed, (int, float)) or allowed <= 0:
+        return None
+    return max(1.0, float(allowed) - min(60.0, 0.05 * float(allowed)))
 
 
 def _positive(value: Any) -> Optional[int]:
