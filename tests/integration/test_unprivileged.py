@@ -27,10 +27,30 @@ def test_an_unprivileged_user_runs_a_job_through_the_session_daemon(readable_che
     other = ensure_user("vmloader-test-other")
     theirs = dict(env, VMLOADER_STATE_DIR=str(Path(user.pw_dir) / ".local/share/vmloader"))
     for args in (["snapshot", "list"], ["snapshot", "show", result["snapshot"]],
-                 ["snapshot", "exec", result["snapshot"], "--", "true"]):
+                 ["snapshot", "exec", result["snapshot"], "--", "true"], ["snapshot", "shell", result["snapshot"]],
+                 ["snapshot", "boot", result["snapshot"]], ["snapshot", "logs", result["snapshot"]],
+                 ["snapshot", "export", result["snapshot"], "-o", "/tmp/theirs.qcow2"]):
         peek = as_user(other, readable_checkout, args, theirs)
         _, err = peek.communicate(timeout=120)
         assert peek.returncode == 125 and "belongs to another user" in err, (args, err)
     rm = as_user(user, readable_checkout, ["snapshot", "rm", result["snapshot"]], env)
     _, err = rm.communicate(timeout=60)
     assert rm.returncode == 0, err
+
+
+def test_an_unprivileged_users_timed_out_job_is_frozen_and_resumed(readable_checkout, built_image):
+    user = ensure_user("vmloader-test")
+    env = {"VMLOADER_CACHE_DIR": str(config.load().cache_dir)}
+    proc = as_user(user, readable_checkout, ["run", "--image", "debian-12", "--json", "--timeout", "15",
+                                             "--", "sleep", "1000"], env)
+    out, err = proc.communicate(timeout=600)
+    result = json.loads(out)
+    assert proc.returncode == 124 and result["outcome"] == "timeout", err
+    snapshot = Path(user.pw_dir) / ".local/share/vmloader/snapshots" / result["snapshot"]
+    assert (snapshot / "memory.save").stat().st_uid == user.pw_uid
+    found = as_user(user, readable_checkout, ["snapshot", "exec", result["snapshot"], "--", "pgrep", "-ax", "sleep"],
+                    env)
+    out, err = found.communicate(timeout=600)
+    assert found.returncode == 0 and "sleep 1000" in out, err
+    rm = as_user(user, readable_checkout, ["snapshot", "rm", result["snapshot"]], env)
+    assert rm.communicate(timeout=60) and rm.returncode == 0

@@ -94,3 +94,29 @@ def test_lifecycle_on_libvirts_test_driver(tmp_path):
     domain.undefine()
     assert conn.listAllDomains() == []
     conn.close()
+
+
+def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
+    from dataclasses import replace
+    from vmloader.bootstrapper.domain import retarget_saved_xml
+    attach = (ChannelSpec("/jobs/j/attach-1.sock", name="org.vmloader.agent.1"),)
+    saved = ET.fromstring(domain_xml(replace(spec(), attach_channels=attach)))
+    address = ET.SubElement(saved.find("devices/disk"), "address", type="pci", bus="0x00", slot="0x04")
+    new = replace(spec(), name="vmloader-20261122-120000-abc123", uuid=None,
+                  disks=(DiskSpec("/jobs/k/overlay.qcow2", backing="/cache/artifacts/base",
+                                  middle=("/snapshots/j/disk.qcow2",)),),
+                  channel=ChannelSpec("/jobs/k/agent.sock"), console=ConsoleSpec("/jobs/k/console.log"),
+                  attach_channels=(ChannelSpec("/jobs/k/attach-1.sock", name="org.vmloader.agent.1"),),
+                  metadata=JobMetadata("k", "alice", "debian-12@12.1", "a" * 64, 99))
+    out = ET.fromstring(retarget_saved_xml(ET.tostring(saved, encoding="unicode"), new))
+    assert out.findtext("uuid") == "6d4fe2c6-3a9c-4d3b-9a55-0c7a8f0f0001"      # libvirt insists
+    disk = out.find("devices/disk")
+    assert disk.find("source").get("file") == "/jobs/k/overlay.qcow2"
+    chain = [e.get("file") for e in disk.iter("source")]
+    assert chain == ["/jobs/k/overlay.qcow2", "/snapshots/j/disk.qcow2", "/cache/artifacts/base"]
+    assert disk.find("address").attrib == address.attrib
+    assert {c.find("target").get("name"): c.find("source").get("path") for c in out.iter("channel")} == {
+        "org.vmloader.agent.0": "/jobs/k/agent.sock", "org.vmloader.agent.1": "/jobs/k/attach-1.sock"}
+    assert out.find("devices/serial/log").get("file") == "/jobs/k/console.log"
+    assert read_job_metadata(ET.tostring(out, encoding="unicode")).owner_pid == 99
+    assert out.findtext("memory") == saved.findtext("memory") and out.findtext("vcpu") == saved.findtext("vcpu")
