@@ -433,6 +433,9 @@ def _snapshot_boot(args, cfg, store) -> int:
                        session=sessions.hold_session(snap, options, cfg.jobs_dir))
     result = runner.run(spec)
     _report(result)
+    if result.exit_status == 0:
+        print(f"vmloader: snapshot {snap.meta.id} stopped; its throwaway overlay is gone, the snapshot is unchanged",
+              file=sys.stderr)
     return result.exit_status
 
 
