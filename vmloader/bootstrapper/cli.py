@@ -443,7 +443,8 @@ def cmd_snapshot(args, cfg) -> int:
     store = SnapshotStore(cfg.snapshots_dir)
     if args.snap_cmd == "list":
         snaps = store.list()
-        text = "\n".join(f"{s.meta.id}  {s.meta.image:28} exit {s.meta.exit_status:<4} {' '.join(s.meta.command)}"
+        text = "\n".join(f"{s.meta.id}  {s.meta.image:28} exit {s.meta.exit_status:<4} "
+                         f"{'disk+memory' if s.meta.memory else 'disk':11} {' '.join(s.meta.command)}"
                          for s in snaps) or "no snapshots"
         _emit([s.to_dict() for s in snaps], args.json, text)
     elif args.snap_cmd == "show":
