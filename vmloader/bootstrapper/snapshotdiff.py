@@ -185,17 +185,21 @@ def _inspect(path: Path, what: str) -> dict:
     if not path.is_file():
         raise SnapshotError(f"the disk of {what} is missing: {path}",
                             hint="the directory is incomplete; inspect it by hand", phase=PHASE)
-    damaged = SnapshotError(f"the disk of {what} is damaged: {path}",
-                            hint=f"`qemu-img check {path}` says more; nothing was changed or removed",
-                            phase=PHASE)
+    def damaged(output: bytes) -> SnapshotError:
+        first = next(iter(output.decode("utf-8", "replace").strip().splitlines()), "not a disk image")
+        return SnapshotError(f"the disk of {what} is damaged ({first}): {path}",
+                             hint=f"`qemu-img check {path}` says more; nothing was changed or removed",
+                             phase=PHASE)
     try:
         info = json.loads(proc.run(["qemu-img", "info", "--output=json", "-U", str(path)], phase=PHASE).stdout)
         if info["format"] == "qcow2":
             check = proc.run(["qemu-img", "check", "-U", "-f", "qcow2", str(path)], check=False, phase=PHASE)
             if check.returncode not in (0, 3):          # 3: leaked clusters only, harmless for reading
-                raise damaged
-    except (CommandError, ValueError, KeyError):
-        raise damaged from None
+                raise damaged(check.stderr + check.stdout)
+    except CommandError as exc:
+        raise damaged(exc.stderr.encode()) from None
+    except (ValueError, KeyError):
+        raise damaged(b"") from None
     return info
 
 
