@@ -29,6 +29,7 @@ def test_an_unprivileged_user_runs_a_job_through_the_session_daemon(readable_che
     for args in (["snapshot", "list"], ["snapshot", "show", result["snapshot"]],
                  ["snapshot", "exec", result["snapshot"], "--", "true"], ["snapshot", "shell", result["snapshot"]],
                  ["snapshot", "boot", result["snapshot"]], ["snapshot", "logs", result["snapshot"]],
+                 ["snapshot", "diff", result["snapshot"]],
                  ["snapshot", "export", result["snapshot"], "-o", "/tmp/theirs.qcow2"]):
         peek = as_user(other, readable_checkout, args, theirs)
         _, err = peek.communicate(timeout=120)

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("id")
     se.add_argument("-o", "--output", required=True, metavar="FILE.qcow2")
     se.add_argument("--json", action="store_true")
+    sd = snap.add_parser("diff", help="files the job added, changed or removed against its base (no boot)")
+    sd.add_argument("id")
+    sd.add_argument("--all", action="store_true", help="also what vmloader's boot writes (/etc/hostname, ...)")
+    sd.add_argument("--json", action="store_true")
     return parser
 
 
@@ -439,6 +443,17 @@ def _snapshot_boot(args, cfg, store) -> int:
     return result.exit_status
 
 
+def _snapshot_diff(args, cfg, store) -> int:
+    from . import snapshotdiff
+    snap = store.get(args.id)
+    with store.hold(snap.meta.id):          # prune and rm leave it alone meanwhile
+        diff = snapshotdiff.diff(snap, _base_present(cfg, snap), everything=args.all,
+                                 progress=lambda message: print(f"vmloader: {message}", file=sys.stderr))
+    _emit({"snapshot": snap.meta.id, **diff.to_dict()}, args.json,
+          "\n".join(diff.lines()) or f"snapshot {snap.meta.id}: no changes against its base")
+    return 0
+
+
 def cmd_snapshot(args, cfg) -> int:
     store = SnapshotStore(cfg.snapshots_dir)
     if args.snap_cmd == "list":
@@ -464,6 +479,8 @@ def cmd_snapshot(args, cfg) -> int:
         return _snapshot_shell(args, cfg, store)
     elif args.snap_cmd == "boot":
         return _snapshot_boot(args, cfg, store)
+    elif args.snap_cmd == "diff":
+        return _snapshot_diff(args, cfg, store)
     elif args.snap_cmd == "export":
         snap = store.get(args.id)
         dest = snapshots_mod.export(snap, _base_present(cfg, snap), Path(args.output))

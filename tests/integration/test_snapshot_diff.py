@@ -1,0 +1,86 @@
+"""`vmloader snapshot diff`: a real job's changes, read from its kept disk without booting it."""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def our_mounts() -> list:
+    return [line for line in Path("/proc/mounts").read_text().splitlines() if "vmloader-diff-" in line]
+
+
+@pytest.fixture
+def kept_job(vmloader, state_dir):
+    """A job that creates a file, deletes one and appends to one; its state is kept."""
+    run = vmloader("run", "--image", "debian-12", "--snapshot", "always", "--root", "--json", "--", "sh", "-c",
+                   "echo hi > /work/created; rm /etc/issue.net; echo x >> /etc/motd")
+    result = run.json()
+    assert result["exit_status"] == 0 and result["snapshot"], run.err
+    return state_dir / "snapshots" / result["snapshot"]
+
+
+def test_diff_lists_what_the_job_created_deleted_and_changed_and_writes_nothing(vmloader, kept_job):
+    base = Path(json.loads((kept_job / "metadata.json").read_text())["base_path"])
+    before = sha256(kept_job / "disk.qcow2"), sha256(base)
+    run = vmloader("snapshot", "diff", kept_job.name, "--json")
+    assert run.returncode == 0, run.err
+    diff = run.json()
+    assert diff["added"] == [{"path": "/work/created", "type": "file", "size": 3}]
+    assert [(c["path"], c["type"]) for c in diff["removed"]] == [("/etc/issue.net", "file")]
+    assert diff["removed"][0]["size"] > 0                  # the base's size: "Debian GNU/Linux 12\n"
+    changed = {c["path"]: c for c in diff["changed"]}
+    assert set(changed) == {"/etc/motd"}                   # /etc/hostname & agent bytecode: boot noise
+    assert changed["/etc/motd"]["size"] == changed["/etc/motd"]["old_size"] + 2
+    text = vmloader("snapshot", "diff", kept_job.name)
+    assert text.out.splitlines() == ["D /etc/issue.net", "C /etc/motd", "A /work/created"]
+    everything = vmloader("snapshot", "diff", kept_job.name, "--all", "--json").json()
+    assert "/etc/hostname" in {c["path"] for c in everything["changed"]}
+    assert (sha256(kept_job / "disk.qcow2"), sha256(base)) == before
+    assert our_mounts() == []
+
+
+def copy_of(snapshot: Path, new_id: str) -> Path:
+    copy = snapshot.with_name(new_id)
+    shutil.copytree(snapshot, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps(dict(meta, id=new_id)))
+    return copy
+
+
+def test_bad_input_gets_a_clear_message_and_nothing_is_deleted(vmloader, kept_job):
+    unknown = vmloader("snapshot", "diff", "no-such-id")
+    assert unknown.returncode == 125 and "no snapshot with id 'no-such-id'" in unknown.err
+
+    damaged = copy_of(kept_job, "damaged")
+    with open(damaged / "disk.qcow2", "r+b") as disk:
+        disk.truncate(300_000)                             # header intact, clusters gone
+    digest = sha256(damaged / "disk.qcow2")
+    run = vmloader("snapshot", "diff", "damaged", "--json")
+    assert run.returncode == 125 and "the disk of snapshot damaged is damaged" in run.err, run.err
+    assert json.loads(run.stdout)["error"] == "SnapshotError"
+    assert sha256(damaged / "disk.qcow2") == digest
+
+    evicted = copy_of(kept_job, "evicted")
+    meta = json.loads((evicted / "metadata.json").read_text())
+    (evicted / "metadata.json").write_text(json.dumps(dict(meta, base_path=str(evicted / "no-base.qcow2"))))
+    run = vmloader("snapshot", "diff", "evicted")
+    assert run.returncode == 125 and "base image of snapshot evicted" in run.err, run.err
+    assert "hint: pull debian-12" in run.err
+
+    listed = {s["id"] for s in vmloader("snapshot", "list", "--json").json()}
+    assert listed == {kept_job.name, "damaged", "evicted"}
+    for snap in (kept_job, damaged, evicted):
+        assert {"disk.qcow2", "metadata.json"} <= {p.name for p in snap.iterdir()}
+    assert our_mounts() == []
