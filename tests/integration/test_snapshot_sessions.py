@@ -133,10 +133,11 @@ def test_a_timed_out_job_is_frozen_with_its_memory_and_boot_resumes_the_hung_pro
 
     # A port of the booted guest, forwarded over the agent channel (no guest network needed).
     serve = vmloader("snapshot", "exec", snap, "--", "sh", "-c",
-                     "cd /etc && (python3 -m http.server 8000 >/dev/null 2>&1 &); sleep 2")
+                     "cd /etc && (python3 -m http.server --bind 127.0.0.1 8000 >/dev/null 2>&1 &); "
+                     "for i in $(seq 120); do ss -ltn | grep -q 127.0.0.1:8000 && exit 0; sleep 0.5; done; exit 1")
     assert serve.returncode == 0, serve.err
     port = up["forwards"][0]["host_port"]
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=30).read().decode()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=120).read().decode()
     assert body.startswith("vm-")
     assert snapshot_files(state_dir, snap) == before
 
