@@ -138,6 +138,56 @@ def test_a_daemon_outliving_the_command_does_not_block_teardown(vm_env, state_di
                    "phase": None, "message": "", "kept": "nothing to keep (success, policy on-failure)"})
 
 
+# -- 15. malformed job ad attributes, through the real `vmloader condor wrapper` --------------------
+
+FAKE_CHIRP = """#!/bin/sh
+# Records what the wrapper sets in the job ad (the real condor_chirp talks to the shadow).
+printf '%s=%s\\n' "$2" "$3" >> "$(dirname "$0")/chirp.log"
+"""
+
+# (ad lines, the attribute named in the hold reason, table row)
+MALFORMED_ADS = [
+    ("VMImage = 42", "+VMImage must be a string", "job ad `+VMImage = 42`"),
+    ('VMImage = "debian-12"\nVMLoaderRoot = "yes"', "+VMLoaderRoot must be True or False",
+     'job ad `+VMLoaderRoot = "yes"`'),
+    ('VMImage = "debian-12"\nVMLoaderSnapshot = "sometimes"', "+VMLoaderSnapshot must be",
+     'job ad with an unknown snapshot policy (`+VMLoaderSnapshot = "sometimes"`)'),
+]
+
+
+def wrapper_env(vm_env: dict, tmp_path: Path, ad: str) -> tuple:
+    """A starter's view of one job: its sandbox (with .chirp.config), its ad file, condor_chirp on PATH."""
+    sandbox, bin_dir = tmp_path / "sandbox", tmp_path / "bin"
+    sandbox.mkdir()
+    bin_dir.mkdir()
+    (sandbox / ".chirp.config").write_text("127.0.0.1 9 secret\n")
+    (sandbox / ".job.ad").write_text(f"ClusterId = 7\nProcId = 0\n{ad}\n")
+    chirp = bin_dir / "condor_chirp"
+    chirp.write_text(FAKE_CHIRP)
+    chirp.chmod(0o755)
+    env = dict(vm_env, _CONDOR_JOB_AD=str(sandbox / ".job.ad"), _CONDOR_SCRATCH_DIR=str(sandbox),
+               PATH=f"{bin_dir}:{vm_env['PATH']}")
+    return sandbox, bin_dir / "chirp.log", env
+
+
+@pytest.mark.parametrize("ad, words, fault", MALFORMED_ADS, ids=["image-number", "root-string", "policy"])
+def test_a_malformed_job_ad_puts_the_job_on_hold_without_running_it(vm_env, state_dir, tmp_path, ad, words, fault):
+    sandbox, chirp_log, env = wrapper_env(vm_env, tmp_path, ad)
+    marker = tmp_path / "the-job-ran"
+    run = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "condor", "wrapper", "--",
+                          "touch", str(marker)], capture_output=True, text=True, env=env, cwd=sandbox, timeout=120)
+    assert run.returncode == 125, run.stderr
+    held = dict(line.split("=", 1) for line in chirp_log.read_text().splitlines())
+    reason = json.loads(held["VMLoaderHoldReason"])        # a ClassAd string literal is a JSON string here
+    assert "[job ad]" in reason and words in reason and "hint:" in reason, reason
+    assert "[job ad]" in run.stderr and words in run.stderr
+    assert not marker.exists()                              # never run on the host instead
+    assert not (state_dir / "jobs").exists()                # no job dir, so no VM, overlay or snapshot
+    assert sorted(p.name for p in sandbox.iterdir()) == [".chirp.config", ".job.ad"]
+    FAULTS.append({"fault": fault, "exit": 125, "outcome": "held (VMLoaderHoldReason)", "phase": "job ad",
+                   "message": reason, "kept": "the job (on hold, not run); nothing booted"})
+
+
 def test_zz_write_the_reliability_table():
     """Runs last in this module: the table in docs/reliability.md comes from the results above."""
     if not FAULTS:
