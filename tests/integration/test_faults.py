@@ -7,15 +7,21 @@ them into the table in `docs/reliability.md`.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from vmloader.bootstrapper import config, publish
+from vmloader.bootstrapper.cache import ImageCache
+
+from .conftest import REPO, libvirt_domains
+from .nginx import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -186,6 +192,211 @@ def test_a_malformed_job_ad_puts_the_job_on_hold_without_running_it(vm_env, stat
     assert sorted(p.name for p in sandbox.iterdir()) == [".chirp.config", ".job.ad"]
     FAULTS.append({"fault": fault, "exit": 125, "outcome": "held (VMLoaderHoldReason)", "phase": "job ad",
                    "message": reason, "kept": "the job (on hold, not run); nothing booted"})
+
+
+# -- what a fault must not leave behind, beyond `no_leftovers` ------------------------------------
+
+def qemu_processes(job_id: str) -> list:
+    """Pids of any process whose command line names this job's domain (QEMU's -name guest=...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"vmloader-{job_id}".encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_nothing_left(job_id: str, *caches: Path) -> None:
+    assert f"vmloader-{job_id}" not in libvirt_domains()
+    assert qemu_processes(job_id) == []
+    for cache in caches:                                 # no partial download, no stray disk layer
+        assert list(cache.rglob("*.part")) == [] and list(cache.rglob("*.qcow2")) == []
+
+
+def run_json(env: dict, cwd: Path, job_id: str, *args: str, timeout: float = 900) -> tuple:
+    """`vmloader run --json` to the end: (exit code, result, stderr)."""
+    argv = [sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--json", "--job-id", job_id, *args]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+def assert_infra_before_boot(result: dict, phase: str, *words: str) -> None:
+    """A failure before any VM existed: 125 naming the phase, no snapshot, no command status."""
+    assert result["exit_status"] == 125 and result["outcome"] == "infrastructure-error", result
+    assert result["error"]["phase"] == phase, result["error"]
+    for word in words:
+        assert word in result["error"]["message"], result["error"]
+    assert result["snapshot"] is None and result["timings"].get("exec") is None
+
+
+# -- 8 and 9. repository unreachable; truncated and bit-flipped images, in the repository and cached --
+
+def world_readable_tmpdir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))     # QEMU (libvirt-qemu) reads bases in here
+    os.chmod(path, 0o755)
+    return path
+
+
+class RepoServer:
+    """`vmloader repo serve DIR` on a loopback port; stop() and start() again on the same port."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> "RepoServer":
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve",
+                                      str(self.root), "--bind", f"127.0.0.1:{self.port}"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "serving" in self.proc.stdout.readline()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def published_repo(built_image):
+    repo = world_readable_tmpdir("vmloader-faultrepo-")
+    publish.publish(ImageCache(config.load().cache_dir), repo, ["debian-12"])
+    yield repo
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+@pytest.fixture
+def repo_server(published_repo):
+    server = RepoServer(published_repo).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_cache():
+    cache = world_readable_tmpdir("vmloader-faultcache-")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def worker_env(vm_env: dict, cache: Path, repository: str) -> dict:
+    return dict(vm_env, VMLOADER_CACHE_DIR=str(cache), VMLOADER_REPOSITORY=repository)
+
+
+def pull_into(env: dict) -> None:
+    done = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "images", "pull", "debian-12"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def published_disk(published_repo: Path) -> dict:
+    """The disk artifact's manifest record: url, sha256, size."""
+    [entry] = json.loads((published_repo / "manifest.json").read_text())["images"]
+    return entry["artifacts"]["disk"]
+
+
+def cached_disk(cache: Path, published_repo: Path) -> Path:
+    return cache / "artifacts" / published_disk(published_repo)["sha256"]
+
+
+def damage(path: Path, how: str) -> None:
+    path.chmod(0o644)
+    if how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        with open(path, "r+b") as handle:
+            handle.seek(path.stat().st_size // 2)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_repository_unreachable_and_the_image_not_cached(vm_env, state_dir, tmp_path, fresh_cache):
+    down = f"http://127.0.0.1:{free_port()}/"                   # nothing listens there
+    code, result, err = run_json(worker_env(vm_env, fresh_cache, down), tmp_path, "fault-repo-down",
+                                 "--image", "debian-12", "--", "true")
+    assert code == 125
+    assert_infra_before_boot(result, "cache lookup", "is unreachable", down)
+    assert_nothing_left("fault-repo-down", fresh_cache, state_dir)
+    assert not (fresh_cache / "artifacts").exists() or list((fresh_cache / "artifacts").iterdir()) == []
+    record("repository unreachable, image not cached", result, "the job record (nothing booted)")
+
+
+def test_repository_unreachable_with_the_image_cached(vm_env, state_dir, tmp_path, fresh_cache, repo_server):
+    env = worker_env(vm_env, fresh_cache, repo_server.url)
+    pull_into(env)
+    repo_server.stop()
+    code, result, err = run_json(env, tmp_path, "fault-repo-down-cached", "--image", "debian-12", "--",
+                                 "cat", "/etc/debian_version")
+    assert code == 0 and result["outcome"] == "succeeded", err
+    assert Path(result["stdout_path"]).read_text().startswith("12.")
+    assert_nothing_left("fault-repo-down-cached", fresh_cache)
+    FAULTS.append({"fault": "repository unreachable, image cached", "exit": 0, "outcome": "succeeded",
+                   "phase": None, "message": "(the job ran from the cache and the saved manifest)",
+                   "kept": "the job's output"})
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_disk_in_the_repository_is_refused_before_boot(vm_env, state_dir, tmp_path, fresh_cache,
+                                                                  published_repo, how):
+    bad = world_readable_tmpdir("vmloader-badrepo-")
+    try:
+        shutil.copytree(published_repo, bad, dirs_exist_ok=True, copy_function=os.link)
+        disk = published_disk(published_repo)
+        path = bad / disk["url"]
+        path.unlink()
+        shutil.copyfile(published_repo / disk["url"], path)        # its own inode: the original stays intact
+        damage(path, how)
+        server = RepoServer(bad).start()
+        try:
+            code, result, err = run_json(worker_env(vm_env, fresh_cache, server.url), tmp_path,
+                                         f"fault-repo-{how}", "--image", "debian-12", "--", "true")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(bad, ignore_errors=True)
+    assert code == 125
+    assert_infra_before_boot(result, "cache lookup", "sha256 mismatch", f"expected {disk['sha256']}")
+    assert not (fresh_cache / "artifacts" / disk["sha256"]).exists()     # never cached, never booted
+    assert_nothing_left(f"fault-repo-{how}", fresh_cache, state_dir)
+    record(f"{how} disk image in the repository", result, "the job record; the bad download is deleted")
+
+
+def test_a_bit_flipped_cached_disk_is_dropped_not_booted(vm_env, state_dir, tmp_path, fresh_cache,
+                                                         repo_server, published_repo):
+    env = worker_env(vm_env, fresh_cache, repo_server.url)
+    pull_into(env)
+    repo_server.stop()                                       # nowhere to fetch a good copy from
+    disk = cached_disk(fresh_cache, published_repo)
+    damage(disk, "bit-flipped")
+    code, result, err = run_json(env, tmp_path, "fault-cache-flip", "--image", "debian-12", "--", "true")
+    assert code == 125
+    assert_infra_before_boot(result, "cache lookup", "was damaged", "has been removed", "fetching it again failed")
+    assert not disk.exists()
+    assert_nothing_left("fault-cache-flip", fresh_cache, state_dir)
+    record("bit-flipped disk image already in the cache (repository down)", result,
+           "the job record; the damaged file is removed")
+
+
+def test_a_truncated_cached_disk_is_fetched_again(vm_env, state_dir, tmp_path, fresh_cache, repo_server,
+                                                  published_repo):
+    env = worker_env(vm_env, fresh_cache, repo_server.url)
+    pull_into(env)
+    disk = cached_disk(fresh_cache, published_repo)
+    damage(disk, "truncated")
+    code, result, err = run_json(env, tmp_path, "fault-cache-trunc", "--image", "debian-12", "--", "true")
+    assert code == 0 and result["outcome"] == "succeeded", err
+    assert disk.stat().st_size == published_disk(published_repo)["size"]      # a whole, verified copy again
+    assert_nothing_left("fault-cache-trunc", fresh_cache)
+    FAULTS.append({"fault": "truncated disk image already in the cache (repository up)", "exit": 0,
+                   "outcome": "succeeded", "phase": None,
+                   "message": "(the damaged file was dropped, fetched again and verified)", "kept": "the job's output"})
 
 
 def test_zz_write_the_reliability_table():

@@ -218,10 +218,11 @@ class ImageCache:
                          phase="cache lookup")
 
     def drop_damaged(self, entry: ImageEntry) -> list:
-        """Cached artifacts of `entry` whose bytes changed since they were verified: removed, returned."""
+        """Cached artifacts of `entry` whose bytes changed (or were cut short) since they were
+        verified: removed, and named in the returned list."""
         damaged = []
         for kind, artifact in entry.artifacts.items():
-            if self.has(artifact) and not check_intact(self.artifact_path(artifact), artifact.sha256, self.stamps,
+            if self.artifact_path(artifact).is_file() and not check_intact(self.artifact_path(artifact), artifact.sha256, self.stamps,
                                                        sha256_file, self._remove_damaged):
                 damaged.append(f"{entry.ref} {kind} ({artifact.sha256[:12]})")
         return damaged
