@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -208,11 +209,12 @@ def qemu_processes(job_id: str) -> list:
     return found
 
 
-def assert_nothing_left(job_id: str, *caches: Path) -> None:
+def assert_nothing_left(job_id: str, *roots: Path) -> None:
     assert f"vmloader-{job_id}" not in libvirt_domains()
     assert qemu_processes(job_id) == []
-    for cache in caches:                                 # no partial download, no stray disk layer
-        assert list(cache.rglob("*.part")) == [] and list(cache.rglob("*.qcow2")) == []
+    for root in roots:                 # no partial download; no disk layer outside the snapshot store
+        assert list(root.rglob("*.part")) == []
+        assert [p for p in root.rglob("*.qcow2") if "snapshots" not in p.relative_to(root).parts] == []
 
 
 def run_json(env: dict, cwd: Path, job_id: str, *args: str, timeout: float = 900) -> tuple:
@@ -397,6 +399,65 @@ def test_a_truncated_cached_disk_is_fetched_again(vm_env, state_dir, tmp_path, f
     FAULTS.append({"fault": "truncated disk image already in the cache (repository up)", "exit": 0,
                    "outcome": "succeeded", "phase": None,
                    "message": "(the damaged file was dropped, fetched again and verified)", "kept": "the job's output"})
+
+
+# -- 7. the host disk fills: during a download, and under a job's overlay -------------------------
+
+@contextmanager
+def small_filesystem(kind: str, size_mib: int):
+    """A tmpfs, or an ext4 on a loop device (root may use its 5% reserve, QEMU as libvirt-qemu may not)."""
+    mount_point = world_readable_tmpdir(f"vmloader-full-{kind}-")
+    image = mount_point.with_suffix(".img")
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(mount_point)],
+                       check=True)
+    else:
+        with open(image, "wb") as handle:
+            handle.truncate(size_mib * 2 ** 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
+        os.chmod(mount_point, 0o755)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+        mount_point.rmdir()
+        image.unlink(missing_ok=True)
+
+
+def test_the_cache_disk_filling_up_during_a_download(vm_env, state_dir, tmp_path, repo_server):
+    with small_filesystem("tmpfs", 32) as cache:
+        code, result, err = run_json(worker_env(vm_env, cache, repo_server.url), tmp_path, "fault-cache-full",
+                                     "--image", "debian-12", "--", "true")
+        assert code == 125
+        assert_infra_before_boot(result, "cache lookup", "disk filled up while downloading",
+                                 "partial file was removed")
+        assert "free space in" in result["error"]["hint"]
+        assert_nothing_left("fault-cache-full", cache, state_dir)
+        assert list((cache / "artifacts").iterdir()) == []
+    record("host disk fills during an image download", result, "the job record (nothing booted)")
+
+
+def test_the_state_disk_filling_up_under_the_overlay(vm_env, tmp_path):
+    """The guest writes more than the job's filesystem holds: QEMU pauses the VM; the job must not hang."""
+    with small_filesystem("ext4", 96) as state:
+        env = dict(vm_env, VMLOADER_STATE_DIR=str(state / "state"))
+        started = time.monotonic()
+        code, result, err = run_json(env, tmp_path, "fault-state-full", "--image", "debian-12", "--root", "--",
+                                     "sh", "-c", "echo before-the-fault; dd if=/dev/urandom of=/fill bs=1M "
+                                                 "count=400 2>&1; sync; echo after-the-fill")
+        took = time.monotonic() - started
+        job_dir = state / "state" / "jobs" / "fault-state-full"
+        assert code == 125, err
+        assert_infrastructure_failure(result, job_dir, "paused the VM on a disk write error",
+                                      f"the filesystem holding {job_dir}", "is full")
+        assert (job_dir / "stdout").read_text().startswith("before-the-fault\n")
+        snapshot = state / "state" / "snapshots" / result["snapshot"]
+        assert (snapshot / "disk.qcow2").stat().st_size > 32 * 2 ** 20          # the filled disk, kept
+        assert_nothing_left("fault-state-full", state)
+        assert took < 600
+    record("host disk fills under a job's overlay (ext4, 96 MiB)", result,
+           "output so far, console log, snapshot (the full overlay)")
 
 
 def test_zz_write_the_reliability_table():
