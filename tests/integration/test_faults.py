@@ -460,6 +460,42 @@ def test_the_state_disk_filling_up_under_the_overlay(vm_env, tmp_path):
            "output so far, console log, snapshot (the full overlay)")
 
 
+# -- 13. a command that writes 1 GiB: the host's memory stays bounded ------------------------------
+
+RSS_CAP_MIB = 160          # vmloader's own peak resident memory, whatever the command prints
+
+
+def peak_rss_mib(proc: subprocess.Popen) -> float:
+    """Poll the process's VmHWM (its peak RSS, kept by the kernel) until it exits."""
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return peak / 1024
+
+
+def test_a_gigabyte_of_output_keeps_the_hosts_memory_bounded(vm_env, state_dir, tmp_path):
+    size = 2 ** 30
+    proc = start(vm_env, tmp_path, "fault-1g", "sh", "-c", f"head -c {size} /dev/zero; echo done >&2", root=False)
+    started = time.monotonic()
+    peak = peak_rss_mib(proc)
+    took = time.monotonic() - started
+    code, result, err = finish(proc)
+    assert code == 0 and result["outcome"] == "succeeded", err
+    assert Path(result["stdout_path"]).stat().st_size == size
+    assert Path(result["stderr_path"]).read_text() == "done\n"
+    assert 0 < peak < RSS_CAP_MIB, f"vmloader's peak RSS was {peak:.0f} MiB"
+    assert_nothing_left("fault-1g", state_dir)
+    FAULTS.append({"fault": "command writes 1 GiB to stdout", "exit": 0, "outcome": "succeeded", "phase": None,
+                   "message": f"(vmloader's peak RSS {peak:.0f} MiB, cap {RSS_CAP_MIB} MiB; {took:.0f} s)",
+                   "kept": "the whole output (in the job dir, as --json captures it)"})
+
+
 def test_zz_write_the_reliability_table():
     """Runs last in this module: the table in docs/reliability.md comes from the results above."""
     if not FAULTS:
