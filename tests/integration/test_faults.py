@@ -496,6 +496,56 @@ def test_a_gigabyte_of_output_keeps_the_hosts_memory_bounded(vm_env, state_dir, 
                    "kept": "the whole output (in the job dir, as --json captures it)"})
 
 
+# -- 12. hostile stage-out: escaping names, symlinks out of the work dir, a never-ending file -------
+
+def tree(root: Path) -> dict:
+    """Every path under root (not followed through symlinks) with its kind and content."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        found[str(path.relative_to(root))] = (os.readlink(path) if path.is_symlink()
+                                              else path.read_bytes() if path.is_file() else "dir")
+    return found
+
+
+def test_an_output_name_escaping_the_work_dir_is_refused_before_boot(vm_env, state_dir, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                          "--json", "--job-id", "fault-dotdot", "--output", "../escaped", "--", "true"],
+                         capture_output=True, text=True, env=vm_env, cwd=tmp_path, timeout=120)
+    error = json.loads(run.stdout)
+    assert run.returncode == 125 and "escapes the job's work dir" in error["message"]
+    assert not (state_dir / "jobs").exists() and not (tmp_path.parent / "escaped").exists()
+    FAULTS.append({"fault": "stage-out name with `..` (`--output ../escaped`)", "exit": 125,
+                   "outcome": "usage error, before boot", "phase": error["phase"], "message": error["message"],
+                   "kept": "nothing booted; nothing written"})
+
+
+def test_hostile_outputs_never_write_outside_the_output_dir(vm_env, state_dir, tmp_path):
+    """The job (root in the guest) offers symlinks out of /work and an endless file; the host's output
+    dir holds a symlink planted where an output would land. Only plain new files come back."""
+    out, victim = tmp_path / "out", tmp_path / "victim-target"
+    out.mkdir()
+    victim.write_text("original\n")
+    (out / "planted").symlink_to(victim)
+    outside = {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")}
+    script = ("cd /work && echo fine > plain.txt && echo hostile > planted && ln -s /etc/shadow shadow-link "
+              "&& ln -s /dev/zero endless && echo before-the-fault")
+    code, result, err = run_json(dict(vm_env, VMLOADER_OUTPUT_MAX_BYTES="32M"), tmp_path, "fault-stage-out",
+                                 "--image", "debian-12", "--root", "--output-new", "--output", "endless",
+                                 "--output", "planted", "--output-dir", str(out), "--", "sh", "-c", script)
+    assert code == 0 and result["outcome"] == "succeeded", err
+    assert "refusing to copy back 'planted'" in err and "is a symlink" in err
+    assert "endless: the guest sent more than the 33554432 byte limit; transfer aborted" in err
+    assert tree(out) == {"plain.txt": b"fine\n", "planted": str(victim)}     # no link, no endless, no part file
+    assert victim.read_text() == "original\n"
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == outside
+    assert_nothing_left("fault-stage-out", state_dir)
+    FAULTS.append({"fault": "hostile stage-out: symlinks to /etc/shadow and /dev/zero in /work, a host symlink "
+                            "planted in the output dir", "exit": 0, "outcome": "succeeded (command's status)",
+                   "phase": "collect", "message": "refused: planted is a symlink; endless cut off at the 32 MiB "
+                                                  "output_max_bytes; the guest's symlinks are not collected",
+                   "kept": "the plain new file only; nothing written outside the output dir"})
+
+
 def test_zz_write_the_reliability_table():
     """Runs last in this module: the table in docs/reliability.md comes from the results above."""
     if not FAULTS:

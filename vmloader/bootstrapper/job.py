@@ -371,7 +371,7 @@ class JobRunner:
                 if time.monotonic() > deadline:
                     raise self._boot_failure(job, "the agent channel never appeared") from None
                 time.sleep(0.1)
-        client = AgentClient(sock)
+        client = AgentClient(sock, max_file_bytes=self.config.output_max_bytes)
         try:
             client.handshake(timeout=max(1.0, deadline - time.monotonic()))
         except AgentError as exc:
