@@ -546,6 +546,42 @@ def test_hostile_outputs_never_write_outside_the_output_dir(vm_env, state_dir, t
                    "kept": "the plain new file only; nothing written outside the output dir"})
 
 
+# -- 10. concurrency: one job id twice at once; four jobs on two cores ------------------------------
+
+def test_the_same_job_id_twice_at_once_one_fails_clearly(vm_env, state_dir, tmp_path):
+    procs = [start(vm_env, tmp_path, "fault-same-id", "sh", "-c", "sleep 5; echo mine", root=False)
+             for _ in range(2)]
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        outcomes.append((proc.returncode, json.loads(out), err.decode()))
+    outcomes.sort(key=lambda o: o[0])
+    (won, result, _), (lost, error, lost_err) = outcomes
+    assert won == 0 and result["outcome"] == "succeeded"
+    assert lost == 125 and error["phase"] == "setup", error
+    assert "job id fault-same-id was already used" in error["message"] and "--job-id" in error["hint"]
+    assert (state_dir / "jobs" / "fault-same-id" / "stdout").read_text() == "mine\n"   # not disturbed
+    assert_nothing_left("fault-same-id", state_dir)
+    FAULTS.append({"fault": "two jobs with the same job id (same job dir) at once", "exit": "0 and 125",
+                   "outcome": "one succeeded; the other refused before boot", "phase": error["phase"],
+                   "message": error["message"], "kept": "the first job's output, untouched"})
+
+
+def test_four_concurrent_jobs_on_two_cores_all_succeed(vm_env, state_dir, tmp_path):
+    started = time.monotonic()
+    ids = [f"fault-four-{n}" for n in range(4)]
+    procs = [start(vm_env, tmp_path, job_id, "sh", "-c", f"echo {job_id}; sleep 2", root=False) for job_id in ids]
+    results = [finish(proc, timeout=900) for proc in procs]
+    took = time.monotonic() - started
+    for job_id, (code, result, err) in zip(ids, results):
+        assert code == 0 and result["outcome"] == "succeeded", err
+        assert Path(result["stdout_path"]).read_text() == f"{job_id}\n"
+        assert_nothing_left(job_id, state_dir)
+    FAULTS.append({"fault": f"4 concurrent jobs on {os.cpu_count()} cores", "exit": 0, "outcome": "succeeded (all 4)",
+                   "phase": None, "message": f"(wall time {took:.0f} s for all four, TCG)",
+                   "kept": "each job's own output"})
+
+
 def test_zz_write_the_reliability_table():
     """Runs last in this module: the table in docs/reliability.md comes from the results above."""
     if not FAULTS:
