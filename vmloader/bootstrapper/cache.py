@@ -18,6 +18,7 @@ from .cacheindex import CacheIndex, exclusive_if_unpinned, pinned, remove_artifa
 from .catalog import (EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
                       load_manifest, write_manifest)
 from .errors import ImageError
+from .integrity import Stamps, check_intact
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -59,6 +60,7 @@ class ImageCache:
         self.embedded = embedded
         self.max_bytes = max_bytes            # 0: unbounded
         self.index = CacheIndex(self.root / "index", self.artifacts_dir, shared=self.shared)
+        self.stamps = Stamps(self.root / "verified")
 
     @classmethod
     def configured(cls, cfg) -> "ImageCache":
@@ -187,6 +189,7 @@ class ImageCache:
             self._check(source, known_sha256 or sha256_file(source), artifact, origin, discard=True)
             os.chmod(source, 0o444)
             os.replace(source, dest)
+            self.stamps.record(dest, artifact.sha256)
             return dest
         fd, tmp_name = tempfile.mkstemp(prefix=artifact.sha256[:12] + "-", dir=self.root / "tmp")
         tmp = Path(tmp_name)
@@ -199,6 +202,7 @@ class ImageCache:
             self._check(source, digest.hexdigest(), artifact, origin, discard=False)
             os.chmod(tmp, 0o444)
             tmp.replace(dest)
+            self.stamps.record(dest, artifact.sha256)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
@@ -212,6 +216,26 @@ class ImageCache:
         raise ImageError(f"{origin or source}: sha256 mismatch: expected {artifact.sha256}, got {actual}",
                          hint="the file is corrupt or the manifest is stale; it was not cached",
                          phase="cache lookup")
+
+    def drop_damaged(self, entry: ImageEntry) -> list:
+        """Cached artifacts of `entry` whose bytes changed (or were cut short) since they were
+        verified: removed, and named in the returned list."""
+        damaged = []
+        for kind, artifact in entry.artifacts.items():
+            if self.artifact_path(artifact).is_file() and not check_intact(self.artifact_path(artifact), artifact.sha256, self.stamps,
+                                                       sha256_file, self._remove_damaged):
+                damaged.append(f"{entry.ref} {kind} ({artifact.sha256[:12]})")
+        return damaged
+
+    def _remove_damaged(self, sha256: str) -> None:
+        try:
+            remove_artifact(self.artifacts_dir / sha256)
+            self.index.forget(sha256)
+        except (OSError, sqlite3.Error) as exc:
+            raise ImageError(f"the cached file {self.artifacts_dir / sha256} is damaged (its sha256 no longer "
+                             f"matches) and cannot be removed: {exc}",
+                             hint=f"ask the cache's owner to run `vmloader images verify` on {self.root}",
+                             phase="cache lookup") from None
 
     def verify_all(self) -> list:
         """Re-hash every cached artifact; remove and return the ones whose bytes changed."""
@@ -287,10 +311,12 @@ class ImageCache:
         if local is not None:
             return local
         problems: list = []
+        damaged: list = []
         for _, repo, manifest in self._catalogs(problems):
             entry = manifest.find(ref, need_artifacts=True)
             if entry is None:
                 continue
+            damaged += self.drop_damaged(entry)
             try:
                 for artifact in entry.artifacts.values():
                     if not self.has(artifact) and repo is not None:
@@ -303,9 +329,20 @@ class ImageCache:
                 if self.max_bytes:
                     self._evict_quietly(keep=[a.sha256 for a in entry.artifacts.values()])
                 return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
+        if damaged:
+            self._raise_damaged(ref, damaged, problems)
         if problems:
             raise problems[-1]
         self._raise_unknown(ref)
+
+    @staticmethod
+    def _raise_damaged(ref: str, damaged: list, problems: list) -> None:
+        why = f"; fetching it again failed: {problems[-1].message}" if problems else ""
+        raise ImageError(f"the cached {', '.join(damaged)} was damaged (its sha256 no longer matches what was "
+                         f"verified) and has been removed{why}",
+                         hint=f"run `vmloader images build {ref.partition('@')[0]}` (as root) or configure a "
+                              "repository to fetch it again; `vmloader images verify` checks the whole cache",
+                         phase="cache lookup")
 
     def _cached_exact(self, ref: str) -> Optional[ResolvedImage]:
         """`name@version` already cached: answer from saved manifests, without any network.
@@ -318,7 +355,7 @@ class ImageCache:
         for repo in self.repositories:
             saved = getattr(repo, "saved_manifest", lambda: None)()
             entry = saved.find(ref, need_artifacts=True) if saved else None
-            if entry is not None and self.has_all(entry):
+            if entry is not None and self.has_all(entry) and not self.drop_damaged(entry):
                 self._record_use(entry)
                 return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
         return None

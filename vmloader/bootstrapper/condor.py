@@ -42,6 +42,9 @@ CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/cond
 class JobAdError(UsageError):
     """A VMLoader attribute in the job ad has the wrong type or value."""
 
+    def __init__(self, message: str, hint: Optional[str] = None, phase: Optional[str] = "job ad"):
+        super().__init__(message, hint=hint, phase=phase)
+
 
 @dataclass(frozen=True)
 class VMRequest:

@@ -107,6 +107,8 @@ SETTINGS: Sequence[Setting] = (
             "bound on the snapshot store's size (suffixes K M G T; 0 = no limit)"),
     Setting("snapshot_max_age_days", "VMLOADER_SNAPSHOT_MAX_AGE_DAYS", _non_negative(float),
             "prune snapshots older than this many days (0 = never)"),
+    Setting("output_max_bytes", "VMLOADER_OUTPUT_MAX_BYTES", _size,
+            "largest file copied back from a guest (suffixes K M G T); a larger one is cut off and dropped"),
     Setting("host_cert", "VMLOADER_HOST_CERT", _path,
             "host certificate copied into every guest as /etc/grid-security/hostcert.pem"),
     Setting("host_key", "VMLOADER_HOST_KEY", _path,
@@ -128,6 +130,7 @@ class Config:
     snapshot_max_count: int = 20
     snapshot_max_bytes: int = 0
     snapshot_max_age_days: float = 14
+    output_max_bytes: int = 16 * 2**30
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
 

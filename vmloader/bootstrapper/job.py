@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Mapping, Optional
 import libvirt
 
 from .. import protocol as P
-from . import proc, virt
+from . import diskfull, proc, virt
 from .agentclient import AgentClient, ExecResult, ExecTimeout
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
@@ -245,9 +245,11 @@ class JobRunner:
             except VMLoaderError as exc:
                 exc.phase = exc.phase or job.timer.current
                 job.error, job.status = exc, exc.exit_code
+            except OSError as exc:          # e.g. the job dir's disk filled up under the command's output
+                job.error, job.status = diskfull.host_write_error(exc, job.timer.current, job.job_dir), EXIT_INFRA
             finally:
                 snapshot_id = self._finish(job)
-        self._write_tails(job, out, err)
+        diskfull.best_effort("the output tails", self._write_tails, job, out, err)
         self._prune_snapshots()
         return self._result(job, job_id, snapshot_id)
 
@@ -442,7 +444,7 @@ class JobRunner:
                 if time.monotonic() > deadline:
                     raise self._boot_failure(job, "the agent channel never appeared") from None
                 time.sleep(0.1)
-        client = AgentClient(sock)
+        client = AgentClient(sock, max_file_bytes=self.config.output_max_bytes)
         try:
             client.handshake(timeout=max(1.0, deadline - time.monotonic()))
         except AgentError as exc:
@@ -457,6 +459,8 @@ class JobRunner:
         crash = crash_line(job.console_log)
         if crash:
             exc.message += f"; the guest console says: {crash}"
+        elif note := diskfull.io_pause_note(job.domain, job.overlay):
+            exc.message += note
         elif not _domain_alive(job):
             exc.message += "; the VM is gone (its QEMU process exited or was killed on the host)"
         exc.hint = (f"this is not the command's own exit status; console log {job.console_log}"
@@ -479,7 +483,7 @@ class JobRunner:
             self._stop_domain(job)
         with job.timer.phase("snapshot"):
             snapshot_id = self._keep_or_drop(job)
-        self._write_metadata(job, snapshot_id)
+        diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)
         return snapshot_id
 
     def _collect_outputs(self, job: Job) -> None:
