@@ -271,3 +271,15 @@ def test_a_stream_to_a_closed_guest_port_says_so(pair):
     stream = pair.connect(port)
     with pytest.raises(AgentError, match=f"127.0.0.1:{port}"):
         stream.recv()
+
+
+def test_a_fifo_is_never_copied_back_and_does_not_block_the_agent(pair, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    os.mkfifo(work / "pipe")
+    started = time.monotonic()
+    with pytest.raises(AgentError, match="not a file"):
+        pair.get_file("pipe", str(tmp_path / "back"))
+    assert time.monotonic() - started < 5
+    result, out, _ = run(pair, "echo", "still-serving")
+    assert out == b"still-serving\n"

@@ -425,6 +425,9 @@ class Agent(object):
 
     def on_get(self, frame):
         path = self._path(frame.json()["path"])
+        mode = os.stat(path).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):
+            raise ValueError("%s is not a file (a FIFO, socket or directory): not copied" % path)
         handle = open(path, "rb")
         threading.Thread(target=self._send_file, args=(frame.request_id, handle), daemon=True).start()
 

@@ -21,6 +21,7 @@ from .errors import AgentError, GuestTimeout
 
 QUEUE_FRAMES = 64           # per request: at most this many frames buffered (~4 MiB)
 KILL_DRAIN = 10.0
+TRANSFER_IDLE = 120.0       # a file copy that sends nothing for this long is abandoned
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,10 @@ class AgentClient:
         received = 0
         with open(tmp, "xb") as out:
             while True:
-                frame = self._next(waiter)
+                frame = self._next(waiter, time.monotonic() + TRANSFER_IDLE)
+                if frame is None:
+                    self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
+                    raise AgentError(f"{name}: no data from the guest for {TRANSFER_IDLE:.0f} s; transfer aborted")
                 if frame.type == P.GET_END:
                     return received
                 if frame.type != P.GET_DATA:
