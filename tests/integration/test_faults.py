@@ -588,7 +588,7 @@ def test_zz_write_the_reliability_table():
         pytest.skip("no fault test ran")
     rows = ["| fault | exit | outcome | phase | message | kept |", "| --- | --- | --- | --- | --- | --- |"]
     for f in FAULTS:
-        message = f["message"].replace("|", "\\|").replace("\n", " ")[:160]
+        message = f["message"].replace("|", "\\|").replace("\n", " ")[:400]
         rows.append(f"| {f['fault']} | {f['exit']} | {f['outcome']} | {f['phase'] or ''} | {message} | {f['kept']} |")
     doc = REPO / "docs" / "reliability.md"
     text = doc.read_text()
