@@ -582,6 +582,48 @@ def test_four_concurrent_jobs_on_two_cores_all_succeed(vm_env, state_dir, tmp_pa
                    "kept": "each job's own output"})
 
 
+# -- 12. a hostile agent: the job takes over the channel from inside a real guest ----------------------
+
+HOSTILE = [  # mode, what the host says, table text
+    ("names", "the guest agent restarted", "offers `../escaped`, `/etc/cron.d/evil`, `sub/../../x` as new outputs"),
+    ("endless", "the guest sent more than the 8388608 byte limit", "a never-ending file transfer"),
+    ("bad-checksum", "frame checksum mismatch", "a frame with a bad checksum"),
+    ("oversized", "exceeds the 1048576 byte limit", "a frame header claiming 2 GiB"),
+    ("wrong-id", "frame for unknown request", "data for a request id the host never used"),
+    ("unknown-type", "unknown frame type 63", "a frame of an unknown type"),
+]
+
+
+@pytest.mark.parametrize("mode, said, what", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_agent_in_a_real_guest_cannot_write_outside_the_output_dir(vm_env, state_dir, tmp_path,
+                                                                              mode, said, what):
+    out = tmp_path / "out"
+    out.mkdir()
+    hostile = Path(__file__).with_name("hostile_agent.py")
+    job_id = f"fault-hostile-{mode}"
+    outputs = ["--output-new"] if mode == "names" else ["--output", "result.bin"]
+    before_outside = {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")}
+    started = time.monotonic()
+    code, result, err = run_json(dict(vm_env, VMLOADER_OUTPUT_MAX_BYTES="8M"), tmp_path, job_id,
+                                 "--image", "debian-12", "--root", "--input", str(hostile), *outputs,
+                                 "--output-dir", str(out), "--", "python3", "hostile_agent.py", mode)
+    took = time.monotonic() - started
+    assert code == 125 and result["outcome"] == "infrastructure-error", (result, err)
+    assert "not the command's own exit status" in result["error"]["hint"]
+    assert said in result["error"]["message"] + err, (result["error"], err)
+    assert set(tree(out)) <= {"fine.txt"}                     # at most the one sane name; no part files
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == before_outside
+    assert not (tmp_path / "escaped").exists() and not Path("/etc/cron.d/evil").exists()
+    assert took < 300, "a hostile guest must not stall the job"
+    assert_nothing_left(job_id, state_dir)
+    FAULTS.append({"fault": f"hostile agent (a root job replaces it in the guest): {what}", "exit": code,
+                   "outcome": result["outcome"], "phase": result["error"]["phase"],
+                   "message": result["error"]["message"] + ("; collect: " + said if said not in
+                                                             result["error"]["message"] else ""),
+                   "kept": "nothing outside the output dir" + ("; fine.txt only" if mode == "names" else "")
+                           + "; console log, snapshot"})
+
+
 def test_zz_write_the_reliability_table():
     """Runs last in this module: the table in docs/reliability.md comes from the results above."""
     if not FAULTS:
