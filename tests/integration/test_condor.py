@@ -125,7 +125,7 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     assert done[0]["ExitCode"] == "0"
     assert "@vm2@" in done[0]["LastRemoteHost"], analysis
     # Not by luck: the transform gave the job a rank that scores vm2 above vm1.
-    rank = pool.run(["condor_history", str(job.cluster), "-af", "Rank"], user=None, check=True).stdout.strip()
+    rank = pool.run(["condor_history", str(job.cluster), "-af:r", "Rank"], user=None, check=True).stdout.strip()
     assert "StringListMember" in rank and "VMLoaderImages" in rank, rank
     scores = pool.run(["condor_status", "-af:t", "VMLoaderCacheDir",
                        'ifThenElse(StringListMember("debian-11", VMLoaderImages ?: ""), 10, 0)'],
