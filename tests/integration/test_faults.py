@@ -535,6 +535,7 @@ def test_hostile_outputs_never_write_outside_the_output_dir(vm_env, state_dir, t
     assert code == 0 and result["outcome"] == "succeeded", err
     assert "refusing to copy back 'planted'" in err and "is a symlink" in err
     assert "endless: the guest sent more than the 33554432 byte limit; transfer aborted" in err
+    assert {e["output"] for e in result["output_errors"]} == {"planted", "endless"}     # scripts see it too
     assert tree(out) == {"plain.txt": b"fine\n", "planted": str(victim)}     # no link, no endless, no part file
     assert victim.read_text() == "original\n"
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == outside

@@ -85,6 +85,7 @@ class JobResult:
     stdout_path: Optional[str] = None
     stderr_path: Optional[str] = None
     error: Optional[dict] = None
+    output_errors: list = field(default_factory=list)   # outputs that could not be copied back, and why
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -188,6 +189,7 @@ class Job:
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
+        self.output_errors: list = []
 
     @property
     def overlay(self) -> Path:
@@ -494,6 +496,7 @@ class JobRunner:
             except VMLoaderError as exc:
                 print(f"vmloader: could not list the guest work dir for new outputs: {exc.message}",
                       file=sys.stderr)
+                job.output_errors.append({"output": "(new files)", "message": exc.message})
                 after = {}
             outputs += [name for name, stamp in sorted(after.items())
                         if job.before.get(name) != stamp and name not in outputs]
@@ -502,6 +505,7 @@ class JobRunner:
                 job.client.get_file(out, str(job.spec.output_dir))
             except VMLoaderError as exc:
                 print(f"vmloader: could not copy back --output {out}: {exc.message}", file=sys.stderr)
+                job.output_errors.append({"output": out, "message": exc.message})
 
     def _save_memory(self, job: Job) -> bool:
         """Stop the VM by saving its memory (the timed-out command still in it); False if that failed."""
@@ -612,7 +616,7 @@ class JobRunner:
             console_log=str(job.console_log),
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
-            error=job.error.to_dict() if job.error else None)
+            error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors))
 
 
 def _file_stamps(entries: list) -> dict:
