@@ -281,3 +281,23 @@ def test_an_exact_version_already_cached_needs_no_network_at_all(vm_env, nginx, 
     code, _, err = finish(pull(vm_env, fresh_cache, nginx.url, name=f"debian-12@{built_image.version}"))
     assert code == 0, err
     assert len(nginx.access_log.read_text().splitlines()) == before     # not even the manifest was asked for
+
+
+def test_a_snapshot_whose_base_was_evicted_gets_it_back_or_says_what_is_missing(vm_env, nginx, fresh_cache):
+    env = dict(vm_env, VMLOADER_CACHE_DIR=str(fresh_cache), VMLOADER_REPOSITORY=nginx.url)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=600)
+    job = json.loads(cli("run", "--image", "debian-12", "--json", "--", "sh", "-c", "echo kept > made; exit 3").stdout)
+    snap = job["snapshot"]
+    assert cli("images", "rm", "debian-12").returncode == 0           # the base is evicted
+    again = cli("snapshot", "exec", snap, "--", "cat", "made")
+    assert again.returncode == 0 and again.stdout == "kept\n", again.stderr   # fetched again, by its sha256
+    assert cli("images", "rm", "debian-12").returncode == 0
+    nginx.stop()
+    lost = cli("snapshot", "exec", snap, "--", "cat", "made")
+    assert lost.returncode == 125, lost.stderr
+    assert f"snapshot {snap} needs its base image debian-12@" in lost.stderr and "hint:" in lost.stderr, lost.stderr
+    shown = json.loads(cli("snapshot", "show", snap, "--json").stdout)
+    assert Path(shown["disk"]).is_file()                              # nothing deleted

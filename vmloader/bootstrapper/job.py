@@ -301,7 +301,7 @@ class JobRunner:
                 ref = job.kept.meta.image
             else:
                 ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
-            job.image = self.cache.resolve(ref)
+            job.image = self._resolve(job, ref)
             job.pins.enter_context(self.cache.pin(job.image))
             if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
                 job.image = self.cache.resolve(ref)
@@ -337,6 +337,20 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _resolve(self, job: Job, ref: str) -> ResolvedImage:
+        try:
+            return self.cache.resolve(ref)
+        except VMLoaderError as exc:
+            if job.kept is None:
+                raise
+            meta = job.kept.meta
+            raise SnapshotError(
+                f"snapshot {meta.id} needs its base image {meta.image} (disk sha256 {meta.image_sha256}), "
+                f"which is no longer in the cache and could not be fetched again: {exc.message}",
+                hint=f"bring a repository offering {meta.image} back (or `vmloader images pull {meta.image}` "
+                     "from one); the snapshot alone holds only what the job changed, and it is kept",
+                phase="cache lookup") from None
 
     def _run_command(self, job: Job) -> Session:
         spec = job.spec
