@@ -112,9 +112,9 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     pool.wait_for(lambda: "debian-11" in pool.run(
         ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-2"', "-af", "VMLoaderImages"], user=None).stdout,
         60, "vm2's probe to advertise debian-11")
-    vm1 = pool.run(["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-1"', "-af",
-                    "VMLoaderImages"], user=None).stdout
-    assert "debian-11" not in vm1
+    pool.wait_for(lambda: "debian-11" not in pool.run(
+        ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-1"', "-af", "VMLoaderImages"],
+        user=None).stdout, 60, "vm1's probe to stop advertising debian-11")
     job = Submission(pool, "rank", {"job.sub": (
         "executable = /bin/cat\narguments = /etc/debian_version\ntransfer_executable = false\n"
         "should_transfer_files = YES\noutput = out\nerror = err\nlog = log\n"
