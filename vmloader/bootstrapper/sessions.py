@@ -20,6 +20,7 @@ from typing import BinaryIO, List, Optional
 from .agentclient import AgentClient, ExecResult, PtySpec
 from .errors import AgentError, Interrupted, SnapshotError, UsageError
 from .forward import Forward, start_all
+from .job import GUEST_USER, GUEST_WORKDIR, Attached
 from .orphans import pid_alive
 from .snapshots import Snapshot
 from .terminal import following_window_size, raw_mode, window_size
@@ -175,7 +176,6 @@ def booted(snapshot: Snapshot) -> Optional[dict]:
 @contextmanager
 def attach(snapshot: Snapshot, info: dict, root: bool):
     """A connected agent client on a free attach port of a booted snapshot's VM."""
-    from .job import Attached, GUEST_USER, GUEST_WORKDIR
     for path in info.get("sockets") or ():
         lock = open(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+")
         try:
