@@ -48,3 +48,16 @@ def test_sigterm_to_vmloader_stops_the_vm_keeps_its_state_and_exits_143(vm_env, 
     [job_dir] = list((state_dir / "jobs").iterdir())
     assert f"vmloader-{job_dir.name}" not in libvirt_domains()
     assert (state_dir / "snapshots" / job_dir.name / "disk.qcow2").exists()
+
+
+def test_a_job_dir_removed_under_a_running_job_still_ends_its_vm(vm_env, state_dir, tmp_path):
+    """Its records cannot be written any more (as on a full disk): the VM must be stopped all the same."""
+    job = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                            "--", "sh", "-c", "echo started; sleep 10; echo done"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
+    assert job.stdout.readline() == b"started\n"
+    [job_dir] = list((state_dir / "jobs").iterdir())
+    subprocess.run(["rm", "-rf", str(job_dir)], check=True)
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0 and out == b"done\n", err         # the command's own status
+    assert f"vmloader-{job_dir.name}" not in libvirt_domains()

@@ -176,7 +176,7 @@ class Job:
     def __init__(self, spec: JobSpec, job_dir: Path):
         self.spec = spec
         self.job_dir = job_dir
-        self.timer = PhaseTimer(on_enter=lambda name: (job_dir / "phase").write_text(name + "\n"))
+        self.timer = PhaseTimer(on_enter=self._record_phase)
         self.image: Optional[ResolvedImage] = None
         self.hypervisor: Optional[Hypervisor] = None
         self.conn = None
@@ -190,6 +190,13 @@ class Job:
         self.error: Optional[VMLoaderError] = None
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
         self.output_errors: list = []
+
+    def _record_phase(self, name: str) -> None:
+        """For `vmloader status`; never worth failing a job (or its teardown) over."""
+        try:
+            (self.job_dir / "phase").write_text(name + "\n")
+        except OSError:
+            pass
 
     @property
     def overlay(self) -> Path:
@@ -492,11 +499,13 @@ class JobRunner:
                  "a slow host may need a larger boot_timeout", phase="boot")
 
     def _finish(self, job: Job) -> Optional[str]:
-        if job.client is not None and job.exec_started:
-            with job.timer.phase("collect"):
-                self._collect_outputs(job)
-        with job.timer.phase("teardown"):
-            self._stop_domain(job)
+        try:
+            if job.client is not None and job.exec_started:
+                with job.timer.phase("collect"):
+                    self._collect_outputs(job)
+        finally:                                  # whatever collecting did, the VM is stopped
+            with job.timer.phase("teardown"):
+                self._stop_domain(job)
         with job.timer.phase("snapshot"):
             snapshot_id = self._keep_or_drop(job)
         diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)
