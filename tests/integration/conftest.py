@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmloader.bootstrapper import build, catalog, config
+from vmloader.bootstrapper import build, catalog, config, publish
 from vmloader.bootstrapper.cache import ImageCache
 
 IMAGE = "debian-12"
@@ -47,6 +47,22 @@ def built_image():
     cache = ImageCache(cfg.cache_dir)
     entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(IMAGE)
     return build.build_image(entry, cache, progress=lambda m: print(m, file=sys.stderr))
+
+
+def world_readable_tmpdir(prefix: str) -> Path:
+    # nginx workers (nobody) and QEMU (libvirt-qemu) must read what is in here.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def published_repo(built_image):
+    """A repository directory holding the default image, as `vmloader images publish` writes it."""
+    repo = world_readable_tmpdir("vmloader-repo-")
+    publish.publish(ImageCache(config.load().cache_dir), repo, ["debian-12"])
+    yield repo
+    shutil.rmtree(repo, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 (an infrastructure exit 125 naming the phase, never a job-like status), keeps the
 output so far, the console log and the snapshot, and leaves no VM or overlay behind.
 
-Each test records its fault's outcome in FAULTS; the module's last test writes
-them into the table in `docs/reliability.md`.
+Each test records its fault's outcome with faulttable.record_row; `scripts/fault-table`
+writes them into the table in `docs/reliability.md` as its own step.
 """
 import json
 import os
@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from vmloader.bootstrapper import config, publish
-from vmloader.bootstrapper.cache import ImageCache
 
-from .conftest import REPO, libvirt_domains
+from .conftest import libvirt_domains, world_readable_tmpdir
+from .faulttable import record, record_row
 from .nginx import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
@@ -51,15 +50,6 @@ def wait_for_exec(state_dir: Path, job_id: str, proc: subprocess.Popen, marker: 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, json.loads(out), err.decode()
-
-
-def record(fault: str, result: dict, kept: str) -> None:
-    error = result.get("error") or {}
-    FAULTS.append({"fault": fault, "exit": result["exit_status"], "outcome": result["outcome"],
-                   "phase": error.get("phase"), "message": error.get("message", ""), "kept": kept})
-
-
-FAULTS: list = []
 
 
 def assert_infrastructure_failure(result: dict, job_dir: Path, *words: str) -> None:
@@ -130,7 +120,7 @@ def test_libvirtd_restarted_mid_job(vm_env, state_dir, tmp_path):
     code, result, err = finish(proc)
     assert code == 0 and result["outcome"] == "succeeded", err   # the job talks to its agent, not libvirtd
     assert (job_dir / "stdout").read_text() == "before-the-fault\nafter\n"
-    FAULTS.append({"fault": "libvirtd restarted mid-job", "exit": 0, "outcome": "succeeded", "phase": None,
+    record_row(**{"fault": "libvirtd restarted mid-job", "exit": 0, "outcome": "succeeded", "phase": None,
                    "message": "(the job went on: the agent channel does not go through libvirtd)",
                    "kept": "the job's output; the VM torn down through a new libvirt connection"})
 
@@ -141,7 +131,7 @@ def test_a_daemon_outliving_the_command_does_not_block_teardown(vm_env, state_di
     code, result, err = finish(proc)
     assert code == 0 and result["outcome"] == "succeeded", err
     assert time.monotonic() - started < 120
-    FAULTS.append({"fault": "job forks a daemon that outlives the command", "exit": 0, "outcome": "succeeded",
+    record_row(**{"fault": "job forks a daemon that outlives the command", "exit": 0, "outcome": "succeeded",
                    "phase": None, "message": "", "kept": "nothing to keep (success, policy on-failure)"})
 
 
@@ -191,7 +181,7 @@ def test_a_malformed_job_ad_puts_the_job_on_hold_without_running_it(vm_env, stat
     assert not marker.exists()                              # never run on the host instead
     assert not (state_dir / "jobs").exists()                # no job dir, so no VM, overlay or snapshot
     assert sorted(p.name for p in sandbox.iterdir()) == [".chirp.config", ".job.ad"]
-    FAULTS.append({"fault": fault, "exit": 125, "outcome": "held (VMLoaderHoldReason)", "phase": "job ad",
+    record_row(**{"fault": fault, "exit": 125, "outcome": "held (VMLoaderHoldReason)", "phase": "job ad",
                    "message": reason, "kept": "the job (on hold, not run); nothing booted"})
 
 
@@ -236,12 +226,6 @@ def assert_infra_before_boot(result: dict, phase: str, *words: str) -> None:
 
 # -- 8 and 9. repository unreachable; truncated and bit-flipped images, in the repository and cached --
 
-def world_readable_tmpdir(prefix: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))     # QEMU (libvirt-qemu) reads bases in here
-    os.chmod(path, 0o755)
-    return path
-
-
 class RepoServer:
     """`vmloader repo serve DIR` on a loopback port; stop() and start() again on the same port."""
 
@@ -263,14 +247,6 @@ class RepoServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def published_repo(built_image):
-    repo = world_readable_tmpdir("vmloader-faultrepo-")
-    publish.publish(ImageCache(config.load().cache_dir), repo, ["debian-12"])
-    yield repo
-    shutil.rmtree(repo, ignore_errors=True)
 
 
 @pytest.fixture
@@ -339,7 +315,7 @@ def test_repository_unreachable_with_the_image_cached(vm_env, state_dir, tmp_pat
     assert code == 0 and result["outcome"] == "succeeded", err
     assert Path(result["stdout_path"]).read_text().startswith("12.")
     assert_nothing_left("fault-repo-down-cached", fresh_cache)
-    FAULTS.append({"fault": "repository unreachable, image cached", "exit": 0, "outcome": "succeeded",
+    record_row(**{"fault": "repository unreachable, image cached", "exit": 0, "outcome": "succeeded",
                    "phase": None, "message": "(the job ran from the cache and the saved manifest)",
                    "kept": "the job's output"})
 
@@ -396,7 +372,7 @@ def test_a_truncated_cached_disk_is_fetched_again(vm_env, state_dir, tmp_path, f
     assert code == 0 and result["outcome"] == "succeeded", err
     assert disk.stat().st_size == published_disk(published_repo)["size"]      # a whole, verified copy again
     assert_nothing_left("fault-cache-trunc", fresh_cache)
-    FAULTS.append({"fault": "truncated disk image already in the cache (repository up)", "exit": 0,
+    record_row(**{"fault": "truncated disk image already in the cache (repository up)", "exit": 0,
                    "outcome": "succeeded", "phase": None,
                    "message": "(the damaged file was dropped, fetched again and verified)", "kept": "the job's output"})
 
@@ -491,7 +467,7 @@ def test_a_gigabyte_of_output_keeps_the_hosts_memory_bounded(vm_env, state_dir, 
     assert Path(result["stderr_path"]).read_text() == "done\n"
     assert 0 < peak < RSS_CAP_MIB, f"vmloader's peak RSS was {peak:.0f} MiB"
     assert_nothing_left("fault-1g", state_dir)
-    FAULTS.append({"fault": "command writes 1 GiB to stdout", "exit": 0, "outcome": "succeeded", "phase": None,
+    record_row(**{"fault": "command writes 1 GiB to stdout", "exit": 0, "outcome": "succeeded", "phase": None,
                    "message": f"(vmloader's peak RSS {peak:.0f} MiB, cap {RSS_CAP_MIB} MiB; {took:.0f} s)",
                    "kept": "the whole output (in the job dir, as --json captures it)"})
 
@@ -514,7 +490,7 @@ def test_an_output_name_escaping_the_work_dir_is_refused_before_boot(vm_env, sta
     error = json.loads(run.stdout)
     assert run.returncode == 125 and "escapes the job's work dir" in error["message"]
     assert not (state_dir / "jobs").exists() and not (tmp_path.parent / "escaped").exists()
-    FAULTS.append({"fault": "stage-out name with `..` (`--output ../escaped`)", "exit": 125,
+    record_row(**{"fault": "stage-out name with `..` (`--output ../escaped`)", "exit": 125,
                    "outcome": "usage error, before boot", "phase": error["phase"], "message": error["message"],
                    "kept": "nothing booted; nothing written"})
 
@@ -540,7 +516,7 @@ def test_hostile_outputs_never_write_outside_the_output_dir(vm_env, state_dir, t
     assert victim.read_text() == "original\n"
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == outside
     assert_nothing_left("fault-stage-out", state_dir)
-    FAULTS.append({"fault": "hostile stage-out: symlinks to /etc/shadow and /dev/zero in /work, a host symlink "
+    record_row(**{"fault": "hostile stage-out: symlinks to /etc/shadow and /dev/zero in /work, a host symlink "
                             "planted in the output dir", "exit": 0, "outcome": "succeeded (command's status)",
                    "phase": "collect", "message": "refused: planted is a symlink; endless cut off at the 32 MiB "
                                                   "output_max_bytes; the guest's symlinks are not collected",
@@ -563,7 +539,7 @@ def test_the_same_job_id_twice_at_once_one_fails_clearly(vm_env, state_dir, tmp_
     assert "job id fault-same-id was already used" in error["message"] and "--job-id" in error["hint"]
     assert (state_dir / "jobs" / "fault-same-id" / "stdout").read_text() == "mine\n"   # not disturbed
     assert_nothing_left("fault-same-id", state_dir)
-    FAULTS.append({"fault": "two jobs with the same job id (same job dir) at once", "exit": "0 and 125",
+    record_row(**{"fault": "two jobs with the same job id (same job dir) at once", "exit": "0 and 125",
                    "outcome": "one succeeded; the other refused before boot", "phase": error["phase"],
                    "message": error["message"], "kept": "the first job's output, untouched"})
 
@@ -578,7 +554,7 @@ def test_four_concurrent_jobs_on_two_cores_all_succeed(vm_env, state_dir, tmp_pa
         assert code == 0 and result["outcome"] == "succeeded", err
         assert Path(result["stdout_path"]).read_text() == f"{job_id}\n"
         assert_nothing_left(job_id, state_dir)
-    FAULTS.append({"fault": f"4 concurrent jobs on {os.cpu_count()} cores", "exit": 0, "outcome": "succeeded (all 4)",
+    record_row(**{"fault": f"4 concurrent jobs on {os.cpu_count()} cores", "exit": 0, "outcome": "succeeded (all 4)",
                    "phase": None, "message": f"(wall time {took:.0f} s for all four, TCG)",
                    "kept": "each job's own output"})
 
@@ -617,25 +593,9 @@ def test_a_hostile_agent_in_a_real_guest_cannot_write_outside_the_output_dir(vm_
     assert not (tmp_path / "escaped").exists() and not Path("/etc/cron.d/evil").exists()
     assert took < 300, "a hostile guest must not stall the job"
     assert_nothing_left(job_id, state_dir)
-    FAULTS.append({"fault": f"hostile agent (a root job replaces it in the guest): {what}", "exit": code,
+    record_row(**{"fault": f"hostile agent (a root job replaces it in the guest): {what}", "exit": code,
                    "outcome": result["outcome"], "phase": result["error"]["phase"],
                    "message": result["error"]["message"] + ("; collect: " + said if said not in
                                                              result["error"]["message"] else ""),
                    "kept": "nothing outside the output dir" + ("; fine.txt only" if mode == "names" else "")
                            + "; console log, snapshot"})
-
-
-def test_zz_write_the_reliability_table():
-    """Runs last in this module: the table in docs/reliability.md comes from the results above."""
-    if not FAULTS:
-        pytest.skip("no fault test ran")
-    rows = ["| fault | exit | outcome | phase | message | kept |", "| --- | --- | --- | --- | --- | --- |"]
-    for f in FAULTS:
-        message = f["message"].replace("|", "\\|").replace("\n", " ")[:400]
-        rows.append(f"| {f['fault']} | {f['exit']} | {f['outcome']} | {f['phase'] or ''} | {message} | {f['kept']} |")
-    doc = REPO / "docs" / "reliability.md"
-    text = doc.read_text()
-    start_mark, end_mark = "<!-- faults:begin -->", "<!-- faults:end -->"
-    head, _, rest = text.partition(start_mark)
-    _, _, tail = rest.partition(end_mark)
-    doc.write_text(f"{head}{start_mark}\n{chr(10).join(rows)}\n{end_mark}{tail}")

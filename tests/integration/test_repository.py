@@ -5,7 +5,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,28 +12,12 @@ import pytest
 import requests
 
 from vmloader.bootstrapper import config, publish
-from vmloader.bootstrapper.cache import ImageCache
 
-from .conftest import as_user, ensure_user
+from .conftest import as_user, ensure_user, world_readable_tmpdir
 from .nginx import Nginx, free_port
 from .squid import Squid
 
 pytestmark = pytest.mark.integration
-
-
-def world_readable_tmpdir(prefix: str) -> Path:
-    # nginx workers (nobody) and QEMU (libvirt-qemu) must read what is in here.
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    os.chmod(path, 0o755)
-    return path
-
-
-@pytest.fixture(scope="module")
-def published_repo(built_image):
-    repo = world_readable_tmpdir("vmloader-repo-")
-    publish.publish(ImageCache(config.load().cache_dir), repo, ["debian-12"])
-    yield repo
-    shutil.rmtree(repo, ignore_errors=True)
 
 
 @pytest.fixture

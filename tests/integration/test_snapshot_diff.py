@@ -1,20 +1,13 @@
 """`vmloader snapshot diff`: a real job's changes, read from its kept disk without booting it."""
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from vmloader.bootstrapper.cache import sha256_file
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
-
-
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def our_mounts() -> list:
@@ -33,7 +26,7 @@ def kept_job(vmloader, state_dir):
 
 def test_diff_lists_what_the_job_created_deleted_and_changed_and_writes_nothing(vmloader, kept_job):
     base = Path(json.loads((kept_job / "metadata.json").read_text())["base_path"])
-    before = sha256(kept_job / "disk.qcow2"), sha256(base)
+    before = sha256_file(kept_job / "disk.qcow2"), sha256_file(base)
     run = vmloader("snapshot", "diff", kept_job.name, "--json")
     assert run.returncode == 0, run.err
     diff = run.json()
@@ -47,7 +40,7 @@ def test_diff_lists_what_the_job_created_deleted_and_changed_and_writes_nothing(
     assert text.out.splitlines() == ["D /etc/issue.net", "C /etc/motd", "A /work/created"]
     everything = vmloader("snapshot", "diff", kept_job.name, "--all", "--json").json()
     assert "/etc/hostname" in {c["path"] for c in everything["changed"]}
-    assert (sha256(kept_job / "disk.qcow2"), sha256(base)) == before
+    assert (sha256_file(kept_job / "disk.qcow2"), sha256_file(base)) == before
     assert our_mounts() == []
 
 
@@ -66,11 +59,11 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_deleted(vmloader, kept_jo
     damaged = copy_of(kept_job, "damaged")
     with open(damaged / "disk.qcow2", "r+b") as disk:
         disk.truncate(300_000)                             # header intact, clusters gone
-    digest = sha256(damaged / "disk.qcow2")
+    digest = sha256_file(damaged / "disk.qcow2")
     run = vmloader("snapshot", "diff", "damaged", "--json")
     assert run.returncode == 125 and "the disk of snapshot damaged is damaged" in run.err, run.err
     assert json.loads(run.stdout)["error"] == "SnapshotError"
-    assert sha256(damaged / "disk.qcow2") == digest
+    assert sha256_file(damaged / "disk.qcow2") == digest
 
     evicted = copy_of(kept_job, "evicted")
     meta = json.loads((evicted / "metadata.json").read_text())

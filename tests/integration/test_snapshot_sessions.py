@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_snapshot_reopen import sha256
+from vmloader.bootstrapper.cache import sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -26,7 +26,7 @@ CLI = [sys.executable, "-m", "vmloader.bootstrapper.cli"]
 
 def snapshot_files(state_dir: Path, snap_id: str) -> dict:
     folder = state_dir / "snapshots" / snap_id
-    return {name: sha256(folder / name) for name in ("disk.qcow2", "memory.save") if (folder / name).exists()}
+    return {name: sha256_file(folder / name) for name in ("disk.qcow2", "memory.save") if (folder / name).exists()}
 
 
 class Terminal:
