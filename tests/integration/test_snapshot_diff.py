@@ -1,11 +1,19 @@
-"""`vmloader snapshot diff`: a real job's changes, read from its kept disk without booting it."""
+"""`vmloader snapshot diff`: a real job's changes, read from its kept disk without booting it,
+in user space: as the snapshot's owner, or for root by parsers that dropped to nobody."""
 import json
+import os
+import pwd
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from vmloader.bootstrapper import config
 from vmloader.bootstrapper.cache import sha256_file
+
+from .conftest import as_user, ensure_user
+from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -77,3 +85,66 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_deleted(vmloader, kept_jo
     for snap in (kept_job, damaged, evicted):
         assert {"disk.qcow2", "metadata.json"} <= {p.name for p in snap.iterdir()}
     assert our_mounts() == []
+
+
+PARSERS = ("qemu-img", "e2fsck", "debugfs")
+EVIL = "/work/evil\nA /etc/forged\x1b[2Jx"      # a name that would forge a line and clear the screen
+
+
+def spies(tmp: Path) -> dict:
+    """A directory of stand-ins for the parsers that note the uid they run as, then exec the real one."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name in PARSERS:
+        log = tmp / f"{name}.uids"
+        log.touch()
+        log.chmod(0o666)
+        real = shutil.which(name)
+        (bin_dir / name).write_text(f'#!/bin/sh\nid -u >> {log}\nexec {real} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_roots_diff_runs_its_parsers_as_nobody_and_escapes_guest_names(vmloader, state_dir):
+    run = vmloader("run", "--image", "debian-12", "--snapshot", "always", "--root", "--json", "--", "sh", "-c",
+                   "touch \"/work/evil$(printf '\\nA /etc/forged\\033[2Jx')\"")
+    result = run.json()
+    assert result["exit_status"] == 0 and result["snapshot"], run.err
+    tmp = Path(tempfile.mkdtemp(prefix="vmloader-spy-", dir="/tmp"))
+    tmp.chmod(0o755)
+    try:
+        env = spies(tmp)
+        diff = vmloader("snapshot", "diff", result["snapshot"], "--json", env_extra=env)
+        assert diff.returncode == 0, diff.err
+        assert {c["path"] for c in diff.json()["added"]} == {EVIL}
+        text = vmloader("snapshot", "diff", result["snapshot"], env_extra=env)
+        assert text.returncode == 0, text.err
+        assert text.out.splitlines() == ["A /work/evil\\nA /etc/forged\\x1b[2Jx"]
+        uids = {name: set((tmp / f"{name}.uids").read_text().split()) for name in PARSERS}
+    finally:
+        shutil.rmtree(tmp)
+    nobody = str(pwd.getpwnam("nobody").pw_uid)
+    assert uids == {name: {nobody} for name in PARSERS}, uids      # each ran, and never as root
+    record_row("snapshot diff of a guest disk: parsers run without root", 0, "diffed", "snapshot diff",
+               f"qemu-img, e2fsck and debugfs ran as uid {nobody} (nobody) only; a guest file name with "
+               "newline and ESC shown escaped", "snapshot (only read)")
+
+
+def test_a_normal_user_diffs_their_own_snapshot_without_root(readable_checkout, built_image):
+    user = ensure_user("vmlt-diff-a")
+    env = {"VMLOADER_CACHE_DIR": str(config.load().cache_dir)}
+    job = as_user(user, readable_checkout, ["run", "--image", "debian-12", "--json", "--snapshot", "always",
+                                            "--", "sh", "-c", "echo hi > /work/mine"], env)
+    out, err = job.communicate(timeout=900)
+    assert job.returncode == 0, err
+    snapshot = json.loads(out)["snapshot"]
+    try:
+        diff = as_user(user, readable_checkout, ["--debug", "snapshot", "diff", snapshot, "--json"], env)
+        out, err = diff.communicate(timeout=600)
+        assert diff.returncode == 0, err
+        assert json.loads(out)["added"] == [{"path": "/work/mine", "type": "file", "size": 3}]
+        assert f"parsers ran as uid {user.pw_uid}\n" in err
+        assert not [line for line in Path("/proc/mounts").read_text().splitlines() if "vmloader-diff-" in line]
+    finally:
+        rm = as_user(user, readable_checkout, ["snapshot", "rm", snapshot], env)
+        rm.communicate(timeout=60)

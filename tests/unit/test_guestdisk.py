@@ -140,3 +140,22 @@ def test_snapshot_diff_of_a_chain_lists_changes_and_escapes_names(chain):
     assert "D /etc/issue.net" in lines and "A /new\\nline" in lines and "A /esc\\x1b[31mred" in lines
     assert "A /bad\\xffutf8" in lines and all("\n" not in line and "\x1b" not in line for line in lines)
     assert {c.path for c in diff.changed} >= {"/etc/motd"}
+
+
+def test_an_ext4_root_inside_a_gpt_partition_table_is_found(tmp_path):
+    if not all(shutil.which(tool) for tool in TOOLS + ("sfdisk",)):
+        pytest.skip("needs e2fsprogs, fdisk and qemu-img")
+    (tmp_path / "tree" / "etc").mkdir(parents=True)
+    (tmp_path / "tree" / "etc" / "motd").write_text("hello\n")
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", "24M", str(disk)], check=True)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=b"label: gpt\n,1M,U\n,,L\n", check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tmp_path / "tree"), "-E", f"offset={4096 * 512}", str(disk), "16M"],
+                   check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(tmp_path / "base.qcow2")],
+                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(tmp_path / "base.qcow2"),
+                    str(tmp_path / "snap.qcow2")], check=True)
+    base, snap, _ = guestdisk.read_trees(tmp_path / "base.qcow2", tmp_path / "snap.qcow2", "job-1",
+                                         guestdisk.parser_identity())
+    assert base == snap and base["/etc/motd"].size == 6

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import debugfs, proc
 from .errors import SnapshotError, VMLoaderError
 from .fstree import Entry, kind_of
+from .guesttext import cap, escape
 from .proc import Identity
 
 PHASE = "snapshot diff"
@@ -233,7 +234,6 @@ def _child_env() -> dict:
 
 
 def _first_line(output: bytes) -> str:
-    from .guesttext import cap, escape
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     return cap(escape(lines[0]), 300) if lines else "no message"
 
