@@ -88,7 +88,7 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_deleted(vmloader, kept_jo
 
 
 PARSERS = ("qemu-img", "e2fsck", "debugfs")
-EVIL = "/work/evil\nA /etc/forged\x1b[2Jx"      # a name that would forge a line and clear the screen
+EVIL = "/work/evil\nD issue.net\x1b[2Jx"      # a name that would forge a line and clear the screen
 
 
 def spies(tmp: Path) -> dict:
@@ -107,7 +107,7 @@ def spies(tmp: Path) -> dict:
 
 def test_roots_diff_runs_its_parsers_as_nobody_and_escapes_guest_names(vmloader, state_dir):
     run = vmloader("run", "--image", "debian-12", "--snapshot", "always", "--root", "--json", "--", "sh", "-c",
-                   "touch \"/work/evil$(printf '\\nA /etc/forged\\033[2Jx')\"")
+                   "touch \"/work/evil$(printf '\\nD issue.net\\033[2Jx')\"")
     result = run.json()
     assert result["exit_status"] == 0 and result["snapshot"], run.err
     tmp = Path(tempfile.mkdtemp(prefix="vmloader-spy-", dir="/tmp"))
@@ -119,7 +119,7 @@ def test_roots_diff_runs_its_parsers_as_nobody_and_escapes_guest_names(vmloader,
         assert {c["path"] for c in diff.json()["added"]} == {EVIL}
         text = vmloader("snapshot", "diff", result["snapshot"], env_extra=env)
         assert text.returncode == 0, text.err
-        assert text.out.splitlines() == ["A /work/evil\\nA /etc/forged\\x1b[2Jx"]
+        assert text.out.splitlines() == ["A /work/evil\\nD issue.net\\x1b[2Jx"]
         uids = {name: set((tmp / f"{name}.uids").read_text().split()) for name in PARSERS}
     finally:
         shutil.rmtree(tmp)

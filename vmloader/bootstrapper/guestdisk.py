@@ -36,8 +36,8 @@ from .guesttext import cap, escape
 from .proc import Identity
 
 PHASE = "snapshot diff"
-MAX_ENTRIES = 4_000_000              # paths in one tree
-MAX_ROUND_OUTPUT = 512 * 1024 * 1024  # bytes of debugfs output per round
+MAX_ENTRIES = 2_000_000              # paths in one tree
+MAX_ROUND_OUTPUT = 256 * 1024 * 1024  # bytes of debugfs output per round
 MAX_DEPTH = 4096
 ROUND_TIMEOUT = 600.0
 Progress = Callable[[str], None]
