@@ -24,6 +24,9 @@ from typing import List, Optional, Sequence, Union
 _LS_RECORD = re.compile(rb"/(\d{1,10})/([0-7]{1,7})/(\d{1,10})/(\d{1,10})/([^/]*)/(\d{0,20})/\n")
 _IMAP = re.compile(rb"Inode (\d{1,10}) is part of block group \d{1,10}\n\tlocated at block (\d{1,20}), "
                    rb"offset 0x([0-9a-f]{1,8})\n")
+# i_mode, i_uid, i_size_lo, i_ctime, i_mtime (0x0C), i_gid (0x18), i_flags (0x20), i_block (0x28),
+# i_size_high (0x6C), i_uid_high, i_gid_high (0x78), i_extra_isize (0x80), i_ctime_extra, i_mtime_extra (0x84)
+_INODE = struct.Struct("<HHI4xii4xH6xI4x60s8xI8xHH4xH2xII")
 INODE_BYTES = 160                # the fields decode_inode reads, up to i_atime_extra
 EXTENTS_FL, INLINE_DATA_FL = 0x80000, 0x10000000
 ROOT_INO = 2
@@ -142,17 +145,11 @@ def decode_inode(raw: bytes) -> Inode:
     if len(raw) < 128:
         raise DebugfsOutputError(f"an inode of {len(raw)} bytes")
     raw = raw.ljust(INODE_BYTES, b"\0")
-    mode, uid_lo, size_lo = struct.unpack_from("<HHI", raw, 0)
-    ctime, mtime = struct.unpack_from("<ii", raw, 0x0C)
-    gid_lo, = struct.unpack_from("<H", raw, 0x18)
-    flags, = struct.unpack_from("<I", raw, 0x20)
-    size_hi, = struct.unpack_from("<I", raw, 0x6C)
-    uid_hi, gid_hi = struct.unpack_from("<HH", raw, 0x78)
-    extra_isize, = struct.unpack_from("<H", raw, 0x80)
-    ctime_extra, mtime_extra = struct.unpack_from("<II", raw, 0x84)
+    (mode, uid_lo, size_lo, ctime, mtime, gid_lo, flags, block, size_hi, uid_hi, gid_hi, extra_isize,
+     ctime_extra, mtime_extra) = _INODE.unpack_from(raw)
     return Inode(mode, uid_lo | uid_hi << 16, gid_lo | gid_hi << 16, size_lo | size_hi << 32,
                  _ns(mtime, mtime_extra if extra_isize >= 12 else 0),
-                 _ns(ctime, ctime_extra if extra_isize >= 8 else 0), flags, raw[0x28:0x64])
+                 _ns(ctime, ctime_extra if extra_isize >= 8 else 0), flags, block)
 
 
 def _ns(seconds: int, extra: int) -> int:

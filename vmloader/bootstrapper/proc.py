@@ -3,6 +3,7 @@ import logging
 import shlex
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -66,8 +67,10 @@ def run_bounded(argv: Sequence[str], *, max_output: int, timeout: float, input: 
                threading.Thread(target=out.drain, daemon=True), threading.Thread(target=err.drain, daemon=True)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + timeout
+    threads[1].join(timeout)                # stdout's end: the child is (nearly) done, no polling
     try:
-        child.wait(timeout=timeout)
+        child.wait(timeout=max(deadline - time.monotonic(), 0))
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
