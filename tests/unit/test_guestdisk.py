@@ -77,7 +77,7 @@ def test_what_is_not_ext_gets_a_message_naming_what_would_work(tmp_path):
     xfs.write_bytes(b"XFSB" + bytes(70000))
     assert guestdisk.detect(xfs, None) == "XFS"
     message = str(guestdisk.unsupported("XFS", "snapshot job-1"))
-    assert "holds a XFS file system" in message and "ext2, ext3 and ext4" in message
+    assert "holds an XFS file system" in message and "ext2, ext3 and ext4" in message
     table = {"partitiontable": {"sectorsize": 512, "partitions": [
         {"node": "d1", "start": 2048, "size": 2048, "type": "ef00"},
         {"node": "d2", "start": 4096, "size": 8192, "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4"}]}}
@@ -159,3 +159,15 @@ def test_an_ext4_root_inside_a_gpt_partition_table_is_found(tmp_path):
     base, snap, _ = guestdisk.read_trees(tmp_path / "base.qcow2", tmp_path / "snap.qcow2", "job-1",
                                          guestdisk.parser_identity())
     assert base == snap and base["/etc/motd"].size == 6
+
+
+def test_a_disk_that_is_not_ext_is_refused_with_what_would_work(tmp_path):
+    if not shutil.which("qemu-img"):
+        pytest.skip("needs qemu-img")
+    raw = tmp_path / "xfs.raw"
+    raw.write_bytes(b"XFSB" + bytes(1 << 20))
+    for name in ("base.qcow2", "snap.qcow2"):
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(tmp_path / name)], check=True)
+    with pytest.raises(SnapshotError, match="holds an XFS file system; `snapshot diff` reads ext2") as caught:
+        guestdisk.read_trees(tmp_path / "base.qcow2", tmp_path / "snap.qcow2", "job-1", guestdisk.parser_identity())
+    assert "snapshot shell" in caught.value.hint

@@ -342,7 +342,8 @@ def open_scratch(raw: Path, identity: Optional[Identity]):
 
 def unsupported(found: str, what: str) -> SnapshotError:
     name = {"unknown": "no file system vmloader recognises", "mbr": "a partition table with no Linux "
-            "partition", "gpt": "a partition table with no Linux partition"}.get(found, f"a {found} file system")
+            "partition", "gpt": "a partition table with no Linux partition",
+            "XFS": "an XFS file system"}.get(found, f"a {found} file system")
     return SnapshotError(f"the disk of {what} holds {name}; `snapshot diff` reads ext2, ext3 and ext4 (on "
                          "the whole disk or in one Linux partition of an MBR or GPT table) in user space",
                          hint="boot the snapshot and look inside (vmloader snapshot shell), or export it "
