@@ -90,6 +90,22 @@ def test_connections_to_the_socket_reach_the_guest_port_concurrently(client, por
     assert not forwarder.path.exists()            # closing removes the socket
 
 
+def test_the_guest_closing_its_side_ends_the_connection_while_the_client_still_sends(client, ports):
+    forwarder = Forwarder(client, Forward(guest_service()), ports)
+    with socket.socket(socket.AF_UNIX) as conn:         # never half-closes: like an HTTP/1.0 client
+        conn.settimeout(20)
+        conn.connect(str(forwarder.path))
+        conn.sendall(b"once\n")
+        reply = b""
+        while True:
+            data = conn.recv(4096)
+            if not data:
+                break
+            reply += data
+    assert reply == b"ecno\n"
+    forwarder.close()
+
+
 def test_the_socket_and_its_directory_are_owner_only(client, ports):
     forwarder = Forwarder(client, Forward(80), ports)
     assert forwarder.path == ports.path / "guest-80.sock"

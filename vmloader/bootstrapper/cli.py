@@ -473,7 +473,10 @@ def _snapshot_connect(args, store) -> int:
     else:
         raise UsageError("snapshot connect takes ID PORT, or --socket PATH",
                          hint="e.g. vmloader snapshot connect ID 22")
-    forward.bridge(forward.open_forward(path), sys.stdin.buffer, sys.stdout.buffer)
+    try:
+        forward.bridge(forward.open_forward(path), sys.stdin.buffer, sys.stdout.buffer)
+    except Interrupted:
+        pass                # ssh ends its ProxyCommand with SIGHUP: the normal end, nothing to say
     return 0
 
 

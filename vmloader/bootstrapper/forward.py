@@ -71,7 +71,7 @@ class Forwarder:
         try:
             stream = self.client.connect(self.forward.guest_port)
         except VMLoaderError:
-            conn.close()
+            _end(conn)
             return
 
         def up() -> None:
@@ -95,11 +95,21 @@ class Forwarder:
             pass
         finally:
             stream.close()
-            conn.close()
+            _end(conn)
 
     def close(self) -> None:
-        self.listener.close()
+        _end(self.listener)
         self.directory.unlink(self.forward.socket_name)
+
+
+def _end(sock: socket.socket) -> None:
+    """Shut down, then close: a bare close() leaves the connection open while another
+    thread is still blocked in recv() on it, so the far end would never see the end."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def start_all(client: AgentClient, forwards: List[Forward], directory: PrivateDir) -> List[Forwarder]:
