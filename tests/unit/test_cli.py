@@ -26,3 +26,12 @@ def test_validate_of_a_missing_file_is_a_clear_error(tmp_path, capsys):
 def test_a_bad_bind_address_for_repo_serve_is_a_usage_error(tmp_path, capsys):
     assert cli.main(["repo", "serve", str(tmp_path), "--bind", "localhost"]) == 125
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_snapshot_connect_takes_id_and_port_or_a_socket(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VMLOADER_STATE_DIR", str(tmp_path / "state"))
+    assert cli.main(["snapshot", "connect", "some-id"]) == 125
+    assert "ID PORT, or --socket PATH" in capsys.readouterr().err
+    assert cli.main(["snapshot", "connect", "--socket", str(tmp_path / "guest-22.sock")]) == 125
+    err = capsys.readouterr().err
+    assert "no booted snapshot listens there" in err and "snapshot boot ID --forward PORT" in err

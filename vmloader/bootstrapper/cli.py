@@ -130,14 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                                       "overlay and keep it running until Ctrl-C")
     sb.add_argument("id")
     sb.add_argument("--root", action="store_true", help="shells and --ssh log in as root")
-    sb.add_argument("--forward", action="append", default=[], metavar="HOST:GUEST",
-                    help="forward host port HOST (127.0.0.1; 0 = any free) to the guest's port GUEST")
-    sb.add_argument("--ssh", action="store_true", help="authorize your public key and forward a port to sshd")
+    sb.add_argument("--forward", action="append", default=[], metavar="GUEST",
+                    help="make the guest's port GUEST a Unix socket only you can open (ports/guest-GUEST.sock "
+                         "in the snapshot's directory; `curl --unix-socket`, or `snapshot connect`). No TCP "
+                         "port: on loopback any local user could connect. The old HOST:GUEST form maps to "
+                         "the same socket")
+    sb.add_argument("--ssh", action="store_true",
+                    help="authorize your public key, start the guest's sshd and print an ssh command that "
+                         "goes through a forwarded socket and checks the guest's pinned host key")
     sb.add_argument("--ssh-key", metavar="FILE.pub", help="the public key for --ssh (default ~/.ssh/id_*.pub)")
-    sb.add_argument("--ssh-port", type=int, default=0, metavar="PORT", help="host port for --ssh (default: free)")
     sb.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
     sb.add_argument("--network", choices=("user", "none"), default="user")
     sb.add_argument("--json", action="store_true", help="print how to reach it as one JSON line on stdout")
+    sc = snap.add_parser("connect", help="connect stdin/stdout to a forwarded port of a booted snapshot "
+                                         "(for ssh's ProxyCommand)")
+    sc.add_argument("id", nargs="?")
+    sc.add_argument("port", nargs="?", type=int, help="the guest port given to `snapshot boot --forward`")
+    sc.add_argument("--socket", metavar="PATH", help="a forward's socket instead of ID PORT")
     sp = snap.add_parser("prune", help="remove snapshots beyond the retention limits (oldest first)")
     sp.add_argument("--dry-run", action="store_true", help="only say what would go")
     sp.add_argument("--json", action="store_true")
@@ -427,8 +436,12 @@ def _snapshot_boot(args, cfg, store) -> int:
     ssh_key = None
     if args.ssh:
         ssh_key = Path(args.ssh_key) if args.ssh_key else sessions.default_ssh_key()
-    options = sessions.BootOptions(tuple(forward.parse_forward(f) for f in args.forward), ssh_key,
-                                   args.ssh_port, args.json)
+    for text in args.forward:
+        if forward.legacy_host_port(text):
+            print(f"vmloader: --forward {text}: no TCP port is opened (any local user could connect to it); "
+                  f"guest port {forward.parse_forward(text).guest_port} becomes a Unix socket only you can "
+                  "open (printed once booted)", file=sys.stderr)
+    options = sessions.BootOptions(tuple(forward.parse_forward(f) for f in args.forward), ssh_key, args.json)
     spec = JobSpec(image=snap.meta.image, command=("(booted for debugging)",), root=args.root,
                    env=dict(snap.meta.env), snapshot="never", from_snapshot=snap.meta.id,
                    network=args.network, console=args.console)
@@ -441,6 +454,30 @@ def _snapshot_boot(args, cfg, store) -> int:
         print(f"vmloader: snapshot {snap.meta.id} stopped; its throwaway overlay is gone, the snapshot is unchanged",
               file=sys.stderr)
     return result.exit_status
+
+
+def _snapshot_connect(args, store) -> int:
+    if args.socket is not None and args.id is None:
+        path = Path(args.socket)
+    elif args.socket is None and args.id is not None and args.port is not None:
+        snap = store.get(args.id)
+        info = sessions.booted(snap)
+        if info is None:
+            raise SnapshotError(f"snapshot {snap.meta.id} is not booted",
+                                hint=f"vmloader snapshot boot {snap.meta.id} --forward {args.port}")
+        path = forward.socket_for(info, args.port)
+        if path is None:
+            ports = ", ".join(str(f.get("guest_port")) for f in info.get("forwards") or ()) or "none"
+            raise UsageError(f"snapshot {snap.meta.id} was booted without --forward {args.port} "
+                             f"(forwarded: {ports})", hint="stop that boot and boot it again with the port")
+    else:
+        raise UsageError("snapshot connect takes ID PORT, or --socket PATH",
+                         hint="e.g. vmloader snapshot connect ID 22")
+    try:
+        forward.bridge(forward.open_forward(path), sys.stdin.buffer, sys.stdout.buffer)
+    except Interrupted:
+        pass                # ssh ends its ProxyCommand with SIGHUP: the normal end, nothing to say
+    return 0
 
 
 def _snapshot_diff(args, cfg, store) -> int:
@@ -481,6 +518,8 @@ def cmd_snapshot(args, cfg) -> int:
         return _snapshot_boot(args, cfg, store)
     elif args.snap_cmd == "diff":
         return _snapshot_diff(args, cfg, store)
+    elif args.snap_cmd == "connect":
+        return _snapshot_connect(args, store)
     elif args.snap_cmd == "export":
         snap = store.get(args.id)
         dest = snapshots_mod.export(snap, _base_present(cfg, snap), Path(args.output))

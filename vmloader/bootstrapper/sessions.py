@@ -4,11 +4,14 @@ others attach to (shell, exec, forwarded ports, ssh).
 A session runs where a job's command would (see `job.Session`): the VM is booted
 on a throwaway overlay by JobRunner and torn down after; the snapshot is only read.
 `snapshot boot` also writes `booted.json` into the snapshot's directory so later
-`snapshot shell`/`exec` calls attach to the running VM through a free agent port.
+`snapshot shell`/`exec` calls attach to the running VM through a free agent port,
+and keeps its forwarded ports (Unix sockets) and the guest's pinned ssh host key in
+the snapshot's `ports/` directory, private to the user who booted it.
 """
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -17,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, List, Optional
 
+from . import guestssh
 from .agentclient import AgentClient, ExecResult, PtySpec
-from .errors import AgentError, Interrupted, SnapshotError, UsageError
-from .forward import Forward, start_all
+from .errors import Interrupted, SnapshotError, UsageError
+from .forward import Forward, Forwarder, start_all
 from .job import GUEST_USER, GUEST_WORKDIR, Attached
 from .orphans import pid_alive
+from .privatedir import PrivateDir
 from .snapshots import Snapshot
 from .terminal import following_window_size, raw_mode, window_size
 
@@ -57,8 +62,11 @@ def command_session(argv: list, stdin: Optional[BinaryIO], timeout: Optional[flo
 class BootOptions:
     forwards: tuple = ()             # Forward
     ssh_key: Optional[Path] = None   # a public key: start sshd in the guest and forward a port to it
-    ssh_port: int = 0
     as_json: bool = False
+
+
+PORTS_DIR = "ports"                 # in the snapshot's directory: 0700, the forwards' sockets and known_hosts
+KNOWN_HOSTS = "known_hosts"
 
 
 def default_ssh_key() -> Path:
@@ -73,24 +81,14 @@ def default_ssh_key() -> Path:
 def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
     """Keep the VM running until Ctrl-C/SIGTERM, with forwarded ports; say how to reach it."""
     def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
-        forwards = list(options.forwards)
-        ssh_user = None
-        if options.ssh_key is not None:
-            ssh_user = _start_sshd(attached, options.ssh_key)
-            forwards.append(Forward(options.ssh_port, 22))
-        forwarders = start_all(attached.client, forwards)
-        info = {"snapshot": snapshot.meta.id, "pid": os.getpid(), "job_id": attached.job_id,
-                "resumed_from_memory": snapshot.meta.memory, "sockets": list(attached.sockets),
-                "user": attached.user, "env": attached.env,
-                "console_log": str(Path(jobs_dir) / attached.job_id / "console.log"),
-                "forwards": [{"host": f.forward.bind, "host_port": f.forward.host_port,
-                              "guest_port": f.forward.guest_port} for f in forwarders]}
-        if ssh_user:
-            port = forwarders[-1].forward.host_port
-            info["ssh"] = (f"ssh -p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                           f"{ssh_user}@127.0.0.1")
-        _write_private_json(snapshot.booted_file, info)
+        ports = PrivateDir(snapshot.path / PORTS_DIR)
+        forwarders: List[Forwarder] = []
         try:
+            ssh = _ssh_setup(attached, snapshot, options, ports) if options.ssh_key is not None else None
+            forwards = list(options.forwards) + ([Forward(22)] if ssh else [])
+            forwarders = start_all(attached.client, forwards, ports)
+            info = _boot_info(snapshot, attached, jobs_dir, ports, forwarders, ssh)
+            _write_private_json(snapshot.booted_file, info)
             _announce(info, options.as_json)
             while True:
                 attached.client.check_alive()
@@ -101,7 +99,33 @@ def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
             snapshot.booted_file.unlink(missing_ok=True)
             for forwarder in forwarders:
                 forwarder.close()
+            ports.unlink(KNOWN_HOSTS)
+            ports.close(remove=True)
     return run
+
+
+def _ssh_setup(attached, snapshot: Snapshot, options: BootOptions, ports: PrivateDir) -> dict:
+    """Start the guest's sshd, pin its host key in a known_hosts file; how to ssh in."""
+    user = guestssh.start_sshd(attached, options.ssh_key)
+    alias = f"vmloader-snapshot-{snapshot.meta.id}"
+    known_hosts = ports.write(KNOWN_HOSTS, guestssh.known_hosts_line(alias, guestssh.fetch_host_key(attached)))
+    argv = guestssh.ssh_argv(ports.path / Forward(22).socket_name, known_hosts, alias, user,
+                             guestssh.identity_for(options.ssh_key))
+    return {"argv": argv, "command": shlex.join(argv), "known_hosts": str(known_hosts),
+            "host_key_alias": alias, "user": user, "socket": str(ports.path / Forward(22).socket_name)}
+
+
+def _boot_info(snapshot: Snapshot, attached, jobs_dir: Path, ports: PrivateDir, forwarders: list,
+               ssh: Optional[dict]) -> dict:
+    info = {"snapshot": snapshot.meta.id, "pid": os.getpid(), "job_id": attached.job_id,
+            "resumed_from_memory": snapshot.meta.memory, "sockets": list(attached.sockets),
+            "user": attached.user, "env": attached.env,
+            "console_log": str(Path(jobs_dir) / attached.job_id / "console.log"),
+            "ports_dir": str(ports.path),
+            "forwards": [{"guest_port": f.forward.guest_port, "socket": str(f.path)} for f in forwarders]}
+    if ssh:
+        info["ssh"] = ssh
+    return info
 
 
 def _announce(info: dict, as_json: bool) -> None:
@@ -109,51 +133,20 @@ def _announce(info: dict, as_json: bool) -> None:
         print(json.dumps(info), flush=True)
         return
     how = "resumed from its memory state" if info["resumed_from_memory"] else "booted from its disk state"
-    lines = [f"vmloader: snapshot {info['snapshot']} is running ({how}) on a throwaway overlay; "
+    snap = info["snapshot"]
+    lines = [f"vmloader: snapshot {snap} is running ({how}) on a throwaway overlay; "
              "the snapshot itself stays unchanged.",
-             f"  shell:    vmloader snapshot shell {info['snapshot']} [--root]",
-             f"  command:  vmloader snapshot exec {info['snapshot']} -- CMD"]
-    lines += [f"  forward:  {f['host']}:{f['host_port']} -> guest port {f['guest_port']}" for f in info["forwards"]]
+             f"  shell:    vmloader snapshot shell {snap} [--root]",
+             f"  command:  vmloader snapshot exec {snap} -- CMD"]
+    for f in info["forwards"]:
+        lines += [f"  forward:  guest port {f['guest_port']} at {f['socket']} (only you can connect)",
+                  f"            e.g. curl --unix-socket {shlex.quote(f['socket'])} http://guest/  or  "
+                  f"vmloader snapshot connect {snap} {f['guest_port']}  (stdin/stdout)"]
     if info.get("ssh"):
-        lines.append(f"  ssh:      {info['ssh']}")
+        lines.append(f"  ssh:      {info['ssh']['command']}")
     lines += [f"  console:  {info['console_log']}",
               f"Stop it with Ctrl-C (or kill {info['pid']}); the overlay is thrown away."]
     print("\n".join(lines), file=sys.stderr, flush=True)
-
-
-def _start_sshd(attached, key: Path) -> str:
-    """Authorize `key` for the session's guest user and start the guest's sshd on loopback."""
-    if not key.is_file():
-        raise UsageError(f"--ssh-key {key}: no such file", hint="give a public key file (*.pub)")
-    user = attached.user
-    home = "/root" if user == "root" else f"/home/{user}"
-    attached.client.put_file(str(key), f"{home}/.ssh/authorized_keys", mode=0o600, user=user)
-    script = ("test -x /usr/sbin/sshd || { echo 'this image has no sshd (package openssh-server)'; exit 3; }; "
-              "mkdir -p /run/sshd && chmod 0755 /run/sshd; "
-              "ls /etc/ssh/ssh_host_*_key >/dev/null 2>&1 || "
-              "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key; "
-              f"chown {user} {home}/.ssh 2>/dev/null; chmod 0700 {home}/.ssh; "
-              "exec /usr/sbin/sshd -o ListenAddress=127.0.0.1 </dev/null >/dev/null 2>&1")
-    out = _Buffer()
-    result = attached.client.exec(["sh", "-c", script], env={}, user="root", cwd="/", stdin=None,
-                                  stdout=out, stderr=out, deadline=time.monotonic() + 60)
-    if result.exit_code != 0:
-        raise AgentError(f"--ssh: could not start sshd in the guest: {bytes(out.data).decode(errors='replace').strip()}"
-                         f" (exit {result.exit_code})",
-                         hint="use `vmloader snapshot shell ID` instead, or add openssh-server to the image")
-    return user
-
-
-class _Buffer:
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
 
 
 def _write_private_json(path: Path, data: dict) -> None:
