@@ -6,8 +6,8 @@ from typing import BinaryIO, Optional
 import pyinotify
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    """The last `lines` lines of the console log, or '' when there is none."""
+def tail_bytes(path: Path, lines: int = 30) -> bytes:
+    """The last `lines` lines of the console log as the guest wrote them, or b'' when there is none."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, 2)
@@ -15,9 +15,17 @@ def tail(path: Path, lines: int = 30) -> str:
             handle.seek(max(0, size - 64 * 1024))
             data = handle.read()
     except OSError:
-        return ""
-    text = data.decode("utf-8", "replace").replace("\r", "")
-    return "\n".join(text.splitlines()[-lines:])
+        return b""
+    pieces = data.split(b"\n")
+    ends_a_line = data.endswith(b"\n")          # then the last piece is the empty rest after it
+    return b"\n".join(pieces[-lines - ends_a_line:])
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of the console log, line ends ("\\r\\n" on a serial console) made
+    "\\n". Other control characters stay: whoever shows this text escapes it (guesttext)."""
+    text = tail_bytes(path, lines).decode("utf-8", "replace")
+    return "\n".join(line.rstrip("\r") for line in text.split("\n")).rstrip("\n")
 
 
 CRASH_MARKS = ("Kernel panic", "Out of memory: Killed process", "BUG: ", "soft lockup", "hung_task")
@@ -25,7 +33,7 @@ CRASH_MARKS = ("Kernel panic", "Out of memory: Killed process", "BUG: ", "soft l
 
 def crash_line(path: Path) -> Optional[str]:
     """The console line that says why the guest died, if it says so (panic, OOM, BUG)."""
-    for line in reversed(tail(path, 200).splitlines()):
+    for line in reversed(tail(path, 200).split("\n")):          # not splitlines: a CR is no line end
         if any(mark in line for mark in CRASH_MARKS):
             return line.strip()
     return None
