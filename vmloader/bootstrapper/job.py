@@ -67,6 +67,7 @@ class JobSpec:
     from_snapshot: Optional[str] = None   # boot this kept state (on a throwaway overlay) instead of the image
     network: str = "user"
     console: bool = False
+    console_raw: bool = False      # --console --raw: the console's bytes unescaped
     capture_dir: bool = False      # --json: command output goes to files in the job dir
     job_id: Optional[str] = None
 
@@ -323,7 +324,7 @@ class JobRunner:
                       "-b", str(top), str(job.overlay)], phase="overlay")
         with job.timer.phase("define"):
             self._start_domain(job)
-        follower = ConsoleFollower(job.console_log, self.stderr).start() if spec.console else None
+        follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
             with job.timer.phase("boot"):
                 job.client = self._connect_agent(job)
