@@ -304,7 +304,7 @@ def test_guest_text_with_esc_cr_nul_and_10_kib_in_a_hold_reason_stays_a_clean_ca
     reason, _, subcode = shown.rstrip("\n").rpartition(" ")
     assert subcode == "125", shown
     assert reason.isprintable(), repr(reason)                # no ESC, CR (a line break here), NUL, bidi
-    assert len(classad.quote(reason).encode()) <= HOLD_REASON_MAX, len(reason)
+    assert len(classad.quote_old(reason).encode()) <= HOLD_REASON_MAX, len(reason)
     assert reason.startswith("vmloader on ") and "[exec]: the guest agent restarted" in reason, reason
     assert "BUG: guest-text-crash \\x1b[2J\\x1b[31mred\\rover\\x00nul \\u202eevil" in reason, reason
     assert "AAAA... (hint: this is not the command's own exit status" in reason, reason

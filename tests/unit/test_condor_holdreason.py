@@ -1,4 +1,7 @@
-"""The hold reason carries guest text: escaped, capped, a valid ClassAd string, never a crash."""
+"""The hold reason carries guest text: escaped, capped, a valid ClassAd string, never a crash.
+
+condor_chirp set_job_attr parses the old ClassAd syntax (seen on HTCondor 23.9: a backslash is
+itself, only \\" is an escape), so that is how the literal is checked here."""
 import json
 import subprocess
 
@@ -16,7 +19,22 @@ with open(sys.argv[0] + ".log", "a") as log:
 
 
 def literal(reason: str) -> bytes:
-    return classad.quote(reason).encode("utf-8")
+    return classad.quote_old(reason).encode("utf-8")
+
+
+def read_old(literal: str) -> str:
+    """An old-syntax string literal's value (what condor_q -af HoldReason prints)."""
+    assert literal[0] == literal[-1] == '"' and "\n" not in literal, literal
+    out, i, body = [], 0, literal[1:-1]
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body) and body[i + 1] == '"':
+            out.append('"')
+            i += 2
+            continue
+        assert body[i] != '"', "an unescaped quote ends the literal early"
+        out.append(body[i])
+        i += 1
+    return "".join(out)
 
 
 def test_esc_cr_nul_bidi_and_10_kib_become_a_clean_capped_valid_classad_string():
@@ -24,8 +42,7 @@ def test_esc_cr_nul_bidi_and_10_kib_become_a_clean_capped_valid_classad_string()
     assert len(literal(reason)) <= HOLD_REASON_MAX
     assert len(literal(reason)) > HOLD_REASON_MAX - 16          # the room is used, not thrown away
     assert reason.isprintable(), repr(reason)                     # no ESC, CR, NUL, C1, bidi, newline
-    assert classad.parse_value(classad.quote(reason)) == reason   # one string literal, round-trips
-    assert json.loads(classad.quote(reason)) == reason            # what condor_q -af prints is this string
+    assert read_old(classad.quote_old(reason)) == reason          # one string literal, round-trips
     for shown in ("\\x1b[2J", "\\x1b[31mred", "\\rover", "\\x00nul", "\\u202eevil", "\\u009b1m",
                   "\\there", "\\nline2"):
         assert shown in reason, (shown, reason)
@@ -47,11 +64,11 @@ def test_text_escaped_where_it_entered_the_message_is_not_escaped_twice():
 def test_the_cap_counts_quoted_bytes_and_never_cuts_a_character_or_an_escape(filler):
     reason = hold_reason("w", "exec", filler * 5000, "h" * 1000)
     assert len(literal(reason)) <= HOLD_REASON_MAX
-    assert classad.parse_value(classad.quote(reason)) == reason
+    assert read_old(classad.quote_old(reason)) == reason
     body = reason[len("vmloader on w [exec]: "):reason.index("...")]
     unit = "\\x1b" if filler == "\x1b" else filler
     assert body == unit * (len(body) // len(unit))                 # whole characters, whole escapes only
-    assert len(classad.quote(reason.split(" (hint: ")[1]).encode()) <= 170   # the hint is capped too
+    assert len(classad.quote_old(reason.split(" (hint: ")[1]).encode()) <= 170   # the hint is capped too
 
 
 def test_a_hostile_worker_name_or_phase_is_escaped_and_capped():
@@ -69,8 +86,8 @@ def test_hold_passes_nul_and_10_kib_through_a_real_chirp_process_as_one_short_cl
     assert argv[:2] == ["set_job_attr", HOLD_ATTR]
     command = " ".join(argv).encode("utf-8")                 # what condor_chirp formats into its 1024-byte buffer
     assert len(command) < 600, len(command)
-    value = classad.parse_value(argv[2])
-    assert isinstance(value, str) and value.isprintable() and "\\x00nul" in value and "hint\\x00" in value
+    value = read_old(argv[2])
+    assert value.isprintable() and "\\x00nul" in value and "hint\\x00" in value
 
 
 def test_chirp_set_never_raises_on_a_nul(tmp_path):
@@ -80,5 +97,17 @@ def test_chirp_set_never_raises_on_a_nul(tmp_path):
 def test_chirp_command_stays_well_under_the_buffer_for_any_message():
     for message in (HOSTILE, "\x00" * 20000, "\u202e" * 20000, '"\\' * 20000):
         reason = hold_reason("slot1@" + "x" * 300, "phase" * 40, message, "\x1b" * 500)
-        command = f"set_job_attr {HOLD_ATTR} {classad.quote(reason)}\n".encode("utf-8")
+        command = f"set_job_attr {HOLD_ATTR} {classad.quote_old(reason)}\n".encode("utf-8")
         assert len(command) <= HOLD_REASON_MAX + 40 < 1024
+
+
+@pytest.mark.parametrize("text", ['plain', 'say "hi"', 'back\\slash \\x1b', 'ends in \\', 'quote after \\"',
+                                  'two\nlines'])
+def test_quote_old_reads_back_in_the_old_syntax(text):
+    assert read_old(classad.quote_old(text)).rstrip() == text.replace("\n", " ").rstrip()
+
+
+def test_a_hold_reason_with_quotes_and_a_last_backslash_stays_one_literal():
+    reason = hold_reason("w", None, 'write +VMImage = "debian-12" \\', None)
+    assert read_old(classad.quote_old(reason)).rstrip() == reason
+    assert len(literal(reason)) <= HOLD_REASON_MAX

@@ -142,7 +142,10 @@ class Chirp:
     def set(self, name: str, value: Any) -> bool:
         if self.binary is None:
             return False
-        expr = "undefined" if value is classad.UNDEFINED else classad.quote(value)
+        if value is classad.UNDEFINED:
+            expr = "undefined"
+        else:           # chirp reads the old ClassAd syntax
+            expr = classad.quote_old(value) if isinstance(value, str) else classad.quote(value)
         try:
             done = subprocess.run([self.binary, "set_job_attr", name, expr], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, timeout=60)
@@ -283,8 +286,9 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")
 
 
-# The hold reason's ClassAd literal, quotes included. condor_chirp formats its whole command
-# ("set_job_attr NAME VALUE") into a 1024-byte buffer: a longer one crashes it and the hold is lost.
+# The hold reason's ClassAd literal (old syntax, as chirp sends it), quotes included. condor_chirp
+# formats its whole command ("set_job_attr NAME VALUE") into a 1024-byte buffer: a longer one
+# crashes it and the hold is lost.
 HOLD_REASON_MAX = 512
 _HOLD_HEAD_MAX, _HOLD_HINT_MAX, _CUT = 120, 160, "..."
 
@@ -298,7 +302,7 @@ def hold_reason(worker: str, phase: Optional[str], message: str, hint: Optional[
     entered a message is not escaped twice."""
     head = _fit(_units(f"vmloader on {worker}" + (f" [{phase}]" if phase else "") + ": "), _HOLD_HEAD_MAX)
     tail = _fit(_units(f" (hint: {hint})"), _HOLD_HINT_MAX) if hint else ""
-    room = HOLD_REASON_MAX - 2 - _quoted_size(head) - _quoted_size(tail)
+    room = HOLD_REASON_MAX - 3 - _quoted_size(head) - _quoted_size(tail)    # quotes; a space after a last `\\`
     return head + _fit(_units(message), room) + tail
 
 
@@ -308,7 +312,7 @@ def _units(text: str) -> list:
 
 
 def _quoted_size(text: str) -> int:
-    return len(classad.quote(text).encode("utf-8")) - 2
+    return len(classad.quote_old(text).encode("utf-8")) - 2
 
 
 def _fit(units: list, budget: int) -> str:
