@@ -22,6 +22,7 @@ from .snapshots import POLICIES, SnapshotStore
 RAW_CONSOLE_HELP = ("with --console: the guest's console bytes exactly as written, its escape sequences "
                     "reaching your terminal (default: control characters and bidi overrides escaped)")
 
+
 def _env_pair(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key:
