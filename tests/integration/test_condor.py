@@ -309,6 +309,6 @@ def test_guest_text_with_esc_cr_nul_and_10_kib_in_a_hold_reason_stays_a_clean_ca
     assert "BUG: guest-text-crash \\x1b[2J\\x1b[31mred\\rover\\x00nul \\u202eevil" in reason, reason
     assert "AAAA... (hint: this is not the command's own exit status" in reason, reason
     pool.run(["condor_rm", str(job.cluster)], check=True)
-    record_row(fault="guest text with ESC, CR, NUL and 10 KiB in a hold reason (a root job's console crash line)",
+    record_row(fault="guest text with ESC, CR, NUL and 10 KiB in a hold reason",
                exit=125, outcome="held (HoldReason, subcode 125)", phase="exec", message=reason,
                kept="the job (on hold); the guest text escaped, the reason capped at 512 bytes")

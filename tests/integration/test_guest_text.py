@@ -59,7 +59,7 @@ def test_guest_escape_sequences_in_the_console_log_are_escaped_unless_raw(vm_env
 
     live_raw = run_hostile(vm_env, tmp_path, "text-console-raw", "console", "--console", "--raw")
     assert live_raw.returncode == 3 and RAW_MARKER in live_raw.stderr
-    record_row(fault="guest escape sequences in the console log (ESC, CR, OSC title, bidi override)",
+    record_row(fault="guest escape sequences in the console log",
                exit=run.returncode, outcome="failed (the command's exit 3)", phase="exec",
                message="snapshot logs and run --console show " + SHOWN_MARKER.strip(),
                kept="console log with the guest's exact bytes (snapshot logs --raw, --console --raw)")
