@@ -282,3 +282,33 @@ def test_the_nightly_dag_builds_tests_and_summarises_every_platform(pool):
         for event in events.events(stop_after=0):
             terminated += event.type == htcondor2.JobEventType.JOB_TERMINATED and event["ReturnValue"] == 0
     assert terminated == 7          # 3 builds, 3 tests, 1 summary, each exit 0 in the nodes' event log
+
+
+def test_guest_text_with_esc_cr_nul_and_10_kib_in_a_hold_reason_stays_a_clean_capped_hold(pool):
+    """A root job writes a crash line (ESC, CR, NUL, bidi, 10 KiB) to its console and kills the agent:
+    the infrastructure error quotes that line, and the job is held with a clean reason of at most 512
+    bytes (condor_chirp's command buffer is 1024 bytes; a NUL used to crash the wrapper)."""
+    from vmloader.bootstrapper import classad
+    from vmloader.bootstrapper.condor import HOLD_REASON_MAX
+    from .faulttable import record_row
+    job = Submission(pool, "hostiletext", {
+        "hostile_text.py": Path(__file__).with_name("hostile_text.py"),
+        "job.sub": ("executable = hostile_text.py\narguments = crash\nshould_transfer_files = YES\n"
+                    "when_to_transfer_output = ON_EXIT\noutput = out\nerror = err\nlog = log\n"
+                    '+VMImage = "debian-12"\n+VMLoaderRoot = True\nqueue\n')})
+    job.file("hostile_text.py").chmod(0o755)
+    job.submit("job.sub")
+    job.wait({HELD}, timeout=900)
+    shown = pool.run(["condor_q", "-allusers", str(job.cluster), "-af", "HoldReason", "HoldReasonSubCode"],
+                     user=None, timeout=60).stdout
+    reason, _, subcode = shown.rstrip("\n").rpartition(" ")
+    assert subcode == "125", shown
+    assert reason.isprintable(), repr(reason)                # no ESC, CR (a line break here), NUL, bidi
+    assert len(classad.quote_old(reason).encode()) <= HOLD_REASON_MAX, len(reason)
+    assert reason.startswith("vmloader on ") and "[exec]: the guest agent restarted" in reason, reason
+    assert "BUG: guest-text-crash \\x1b[2J\\x1b[31mred\\rover\\x00nul \\u202eevil" in reason, reason
+    assert "AAAA... (hint: this is not the command's own exit status" in reason, reason
+    pool.run(["condor_rm", str(job.cluster)], check=True)
+    record_row(fault="guest text with ESC, CR, NUL and 10 KiB in a hold reason",
+               exit=125, outcome="held (HoldReason, subcode 125)", phase="exec", message=reason,
+               kept="the job (on hold); the guest text escaped, the reason capped at 512 bytes")

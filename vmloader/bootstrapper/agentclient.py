@@ -18,10 +18,17 @@ from typing import BinaryIO, Optional
 
 from .. import protocol as P
 from .errors import AgentError, GuestTimeout
+from .guesttext import cap, escape
 
 QUEUE_FRAMES = 64           # per request: at most this many frames buffered (~4 MiB)
 KILL_DRAIN = 10.0
 TRANSFER_IDLE = 120.0       # a file copy that sends nothing for this long is abandoned
+GUEST_TEXT_MAX = 1024       # bytes of guest-written text (an agent's error message) kept in a message
+
+
+def guest_text(value: object) -> str:
+    """Text the guest chose, made fit for a message: control characters escaped, length capped."""
+    return cap(escape(str(value)[:GUEST_TEXT_MAX]), GUEST_TEXT_MAX)
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ class AgentClient:
                 raise AgentError(item.reason or self._failure or "the guest agent went away",
                                  hint="see the console log; the job's state is kept per --snapshot")
             if item.type == P.ERROR:
-                raise AgentError("the guest agent refused a request: " + str(item.json().get("message")))
+                raise AgentError("the guest agent refused a request: " + guest_text(item.json().get("message")))
             return item
 
     # -- API -----------------------------------------------------------------
@@ -197,7 +204,7 @@ class AgentClient:
             self._send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION})
             self._hello.wait(1.0)
         if self.info.get("protocol") != P.PROTOCOL_VERSION:
-            raise AgentError(f"the guest agent speaks protocol {self.info.get('protocol')}, "
+            raise AgentError(f"the guest agent speaks protocol {guest_text(self.info.get('protocol'))}, "
                              f"this host {P.PROTOCOL_VERSION}", hint="rebuild the image with this vmloader")
         self._last_seen = time.monotonic()
         return self.info
@@ -239,7 +246,8 @@ class AgentClient:
                 frame = self._next(waiter, time.monotonic() + TRANSFER_IDLE)
                 if frame is None:
                     self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
-                    raise AgentError(f"{name}: no data from the guest for {TRANSFER_IDLE:.0f} s; transfer aborted")
+                    raise AgentError(f"{guest_text(name)}: no data from the guest for {TRANSFER_IDLE:.0f} s; "
+                                     "transfer aborted")
                 if frame.type == P.GET_END:
                     return received
                 if frame.type != P.GET_DATA:
@@ -247,7 +255,8 @@ class AgentClient:
                 received += len(frame.payload)
                 if received > limit:
                     self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
-                    raise AgentError(f"{name}: the guest sent more than the {limit} byte limit; transfer aborted")
+                    raise AgentError(f"{guest_text(name)}: the guest sent more than the {limit} byte limit; "
+                                     "transfer aborted")
                 out.write(frame.payload)
 
     def supports(self, feature: str) -> bool:
@@ -311,7 +320,7 @@ class AgentClient:
                     raise ExecTimeout("the command ran past its --timeout and was killed", phase="exec")
                 result = frame.json()
                 return ExecResult(result.get("code"), result.get("signal"), result.get("error"),
-                                  str(result.get("message", "")))
+                                  guest_text(result.get("message", "")))
             else:
                 raise AgentError(f"unexpected {P.name_of(frame.type)} frame during exec")
 
@@ -399,7 +408,7 @@ class GuestStream:
             return frame.payload
         self.ended = True
         if frame.type == P.EXIT and frame.json().get("error"):
-            raise AgentError(f"cannot connect to {frame.json().get('message')}",
+            raise AgentError(f"cannot connect to {guest_text(frame.json().get('message'))}",
                              hint="is anything listening on that port in the guest?")
         return b""
 
@@ -416,16 +425,17 @@ def safe_destination(dest_dir: str, guest_path: str) -> Path:
     """Where a guest file may land: inside dest_dir, through no symlink, never absolute."""
     pure = PurePosixPath(guest_path)
     if pure.is_absolute() or not pure.parts or any(p in ("..", ".", "") for p in pure.parts):
-        raise AgentError(f"refusing to copy back {guest_path!r}: only plain relative paths are allowed")
+        raise AgentError(f"refusing to copy back '{guest_text(guest_path)}': only plain relative paths "
+                         "are allowed")
     root = Path(dest_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     current = root
     for part in pure.parts[:-1]:
         current = current / part
         if current.is_symlink():
-            raise AgentError(f"refusing to copy back {guest_path!r}: {current} is a symlink")
+            raise AgentError(f"refusing to copy back '{guest_text(guest_path)}': {current} is a symlink")
         current.mkdir(exist_ok=True)
     dest = current / pure.parts[-1]
     if dest.is_symlink():
-        raise AgentError(f"refusing to copy back {guest_path!r}: {dest} is a symlink")
+        raise AgentError(f"refusing to copy back '{guest_text(guest_path)}': {dest} is a symlink")
     return dest

@@ -88,6 +88,16 @@ def quote(value: Any) -> str:
     return f'"{text}"'
 
 
+def quote_old(text: str) -> str:
+    """A string literal in the old ClassAd syntax, which condor_chirp set_job_attr is parsed with
+    (seen on HTCondor 23.9): a backslash stands for itself and only `\\"` is an escape, so
+    quote() would show every backslash doubled. A newline cannot be carried (one command line)."""
+    text = text.replace("\n", " ")
+    if text.endswith("\\"):
+        text += " "                                  # `\\"` would escape the closing quote
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 def type_name(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"

@@ -14,9 +14,13 @@ from . import build, catalog, config as config_mod, forward, hypervisors, orphan
 from . import job as job_mod, sessions, status, virt
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
+from .console import escape_log
 from .errors import EXIT_INFRA, ImageError, Interrupted, SnapshotError, UsageError, VMLoaderError
 from .job import JobRunner, JobSpec
 from .snapshots import POLICIES, SnapshotStore
+
+RAW_CONSOLE_HELP = ("with --console: the guest's console bytes exactly as written, its escape sequences "
+                    "reaching your terminal (default: control characters and bidi overrides escaped)")
 
 
 def _env_pair(text: str) -> tuple:
@@ -47,6 +51,7 @@ def _add_run(sub) -> None:
     p.add_argument("--network", choices=("user", "none"), default="user")
     p.add_argument("--hypervisor", choices=("kvm", "qemu", "xen"), help="force a hypervisor")
     p.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    p.add_argument("--raw", action="store_true", help=RAW_CONSOLE_HELP)
     p.add_argument("--job-id", help="use this job id (default: generated)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON result; the command's output goes to files in the job dir")
@@ -111,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             sp.add_argument("id")
         sp.add_argument("--json", action="store_true")
+        if name == "logs":
+            sp.add_argument("--raw", action="store_true",
+                            help="the guest's bytes exactly as written (default: control characters, "
+                                 "escape sequences and bidi overrides escaped, on a terminal or not)")
     sx = snap.add_parser("exec", help="boot a kept state on a throwaway overlay and run one command in it")
     sx.add_argument("id")
     sx.add_argument("--root", action="store_true", help="run the command as root in the guest")
@@ -118,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--env", type=_env_pair, action="append", default=[], metavar="K=V",
                     help="added to the job's own environment")
     sx.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sx.add_argument("--raw", action="store_true", help=RAW_CONSOLE_HELP)
     sx.add_argument("--network", choices=("user", "none"), default="user")
     sx.add_argument("command", nargs=argparse.REMAINDER)
     sh = snap.add_parser("shell", help="an interactive shell (a real terminal) in a kept state, in the job's "
@@ -125,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("id")
     sh.add_argument("--root", action="store_true", help="a root shell")
     sh.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sh.add_argument("--raw", action="store_true", help=RAW_CONSOLE_HELP)
     sh.add_argument("--network", choices=("user", "none"), default="user")
     sb = snap.add_parser("boot", help="boot a kept state (resuming its memory when kept) on a throwaway "
                                       "overlay and keep it running until Ctrl-C")
@@ -140,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "goes through a forwarded socket and checks the guest's pinned host key")
     sb.add_argument("--ssh-key", metavar="FILE.pub", help="the public key for --ssh (default ~/.ssh/id_*.pub)")
     sb.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
+    sb.add_argument("--raw", action="store_true", help=RAW_CONSOLE_HELP)
     sb.add_argument("--network", choices=("user", "none"), default="user")
     sb.add_argument("--json", action="store_true", help="print how to reach it as one JSON line on stdout")
     sc = snap.add_parser("connect", help="connect stdin/stdout to a forwarded port of a booted snapshot "
@@ -159,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--all", action="store_true", help="also what vmloader's boot writes (/etc/hostname, ...)")
     sd.add_argument("--json", action="store_true")
     return parser
+
+
+def _show_logs(logs: dict, as_json: bool, raw: bool) -> None:
+    """`snapshot logs`: the guest's text escaped unless --raw, whether stdout is a terminal or not
+    (a log saved to a file is read on a terminal later); --raw writes its bytes as they are."""
+    if not raw:
+        logs = {**logs, **{key: escape_log(logs[key]) for key in ("console_tail", "stdout_tail", "stderr_tail")}}
+    text = "\n".join(f"== {title} ==\n{body}" for title, body in (
+        ("console log (tail)", logs["console_tail"]), ("stdout (tail)", logs["stdout_tail"]),
+        ("stderr (tail)", logs["stderr_tail"]),
+        ("phase timings (s)", "\n".join(f"{k:14} {v}" for k, v in logs["timings"].items()))))
+    if as_json or not raw:
+        _emit(logs, as_json, text)
+        return
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape") + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def _emit(data, as_json: bool, text: str) -> None:
@@ -229,7 +258,7 @@ def cmd_run(args, cfg) -> int:
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
                    outputs=tuple(args.output), output_dir=Path(args.output_dir), collect_new=args.output_new,
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
-                   console=args.console, capture_dir=args.json, job_id=args.job_id)
+                   console=args.console, console_raw=args.raw, capture_dir=args.json, job_id=args.job_id)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)), args.hypervisor)
     runner = JobRunner(cfg, ImageCache.configured(cfg), SnapshotStore(cfg.snapshots_dir), choose,
                        stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
@@ -406,7 +435,7 @@ def _reopen(args, cfg, store, snap, session, command: tuple, env: dict, timeout=
         return job_mod.exit_status(result)
     spec = JobSpec(image=snap.meta.image, command=command, root=args.root, timeout=timeout,
                    env={**snap.meta.env, **env}, snapshot="never", from_snapshot=snap.meta.id,
-                   network=args.network, console=args.console)
+                   network=args.network, console=args.console, console_raw=args.raw)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
     runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=_stdin(), session=session)
     result = runner.run(spec)
@@ -444,7 +473,7 @@ def _snapshot_boot(args, cfg, store) -> int:
     options = sessions.BootOptions(tuple(forward.parse_forward(f) for f in args.forward), ssh_key, args.json)
     spec = JobSpec(image=snap.meta.image, command=("(booted for debugging)",), root=args.root,
                    env=dict(snap.meta.env), snapshot="never", from_snapshot=snap.meta.id,
-                   network=args.network, console=args.console)
+                   network=args.network, console=args.console, console_raw=args.raw)
     choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
     runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=None,
                        session=sessions.hold_session(snap, options, cfg.jobs_dir))
@@ -526,12 +555,7 @@ def cmd_snapshot(args, cfg) -> int:
         _emit({"snapshot": snap.meta.id, "exported": str(dest)}, args.json,
               f"exported snapshot {snap.meta.id} to {dest} (standalone qcow2)")
     elif args.snap_cmd == "logs":
-        logs = store.get(args.id).logs()
-        text = "\n".join(f"== {title} ==\n{body}" for title, body in (
-            ("console log (tail)", logs["console_tail"]), ("stdout (tail)", logs["stdout_tail"]),
-            ("stderr (tail)", logs["stderr_tail"]),
-            ("phase timings (s)", "\n".join(f"{k:14} {v}" for k, v in logs["timings"].items()))))
-        _emit(logs, args.json, text)
+        _show_logs(store.get(args.id).logs(), args.json, args.raw)
     else:
         store.remove(args.id)
         _emit({"removed": args.id}, args.json, f"removed snapshot {args.id}")

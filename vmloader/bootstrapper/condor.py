@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 from . import classad, config as config_mod, hypervisors
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
+from .guesttext import escape
 from .job import GuestFile, JobRunner, JobSpec
 from .snapshots import SnapshotStore
 
@@ -141,11 +142,14 @@ class Chirp:
     def set(self, name: str, value: Any) -> bool:
         if self.binary is None:
             return False
-        expr = "undefined" if value is classad.UNDEFINED else classad.quote(value)
+        if value is classad.UNDEFINED:
+            expr = "undefined"
+        else:           # chirp reads the old ClassAd syntax
+            expr = classad.quote_old(value) if isinstance(value, str) else classad.quote(value)
         try:
             done = subprocess.run([self.binary, "set_job_attr", name, expr], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, ValueError, subprocess.TimeoutExpired):     # ValueError: a NUL in argv
             return False
         return done.returncode == 0
 
@@ -282,10 +286,51 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")
 
 
+# The hold reason's ClassAd literal (old syntax, as chirp sends it), quotes included. condor_chirp
+# formats its whole command ("set_job_attr NAME VALUE") into a 1024-byte buffer: a longer one
+# crashes it and the hold is lost.
+HOLD_REASON_MAX = 512
+_HOLD_HEAD_MAX, _HOLD_HINT_MAX, _CUT = 120, 160, "..."
+
+
+def hold_reason(worker: str, phase: Optional[str], message: str, hint: Optional[str]) -> str:
+    """The reason a job is held: one line whose ClassAd literal takes at most HOLD_REASON_MAX bytes.
+
+    The message (and anything else) may carry guest text: every control or format character
+    (ESC, CR, NUL, C1, bidi overrides) becomes a visible escape, so `condor_q -hold` shows it
+    as data and chirp's argv never holds a NUL. Backslashes stay single: text escaped where it
+    entered a message is not escaped twice."""
+    head = _fit(_units(f"vmloader on {worker}" + (f" [{phase}]" if phase else "") + ": "), _HOLD_HEAD_MAX)
+    tail = _fit(_units(f" (hint: {hint})"), _HOLD_HINT_MAX) if hint else ""
+    room = HOLD_REASON_MAX - 3 - _quoted_size(head) - _quoted_size(tail)    # quotes; a space after a last `\\`
+    return head + _fit(_units(message), room) + tail
+
+
+def _units(text: str) -> list:
+    """Each character as it is shown: itself, or its escape (never cut in the middle)."""
+    return [char if char == "\\" else escape(char) for char in text]
+
+
+def _quoted_size(text: str) -> int:
+    return len(classad.quote_old(text).encode("utf-8")) - 2
+
+
+def _fit(units: list, budget: int) -> str:
+    """The units joined, cut (ending in "...") so that their quoted form takes at most `budget` bytes."""
+    text = "".join(units)
+    if _quoted_size(text) <= budget:
+        return text
+    kept, used = [], len(_CUT)
+    for unit in units:
+        used += _quoted_size(unit)
+        if used > budget:
+            break
+        kept.append(unit)
+    return "".join(kept) + _CUT
+
+
 def _hold(chirp: Chirp, worker: str, phase: Optional[str], message: str, hint: Optional[str]) -> None:
-    reason = f"vmloader on {worker}" + (f" [{phase}]" if phase else "") + f": {message}"
-    if hint:
-        reason += f" (hint: {hint})"
+    reason = hold_reason(worker, phase, message, hint)
     if not chirp.set(HOLD_ATTR, reason):
         print("vmloader: could not put the job on hold (no chirp: is the VMLoader job transform "
               "configured on the schedd?)", file=sys.stderr)

@@ -21,7 +21,7 @@ import libvirt
 
 from .. import protocol as P
 from . import diskfull, proc, virt
-from .agentclient import AgentClient, ExecResult, ExecTimeout
+from .agentclient import AgentClient, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
@@ -67,6 +67,7 @@ class JobSpec:
     from_snapshot: Optional[str] = None   # boot this kept state (on a throwaway overlay) instead of the image
     network: str = "user"
     console: bool = False
+    console_raw: bool = False      # --console --raw: the console's bytes unescaped
     capture_dir: bool = False      # --json: command output goes to files in the job dir
     job_id: Optional[str] = None
 
@@ -323,7 +324,7 @@ class JobRunner:
                       "-b", str(top), str(job.overlay)], phase="overlay")
         with job.timer.phase("define"):
             self._start_domain(job)
-        follower = ConsoleFollower(job.console_log, self.stderr).start() if spec.console else None
+        follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
             with job.timer.phase("boot"):
                 job.client = self._connect_agent(job)
@@ -481,7 +482,7 @@ class JobRunner:
         exc.phase = exc.phase or "exec"
         crash = crash_line(job.console_log)
         if crash:
-            exc.message += f"; the guest console says: {crash}"
+            exc.message += f"; the guest console says: {guest_text(crash)}"
         elif note := diskfull.io_pause_note(job.domain, job.overlay):
             exc.message += note
         elif not _domain_alive(job):
@@ -492,7 +493,7 @@ class JobRunner:
 
     def _boot_failure(self, job: Job, why: str) -> GuestTimeout:
         time.sleep(0.5)   # let virtlogd flush the last console lines
-        console = tail(job.console_log)
+        console = "\n".join(guest_text(line) for line in tail(job.console_log).split("\n"))
         return GuestTimeout(
             f"the guest never reached the agent ({why}); console log {job.console_log}, last lines:\n{console}",
             hint="check the image boots (vmloader run --console shows the boot live); "
@@ -527,8 +528,9 @@ class JobRunner:
             try:
                 job.client.get_file(out, str(job.spec.output_dir))
             except VMLoaderError as exc:
-                print(f"vmloader: could not copy back --output {out}: {exc.message}", file=sys.stderr)
-                job.output_errors.append({"output": out, "message": exc.message})
+                shown = guest_text(out)               # a name the guest listed: any bytes
+                print(f"vmloader: could not copy back --output {shown}: {exc.message}", file=sys.stderr)
+                job.output_errors.append({"output": shown, "message": exc.message})
 
     def _save_memory(self, job: Job) -> bool:
         """Stop the VM by saving its memory (the timed-out command still in it); False if that failed."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import proc
-from .console import tail
+from .console import tail_bytes
 from .errors import SnapshotError
 
 POLICIES = ("always", "on-failure", "never")
@@ -75,11 +75,13 @@ class Snapshot:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
     def logs(self, lines: int = 50) -> dict:
-        """What `vmloader snapshot logs` shows: console, output tails, phase timings."""
+        """What `vmloader snapshot logs` shows: console, output tails, phase timings. The text is the
+        guest's bytes (undecodable ones as surrogate escapes): whoever shows it escapes it."""
         def text(name: str) -> str:
             path = self.path / name
-            return path.read_bytes().decode("utf-8", "replace") if path.exists() else ""
-        return {"console_log": str(self.console_log), "console_tail": tail(self.console_log, lines),
+            return path.read_bytes().decode("utf-8", "surrogateescape") if path.exists() else ""
+        console = tail_bytes(self.console_log, lines).decode("utf-8", "surrogateescape")
+        return {"console_log": str(self.console_log), "console_tail": console,
                 "stdout_tail": text("stdout.tail"), "stderr_tail": text("stderr.tail"),
                 "timings": self.meta.timings}
 
