@@ -91,7 +91,10 @@ class Execution(object):
             pump.join(max(0.0, deadline - time.time()))
         self.closed.set()
         result = {"signal": -status} if status < 0 else {"code": status}
-        self.channel.send_json(P.EXIT, self.request_id, result)
+        try:
+            self.channel.send_json(P.EXIT, self.request_id, result)
+        except OSError:
+            pass                               # the host is gone (the VM is being stopped)
         self._close_outputs()
 
     def _close_outputs(self):

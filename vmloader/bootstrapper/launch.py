@@ -51,13 +51,13 @@ def cold_image(ref: str) -> LaunchPlan:
     return LaunchPlan(COLD_IMAGE, ref)
 
 
-def kept_state(snapshot: Snapshot, stderr: TextIO = sys.stderr) -> LaunchPlan:
+def kept_state(snapshot: Snapshot, stderr: Optional[TextIO] = None) -> LaunchPlan:
     """A snapshot: resumed from its memory when it has one, else its disk booted."""
     if snapshot.meta.memory:
         if snapshot.memory_state.exists():
             return LaunchPlan(KEPT_MEMORY, snapshot.meta.image, snapshot)
         print(f"vmloader: snapshot {snapshot.meta.id} has lost its memory state; booting its disk state",
-              file=stderr)
+              file=stderr or sys.stderr)
     return LaunchPlan(KEPT_DISK, snapshot.meta.image, snapshot)
 
 
