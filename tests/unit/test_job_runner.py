@@ -203,3 +203,13 @@ def test_the_plan_for_each_entry_point(world):
     assert (plan.kind, plan.image_ref) == (launch.KEPT_DISK, snap.meta.image)
     assert plan.overlay_backing(Path("/base")) == snap.disk and plan.middle_layers() == (str(snap.disk),)
     assert plan.domain_name(Path("/jobs/J")) == "vmloader-J"
+
+
+def test_one_function_wires_a_runner_from_the_config(world):
+    from vmloader.bootstrapper import runners, virt
+    config = Config(cache_dir=world / "cache", state_dir=world / "state")
+    fake = FakeMachines(world)
+    runner = runners.job_runner(config, connect=fake)
+    assert runner.cache.root == config.cache_dir and runner.store.root == config.snapshots_dir
+    assert runner.connect is fake
+    assert runners.job_runner(config).connect is virt.LibvirtMachines
