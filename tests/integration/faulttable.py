@@ -6,12 +6,67 @@ the table in docs/reliability.md is written from it by its own step, never by a 
 """
 import json
 import os
+import re
 from pathlib import Path
+from typing import Optional
 
 RESULTS = Path(os.environ.get("VMLOADER_FAULT_RESULTS", "/var/tmp/vmloader-fault-results.jsonl"))
 
+# Every fault the table has a row for, in the table's order: a test records its row under one
+# of these names, and record_row refuses any other. A {placeholder} stands for something
+# measured at run time (a core count). To add a fault: add its name here (anywhere: the table
+# follows this order), record it from its test, and write the table from a run
+# (scripts/fault-table); tests/unit/test_fault_table.py fails while this list and the table differ.
+FAULTS = (
+    # a VM dies or hangs under a running job (test_faults.py)
+    "QEMU process killed (SIGKILL) mid-job",
+    "guest kernel panic mid-job",
+    "agent process killed in the guest",
+    "guest hangs hard (agent stopped: no heartbeat)",
+    "libvirtd restarted mid-job",
+    "job forks a daemon that outlives the command",
+    # malformed HTCondor job ads
+    "job ad `+VMImage = 42`",
+    'job ad `+VMLoaderRoot = "yes"`',
+    'job ad with an unknown snapshot policy (`+VMLoaderSnapshot = "sometimes"`)',
+    # repositories and the image cache
+    "repository unreachable, image not cached",
+    "repository unreachable, image cached",
+    "truncated disk image in the repository",
+    "bit-flipped disk image in the repository",
+    "bit-flipped disk image already in the cache (repository down)",
+    "truncated disk image already in the cache (repository up)",
+    "host disk fills during an image download",
+    "host disk fills under a job's overlay (ext4, 96 MiB)",
+    # output, stage-out, job ids, concurrency
+    "command writes 1 GiB to stdout",
+    "stage-out name with `..` (`--output ../escaped`)",
+    "hostile stage-out: symlinks to /etc/shadow and /dev/zero in /work, a host symlink planted in the output dir",
+    "two jobs with the same job id (same job dir) at once",
+    "4 concurrent jobs on {cores} cores",
+    # a hostile agent in a real guest
+    "hostile agent (a root job replaces it in the guest): offers `../escaped`, `/etc/cron.d/evil`, "
+    "`sub/../../x` as new outputs",
+    "hostile agent (a root job replaces it in the guest): a never-ending file transfer",
+    "hostile agent (a root job replaces it in the guest): a frame with a bad checksum",
+    "hostile agent (a root job replaces it in the guest): a frame header claiming 2 GiB",
+    "hostile agent (a root job replaces it in the guest): data for a request id the host never used",
+    "hostile agent (a root job replaces it in the guest): a frame of an unknown type",
+)
+
+
+def _pattern(name: str) -> "re.Pattern":
+    return re.compile(".+?".join(re.escape(part) for part in re.split(r"\{\w+\}", name)))
+
+
+def registered(fault: str) -> Optional[str]:
+    """The FAULTS entry a recorded fault name is an instance of, or None."""
+    return next((name for name in FAULTS if _pattern(name).fullmatch(fault)), None)
+
 
 def record_row(fault: str, exit: object, outcome: str, phase: str, message: str, kept: str) -> None:
+    if registered(fault) is None:
+        raise ValueError(f"fault {fault!r} is not in faulttable.FAULTS: add it there (the table's rows)")
     row = {"fault": fault, "exit": exit, "outcome": outcome, "phase": phase or "", "message": message,
            "kept": kept}
     with open(RESULTS, "a") as out:

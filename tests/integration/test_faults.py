@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from vmloader.bootstrapper import config, publish
 
 from .conftest import libvirt_domains, world_readable_tmpdir
 from .faulttable import record, record_row

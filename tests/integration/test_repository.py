@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from vmloader.bootstrapper import config, publish
 
 from .conftest import as_user, ensure_user, world_readable_tmpdir
 from .nginx import Nginx, free_port

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pwd
+import signal
 import socket
 import threading
 import time
@@ -223,6 +224,40 @@ def test_ctrl_c_on_the_pty_interrupts_the_foreground_command(pair):
                              stdin=os.fdopen(read_end, "rb"))
     assert time.monotonic() - started < 20
     assert result.exit_code == 3 and "interrupted" in out, (result, out)
+
+
+def signal_sets(status_text):
+    fields = dict(line.split(":\t", 1) for line in status_text.splitlines() if ":\t" in line)
+    return int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+
+
+def test_commands_start_with_default_signal_dispositions_and_an_empty_mask(tmp_path):
+    """Whatever the agent inherited (here: SIGINT and SIGTERM ignored, SIGUSR1 blocked), the
+    command it spawns starts clean: nothing ignored, nothing blocked."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    try:
+        ignored, blocked = signal_sets(open("/proc/self/status").read())
+        assert ignored & (1 << (signal.SIGINT - 1)) and blocked & (1 << (signal.SIGUSR1 - 1))
+        host, guest = socket.socketpair()
+        agent = Agent(SocketTransport(guest), workdir=str(tmp_path), lookup_user=lambda name: ME,
+                      poweroff=lambda: None)
+        threading.Thread(target=agent.serve, daemon=True).start()   # inherits the mask above
+        client = AgentClient(host, heartbeat_timeout=3.0)
+        client.handshake(timeout=5)
+        results = [run(client, "cat", "/proc/self/status"),
+                   run_on_pty(client, "exec cat /proc/self/status")]
+        client.close()
+        guest.close()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    (plain, out, _), (on_pty, pty_out) = results
+    assert plain.exit_code == 0 and on_pty.exit_code == 0
+    assert signal_sets(out.decode()) == (0, 0)
+    assert signal_sets(pty_out.replace("\r\n", "\n")) == (0, 0)
 
 
 def test_the_hello_announces_features_and_no_busy_requests(pair):

@@ -3,7 +3,6 @@
 condor_chirp set_job_attr parses the old ClassAd syntax (seen on HTCondor 23.9: a backslash is
 itself, only \\" is an escape), so that is how the literal is checked here."""
 import json
-import subprocess
 
 import pytest
 

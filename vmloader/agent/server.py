@@ -91,7 +91,10 @@ class Execution(object):
             pump.join(max(0.0, deadline - time.time()))
         self.closed.set()
         result = {"signal": -status} if status < 0 else {"code": status}
-        self.channel.send_json(P.EXIT, self.request_id, result)
+        try:
+            self.channel.send_json(P.EXIT, self.request_id, result)
+        except OSError:
+            pass                               # the host is gone (the VM is being stopped)
         self._close_outputs()
 
     def _close_outputs(self):
@@ -198,6 +201,24 @@ class Stream(object):
         raise ValueError("RESIZE for a TCP stream")
 
 
+def catchable_signals():
+    """Every signal a process may set a disposition for (3.6 has no signal.valid_signals)."""
+    return [n for n in range(1, signal.NSIG) if n not in (signal.SIGKILL, signal.SIGSTOP)]
+
+
+def reset_signals():
+    """Default dispositions and an empty mask for a command about to exec: an agent started with
+    signals ignored (by a non-interactive shell, cloud-init, a service manager) must not hand that
+    on, or Ctrl-C in `snapshot shell` is lost (a shell cannot trap what was ignored at its start).
+    Handlers reset themselves on exec; only ignored signals and the mask survive it."""
+    for signum in catchable_signals():
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass                                   # reserved by the C library (32, 33)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def login_shell(entry):
     """An interactive shell for `snapshot shell`: bash where there is one (line editing), else the user's."""
     if os.path.exists("/bin/bash"):
@@ -296,6 +317,7 @@ class Agent(object):
 
     def _preexec(self, entry, controlling_tty=False):
         def demote():
+            reset_signals()
             os.setsid()
             if controlling_tty:
                 fcntl.ioctl(0, termios.TIOCSCTTY, 0)      # Ctrl-C in the pty reaches the command

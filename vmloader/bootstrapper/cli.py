@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
-from . import job as job_mod, sessions, status, virt
+from . import job as job_mod, runners, sessions, status, virt
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
 from .console import escape_log
 from .errors import EXIT_INFRA, ImageError, Interrupted, SnapshotError, UsageError, VMLoaderError
-from .job import JobRunner, JobSpec
+from .job import JobSpec
 from .snapshots import POLICIES, SnapshotStore
 
 RAW_CONSOLE_HELP = ("with --console: the guest's console bytes exactly as written, its escape sequences "
@@ -195,13 +195,7 @@ def _emit(data, as_json: bool, text: str) -> None:
 
 
 def _probes(cfg: config_mod.Config) -> hypervisors.HostProbes:
-    """Probes that test-boot a real guest kernel under KVM when one is cached."""
-    try:
-        image = ImageCache(cfg.cache_dir).resolve("debian-12")
-        kernel = (str(image.kernel), str(image.initrd))
-    except VMLoaderError:
-        kernel = None
-    return hypervisors.HostProbes(probe_kernel=kernel)
+    return runners.host_probes(cfg)
 
 
 def _reap_orphans(cfg) -> list:
@@ -259,9 +253,7 @@ def cmd_run(args, cfg) -> int:
                    outputs=tuple(args.output), output_dir=Path(args.output_dir), collect_new=args.output_new,
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
                    console=args.console, console_raw=args.raw, capture_dir=args.json, job_id=args.job_id)
-    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)), args.hypervisor)
-    runner = JobRunner(cfg, ImageCache.configured(cfg), SnapshotStore(cfg.snapshots_dir), choose,
-                       stdin=None if sys.stdin is None or sys.stdin.closed else sys.stdin.buffer)
+    runner = runners.job_runner(cfg, hypervisor=args.hypervisor, stdin=_stdin())
     result = runner.run(spec)
     if args.json:
         _emit(result.to_dict(), True, "")
@@ -436,8 +428,7 @@ def _reopen(args, cfg, store, snap, session, command: tuple, env: dict, timeout=
     spec = JobSpec(image=snap.meta.image, command=command, root=args.root, timeout=timeout,
                    env={**snap.meta.env, **env}, snapshot="never", from_snapshot=snap.meta.id,
                    network=args.network, console=args.console, console_raw=args.raw)
-    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
-    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=_stdin(), session=session)
+    runner = runners.job_runner(cfg, store=store, stdin=_stdin(), session=session)
     result = runner.run(spec)
     _report(result)
     return result.exit_status
@@ -474,9 +465,7 @@ def _snapshot_boot(args, cfg, store) -> int:
     spec = JobSpec(image=snap.meta.image, command=("(booted for debugging)",), root=args.root,
                    env=dict(snap.meta.env), snapshot="never", from_snapshot=snap.meta.id,
                    network=args.network, console=args.console, console_raw=args.raw)
-    choose = lambda: hypervisors.choose(hypervisors.detect(_probes(cfg)))
-    runner = JobRunner(cfg, ImageCache.configured(cfg), store, choose, stdin=None,
-                       session=sessions.hold_session(snap, options, cfg.jobs_dir))
+    runner = runners.job_runner(cfg, store=store, session=sessions.hold_session(snap, options, cfg.jobs_dir))
     result = runner.run(spec)
     _report(result)
     if result.exit_status == 0:

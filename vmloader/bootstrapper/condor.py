@@ -26,9 +26,9 @@ from typing import Any, Mapping, Optional
 from . import classad, config as config_mod, hypervisors
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
+from . import runners
 from .guesttext import escape
-from .job import GuestFile, JobRunner, JobSpec
-from .snapshots import SnapshotStore
+from .job import GuestFile, JobSpec
 
 HOLD_ATTR = "VMLoaderHoldReason"
 SNAPSHOT_ATTR = "VMLoaderSnapshot"           # after the job: where its state was kept
@@ -245,10 +245,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         runtime = _private_libvirt(environ)
         sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
         spec = _job_spec(request, argv, sandbox, environ, cfg)
-        cache = ImageCache.configured(cfg)
-        choose = lambda: hypervisors.choose(hypervisors.detect(hypervisors.HostProbes()))
-        runner = JobRunner(cfg, cache, SnapshotStore(cfg.snapshots_dir), choose,
-                           stdin=None, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+        runner = runners.job_runner(cfg, boot_test=False, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
         result = runner.run(spec)
     except VMLoaderError as exc:
         print(exc.user_text(), file=sys.stderr)

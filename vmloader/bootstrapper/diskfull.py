@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import libvirt
-
 from .errors import VMLoaderError
 
 FIX = "free space there, or point state_dir (VMLOADER_STATE_DIR) at a larger filesystem"
@@ -26,13 +24,10 @@ def _free_bytes(path: Path) -> Optional[int]:
         return None
 
 
-def io_pause_note(domain, overlay: Path) -> Optional[str]:
-    """What to add to the error when the VM stopped because its disk could not be written."""
-    try:
-        state, reason = domain.state() if domain is not None else (None, None)
-    except libvirt.libvirtError:
-        return None
-    if state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+def io_pause_note(machine, overlay: Path) -> Optional[str]:
+    """What to add to the error when the VM stopped because its disk could not be written
+    (`machine`: a virt.Machine, or None before one started)."""
+    if machine is None or not machine.paused_on_io_error():
         return None
     free = _free_bytes(overlay.parent)
     where = f"the filesystem holding {overlay.parent} ({free} bytes free)"

@@ -17,20 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional
 
-import libvirt
-
 from .. import protocol as P
-from . import diskfull, proc, virt
+from . import diskfull, launch, proc, virt
 from .agentclient import AgentClient, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
-from .domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
-                     NetworkSpec, domain_xml, retarget_saved_xml)
+from .domain import BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata, NetworkSpec
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
                      GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
                      VMLoaderError)
 from .hypervisors import Hypervisor
+from .launch import LaunchPlan
 from .repository import is_url, url_image
 from .snapshots import Retention, SnapshotMeta, SnapshotStore, check_chain, should_keep
 from .timings import PhaseTimer
@@ -180,12 +178,12 @@ class Job:
         self.timer = PhaseTimer(on_enter=self._record_phase)
         self.image: Optional[ResolvedImage] = None
         self.hypervisor: Optional[Hypervisor] = None
-        self.conn = None
-        self.domain = None
+        self.plan: Optional[LaunchPlan] = None  # what is brought to life, decided before anything starts
+        self.machines: Optional[virt.Machines] = None
+        self.machine: Optional[virt.Machine] = None
         self.client: Optional[AgentClient] = None
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
-        self.kept = None                        # the Snapshot booted again (spec.from_snapshot)
         self.pins: Optional[ExitStack] = None
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
@@ -220,19 +218,24 @@ class Job:
         return self.job_dir / "memory.save"
 
     @property
+    def kept(self):
+        """The Snapshot brought back, if the plan brings one back."""
+        return self.plan.kept if self.plan is not None else None
+
+    @property
     def domain_name(self) -> str:
-        # A resumed memory snapshot keeps the name it was saved under (libvirt insists).
-        if self.kept is not None and self.kept.meta.memory and self.kept.memory_state.exists():
-            return f"vmloader-{self.kept.meta.id}"
-        return f"vmloader-{self.job_dir.name}"
+        if self.plan is None:
+            return f"vmloader-{self.job_dir.name}"
+        return self.plan.domain_name(self.job_dir)
 
 
 class JobRunner:
     def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
                  choose_hypervisor, *, stdin: Optional[BinaryIO] = None,
                  stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
-                 session: Optional[Session] = None):
+                 session: Optional[Session] = None, connect: virt.Connect = virt.LibvirtMachines):
         self.session = session
+        self.connect = connect
         self.config = config
         self.cache = cache
         self.store = store
@@ -303,25 +306,20 @@ class JobRunner:
     def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
         spec = job.spec
         with job.timer.phase("cache lookup"):
-            if spec.from_snapshot:
-                job.kept = self.store.get(spec.from_snapshot)
-                job.pins.enter_context(self.store.hold(job.kept.meta.id))    # never pruned while booted
-                ref = job.kept.meta.image
-            else:
-                ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
-            job.image = self._resolve(job, ref)
+            job.plan = self._plan(job)
+            if job.plan.restores_memory:
+                _write_owner(job)              # a later vmloader must find the VM by its saved name
+            job.image = self._resolve(job, job.plan.image_ref)
             job.pins.enter_context(self.cache.pin(job.image))
             if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
-                job.image = self.cache.resolve(ref)
+                job.image = self.cache.resolve(job.plan.image_ref)
         with job.timer.phase("hypervisor"):
             job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("overlay"):
-            top = job.image.disk
             if job.kept is not None:
-                top = job.kept.disk
                 check_chain(job.kept, job.image.disk, phase="overlay")
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(top), str(job.overlay)], phase="overlay")
+                      "-b", str(job.plan.overlay_backing(job.image.disk)), str(job.overlay)], phase="overlay")
         with job.timer.phase("define"):
             self._start_domain(job)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
@@ -345,6 +343,15 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _plan(self, job: Job) -> LaunchPlan:
+        spec = job.spec
+        if spec.from_snapshot:
+            plan = launch.kept_state(self.store.get(spec.from_snapshot))
+            job.pins.enter_context(self.store.hold(plan.kept.meta.id))    # never pruned while booted
+            return plan
+        ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
+        return launch.cold_image(ref)
 
     def _resolve(self, job: Job, ref: str) -> ResolvedImage:
         try:
@@ -414,8 +421,7 @@ class JobRunner:
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
             boot=_boot_spec(job.image, cmdline),
-            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk),
-                            middle=(str(job.kept.disk),) if job.kept is not None else ()),),
+            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk), middle=job.plan.middle_layers()),),
             channel=ChannelSpec(str(job.socket_path)),
             attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
                                   for n, path in enumerate(job.attach_sockets, 1)),
@@ -425,37 +431,8 @@ class JobRunner:
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
     def _start_domain(self, job: Job) -> None:
-        uri = self.config.libvirt_uri or job.hypervisor.uri
-        job.conn = virt.connect(uri)
-        if job.kept is not None and job.kept.meta.memory:
-            if job.kept.memory_state.exists():
-                self._resume_domain(job)
-                return
-            print(f"vmloader: snapshot {job.kept.meta.id} has lost its memory state; booting its disk state",
-                  file=sys.stderr)
-        xml = domain_xml(self._domain_spec(job))
-        (job.job_dir / "domain.xml").write_text(xml)
-        try:
-            job.domain = job.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
-        except libvirt.libvirtError as exc:
-            raise virt.translate(exc, "define") from None
-
-    def _resume_domain(self, job: Job) -> None:
-        """Start a memory snapshot where it stopped: same guest hardware, new host-side files."""
-        state = job.kept.memory_state
-        _write_owner(job)                     # a later vmloader must find the VM by this name
-        try:
-            saved = job.conn.saveImageGetXMLDesc(str(state), 0)
-            xml = retarget_saved_xml(saved, self._domain_spec(job))
-            (job.job_dir / "domain.xml").write_text(xml)
-            job.conn.restoreFlags(str(state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
-            job.domain = job.conn.lookupByName(job.domain_name)
-        except libvirt.libvirtError as exc:
-            err = virt.translate(exc, "define")
-            err.message = f"cannot resume snapshot {job.kept.meta.id} from its memory state {state}: {err.message}"
-            err.hint = (f"the memory state may be damaged or saved by another QEMU/libvirt version; to boot "
-                        f"the kept disk alone, move {state} out of the way")
-            raise err from None
+        job.machines = self.connect(self.config.libvirt_uri or job.hypervisor.uri)
+        job.machine = launch.start(job.plan, job.machines, self._domain_spec(job), job.job_dir / "domain.xml")
 
     def _connect_agent(self, job: Job) -> AgentClient:
         deadline = time.monotonic() + self.config.boot_timeout
@@ -483,7 +460,7 @@ class JobRunner:
         crash = crash_line(job.console_log)
         if crash:
             exc.message += f"; the guest console says: {guest_text(crash)}"
-        elif note := diskfull.io_pause_note(job.domain, job.overlay):
+        elif note := diskfull.io_pause_note(job.machine, job.overlay):
             exc.message += note
         elif not _domain_alive(job):
             exc.message += "; the VM is gone (its QEMU process exited or was killed on the host)"
@@ -534,12 +511,12 @@ class JobRunner:
 
     def _save_memory(self, job: Job) -> bool:
         """Stop the VM by saving its memory (the timed-out command still in it); False if that failed."""
+        if job.machine is None or not job.machine.is_active():
+            return False
         try:
-            if job.domain is None or not job.domain.isActive():
-                return False
-            job.domain.save(str(job.memory_state))
-        except libvirt.libvirtError as exc:
-            print(f"vmloader: could not save the guest's memory ({exc.get_error_message()}); "
+            job.machine.save(job.memory_state)
+        except VMLoaderError as exc:
+            print(f"vmloader: could not save the guest's memory ({exc.message}); "
                   "keeping its disk state only", file=sys.stderr)
             job.memory_state.unlink(missing_ok=True)
             return False
@@ -557,41 +534,10 @@ class JobRunner:
             except VMLoaderError:
                 pass
             job.client.close()
-        if job.domain is not None:
-            try:
-                if job.domain.isActive():
-                    job.domain.destroy()
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    self._destroy_reconnecting(job)   # e.g. libvirtd restarted during the job
-        if job.conn is not None:
-            try:
-                job.conn.close()
-            except libvirt.libvirtError:
-                pass
-
-    def _destroy_reconnecting(self, job: Job) -> None:
-        """Our connection died with libvirtd; the VM may not have: find it by name on a new one."""
-        uri = self.config.libvirt_uri or job.hypervisor.uri
-        deadline = time.monotonic() + 30                 # libvirtd may be starting up again
-        while True:
-            try:
-                conn = libvirt.open(uri)
-                break
-            except libvirt.libvirtError:
-                if time.monotonic() > deadline:
-                    print(f"vmloader: cannot reach libvirt at {uri} to destroy VM {job.domain_name}; "
-                          f"do it with `virsh -c {uri} destroy {job.domain_name}`", file=sys.stderr)
-                    return
-                time.sleep(1)
-        try:
-            domain = conn.lookupByName(job.domain_name)
-            if domain.isActive():
-                domain.destroy()
-        except libvirt.libvirtError:
-            pass                                         # gone already
-        finally:
-            conn.close()
+        if job.machine is not None:
+            job.machine.destroy()
+        if job.machines is not None:
+            job.machines.close()
 
     def _keep_or_drop(self, job: Job) -> Optional[str]:
         failed = job.status != 0
@@ -654,10 +600,7 @@ def _domain_alive(job: Job, settle: float = 3.0) -> bool:
     """Whether the VM still runs (libvirt notices a dead QEMU within a moment: give it that)."""
     deadline = time.monotonic() + settle
     while True:
-        try:
-            alive = job.domain is not None and bool(job.domain.isActive())
-        except libvirt.libvirtError:
-            alive = False
+        alive = job.machine is not None and job.machine.is_active()
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.2)

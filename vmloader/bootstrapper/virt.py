@@ -1,4 +1,10 @@
-"""The one place that opens libvirt connections and translates libvirt errors."""
+"""The one place that opens libvirt connections and translates libvirt errors, and the
+machine interface the job runner drives VMs through."""
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
 import libvirt
 
 from .errors import LibvirtError
@@ -44,3 +50,132 @@ def translate(err: "libvirt.libvirtError", phase: str) -> LibvirtError:
     return LibvirtError(f"{what}: {err.get_error_message()}",
                         hint="run with --debug and see libvirtd's log; `vmloader hypervisors` shows what is usable",
                         phase=phase)
+
+
+# -- the machine interface --------------------------------------------------------
+# The job runner sees a hypervisor connection (`Machines`) that brings a VM to life and
+# the VM itself (`Machine`); `LibvirtMachines` is the real one, tests pass a fake.
+class Machine(Protocol):
+    """One running VM."""
+    name: str
+
+    def is_active(self) -> bool:
+        """Whether the VM runs; False when it is gone or libvirt cannot tell."""
+
+    def paused_on_io_error(self) -> bool:
+        """Whether QEMU paused the VM because a disk write failed (a full host filesystem)."""
+
+    def save(self, path: Path) -> None:
+        """Stop the VM by writing its memory to `path`; LibvirtError if that failed."""
+
+    def destroy(self) -> None:
+        """Stop the VM at once; never raises (says on stderr how to do it by hand if it cannot)."""
+
+
+class Machines(Protocol):
+    """One connection to a hypervisor."""
+
+    def create(self, xml: str) -> Machine:
+        """Define and start a transient VM from validated domain XML; LibvirtError if refused."""
+
+    def saved_xml(self, state: Path) -> str:
+        """The domain XML kept in a memory state file."""
+
+    def restore(self, state: Path, xml: str, name: str) -> Machine:
+        """Start a VM from its saved memory, running, with `xml` for its host-side files."""
+
+    def close(self) -> None:
+        """Let go of the connection (never raises)."""
+
+
+Connect = Callable[[str], Machines]
+
+
+class LibvirtMachine:
+    def __init__(self, domain: "libvirt.virDomain", name: str, uri: str):
+        self.domain = domain
+        self.name = name
+        self.uri = uri
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self.domain.isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def paused_on_io_error(self) -> bool:
+        try:
+            state, reason = self.domain.state()
+        except libvirt.libvirtError:
+            return False
+        return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+
+    def save(self, path: Path) -> None:
+        try:
+            self.domain.save(str(path))
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(exc.get_error_message() or "libvirt failed", phase="teardown") from None
+
+    def destroy(self) -> None:
+        try:
+            if self.domain.isActive():
+                self.domain.destroy()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                self._destroy_reconnecting()      # e.g. libvirtd restarted during the job
+
+    def _destroy_reconnecting(self) -> None:
+        """Our connection died with libvirtd; the VM may not have: find it by name on a new one."""
+        deadline = time.monotonic() + 30                 # libvirtd may be starting up again
+        while True:
+            try:
+                conn = libvirt.open(self.uri)
+                break
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    print(f"vmloader: cannot reach libvirt at {self.uri} to destroy VM {self.name}; "
+                          f"do it with `virsh -c {self.uri} destroy {self.name}`", file=sys.stderr)
+                    return
+                time.sleep(1)
+        try:
+            domain = conn.lookupByName(self.name)
+            if domain.isActive():
+                domain.destroy()
+        except libvirt.libvirtError:
+            pass                                         # gone already
+        finally:
+            conn.close()
+
+
+class LibvirtMachines:
+    """The real hypervisor connection (libvirt + QEMU or Xen)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.conn = connect(uri)
+
+    def create(self, xml: str) -> LibvirtMachine:
+        try:
+            domain = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, "define") from None
+        return LibvirtMachine(domain, domain.name(), self.uri)
+
+    def saved_xml(self, state: Path) -> str:
+        try:
+            return self.conn.saveImageGetXMLDesc(str(state), 0)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, "define") from None
+
+    def restore(self, state: Path, xml: str, name: str) -> LibvirtMachine:
+        try:
+            self.conn.restoreFlags(str(state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            return LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, "define") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass

@@ -1,0 +1,147 @@
+"""A fake hypervisor for unit tests of the job runner: no VM, no libvirt.
+
+`FakeMachines` implements virt.Machines. A "booted" machine is the real agent
+(vmloader.agent.server.Agent) serving on the job's agent socket, running commands as
+processes of this host, with the guest's /work mapped to a directory of the test.
+Every call is recorded in `events` so tests can check the order of teardown.
+"""
+import json
+import os
+import pwd
+import signal
+import socket
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import List, Optional
+
+from vmloader import protocol as P
+from vmloader.agent.server import Agent
+from vmloader.agent.transport import SocketTransport
+from vmloader.bootstrapper.errors import LibvirtError
+
+ME = pwd.getpwuid(os.getuid())
+GUEST_WORKDIR = "/work"
+
+
+class MappedAgent(Agent):
+    """The real agent, with the guest's /work somewhere this test may write."""
+
+    def __init__(self, transport, workdir: Path, poweroff):
+        Agent.__init__(self, transport, workdir=str(workdir), lookup_user=lambda name: ME, poweroff=poweroff)
+
+    def _map(self, path):
+        if path == GUEST_WORKDIR or (path or "").startswith(GUEST_WORKDIR + "/"):
+            return self.workdir + path[len(GUEST_WORKDIR):]
+        return path
+
+    def _path(self, path):
+        return Agent._path(self, self._map(path))
+
+    def on_exec(self, frame):
+        req = frame.json()
+        req["cwd"] = self._map(req.get("cwd") or GUEST_WORKDIR)
+        Agent.on_exec(self, P.Frame(frame.type, frame.request_id, json.dumps(req).encode()))
+
+
+class FakeMachine:
+    def __init__(self, owner: "FakeMachines", name: str, socket_path: str, console_log: str):
+        self.owner = owner
+        self.name = name
+        self.socket_path = socket_path
+        self.console_log = console_log
+        self.active = True
+        self.agent: Optional[MappedAgent] = None
+        self.listener: Optional[socket.socket] = None
+
+    def boot(self, console_text: str, answers: bool) -> None:
+        Path(self.console_log).write_text(console_text)
+        if not answers:
+            return                                # the guest hangs before its agent starts
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket_path)
+        self.listener.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.agent = MappedAgent(SocketTransport(conn), self.owner.workdir, poweroff=self._poweroff)
+        self.agent.serve()
+
+    def _poweroff(self) -> None:
+        self.owner.events.append(("poweroff", self.name))
+        self.active = False
+
+    def _stop(self) -> None:
+        """What stopping QEMU does to the guest's processes and its agent channel."""
+        self.active = False
+        if self.agent is not None:
+            for execution in list(self.agent.execs.values()):
+                execution.kill(signal.SIGKILL)
+        if self.listener is not None:
+            self.listener.close()
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def paused_on_io_error(self) -> bool:
+        return False
+
+    def save(self, path: Path) -> None:
+        self.owner.events.append(("save", self.name))
+        if self.owner.save_fails:
+            raise LibvirtError("fake: cannot save")
+        Path(path).write_text(self.owner.xml_of[self.name])
+        self._stop()
+
+    def destroy(self) -> None:
+        self.owner.events.append(("destroy", self.name))
+        self._stop()
+
+
+class FakeMachines:
+    """Records what the runner asks for; `boot_answers=False` makes guests that never reach
+    their agent (their console says `console_text`)."""
+
+    def __init__(self, workdir: Path, boot_answers: bool = True, save_fails: bool = False,
+                 console_text: str = "[    0.000000] Linux version 6.1 (fake)\nfake: booted\n"):
+        self.workdir = workdir
+        self.boot_answers = boot_answers
+        self.save_fails = save_fails
+        self.console_text = console_text
+        self.events: List[tuple] = []
+        self.machines: List[FakeMachine] = []
+        self.xml_of: dict = {}
+
+    def __call__(self, uri: str) -> "FakeMachines":
+        """Stands in for virt.LibvirtMachines as the runner's `connect`."""
+        self.events.append(("connect", uri))
+        return self
+
+    def _machine(self, xml: str) -> FakeMachine:
+        root = ET.fromstring(xml)
+        name = root.findtext("name")
+        channel = root.find("devices/channel/source").get("path")
+        console = root.find("devices/serial/log").get("file")
+        machine = FakeMachine(self, name, channel, console)
+        self.machines.append(machine)
+        self.xml_of[name] = xml
+        machine.boot(self.console_text, self.boot_answers)
+        return machine
+
+    def create(self, xml: str) -> FakeMachine:
+        self.events.append(("create", ET.fromstring(xml).findtext("name")))
+        return self._machine(xml)
+
+    def saved_xml(self, state: Path) -> str:
+        return Path(state).read_text()
+
+    def restore(self, state: Path, xml: str, name: str) -> FakeMachine:
+        self.events.append(("restore", name))
+        return self._machine(xml)
+
+    def close(self) -> None:
+        self.events.append(("close",))
+
+    def kinds(self) -> list:
+        return [event[0] for event in self.events]
