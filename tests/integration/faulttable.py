@@ -52,6 +52,11 @@ FAULTS = (
     "hostile agent (a root job replaces it in the guest): a frame header claiming 2 GiB",
     "hostile agent (a root job replaces it in the guest): data for a request id the host never used",
     "hostile agent (a root job replaces it in the guest): a frame of an unknown type",
+    # hostile neighbours on a shared worker, hostile guests (issue 10)
+    "guest text with ESC, CR, NUL and 10 KiB in a hold reason",
+    "guest escape sequences in the console log",
+    "snapshot diff of a guest disk: parsers run without root",
+    "another local user connects to a forwarded port of a booted snapshot",
 )
 
 
