@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cache_cmd", required=True)
     cserve = cache_cmd.add_parser("serve", help="run by the cache's owner: fetch images for other users")
     cserve.add_argument("--socket", help="Unix socket path (default: cache_socket, or <cache_dir>/service.sock)")
+    cserve.add_argument("--log", help="append the service's log (who asked for what) to this file")
     cond = sub.add_parser("condor", help="HTCondor execute-side hooks").add_subparsers(dest="condor_cmd",
                                                                                       required=True)
     wrap = cond.add_parser("wrapper", help="USER_JOB_WRAPPER: run a job with +VMImage in a VM, others as is")
@@ -363,6 +364,8 @@ def cmd_cache(args, cfg) -> int:
         raise UsageError(f"only the owner of {cfg.cache_dir} serves it",
                          hint="run `vmloader cache serve` as that user (root, or the cache's system user)")
     from . import cacheservice
+    if args.log:
+        sys.stderr = open(args.log, "a", buffering=1)
     cacheservice.serve(cfg, Path(args.socket) if args.socket else None)
     return 0
 
