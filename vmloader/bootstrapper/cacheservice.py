@@ -278,8 +278,10 @@ class SharedCacheReader:
         found = [self._trusted_manifest(self.root / "built" / "manifest.json"),
                  self._trusted_manifest(self.root / "custom" / "manifest.json")]
         for repo in self.repositories:
-            saved = getattr(repo, "saved_manifest", lambda: None)()
-            found.append(saved)
+            try:       # an HTTP repository's copy as the writer saved it; a directory's own (local) manifest
+                found.append(repo.saved_manifest() if hasattr(repo, "saved_manifest") else repo.manifest())
+            except ImageError:
+                continue
         return [m for m in found if m is not None]
 
     def _trusted_manifest(self, path: Path) -> Optional[Manifest]:
