@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import pickle
-import socket
 import sqlite3
 import threading
 import time
@@ -19,7 +18,6 @@ from vmloader.bootstrapper.cacheindex import CacheIndex, lock_shared
 from vmloader.bootstrapper.cacheservice import CacheServer, SharedCacheReader, parse_request
 from vmloader.bootstrapper.catalog import Artifact, ImageEntry, Recipe
 from vmloader.bootstrapper.errors import ImageBuildError, ImageError
-from vmloader.bootstrapper.integrity import Stamps
 from vmloader.bootstrapper.repository import DirectoryRepository, HttpRepository, fetch_into_cache
 
 DISK = b"D" * 8192

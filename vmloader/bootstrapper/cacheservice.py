@@ -27,7 +27,6 @@ import socketserver
 import stat
 import struct
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
