@@ -266,7 +266,7 @@ def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, rea
     service = CacheService(cache, nginx.url, tmp_path / "service.log")
     env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
     try:
-        runs = [as_user(user, readable_checkout, ["run", "--image", "debian-12", "--snapshot", "never", "--json",
+        runs = [as_user(user, readable_checkout, ["run", "--image", "debian-12", "--snapshot", "never",
                                                   "--", "sh", "-c", "echo booted"], env) for user in users]
         results = [(p.communicate(timeout=900), p.returncode) for p in runs]
         assert [code for _, code in results] == [0, 0], [err for (_, err), _ in results]
