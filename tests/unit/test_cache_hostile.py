@@ -297,3 +297,15 @@ class FakeSession:
 
     def get(self, url, **kw):
         return FakeResponse(self.data)
+
+
+def test_the_services_download_progress_is_shown_by_the_client(capsys):
+    from vmloader.bootstrapper.cacheservice import RemoteProgress, _ProgressShown
+    sent = []
+    progress = RemoteProgress("debian-12 disk.qcow2", 1000, sent.append)
+    for done in (0, 500, 1000):
+        progress.update(done)
+    shown = _ProgressShown()
+    for message in sent:
+        shown(json.loads(json.dumps(message))["progress"])
+    assert "debian-12 disk.qcow2: 100% (1000 of 1000 bytes)" in capsys.readouterr().err

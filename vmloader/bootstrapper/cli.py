@@ -249,6 +249,9 @@ def cmd_hypervisors(args, cfg) -> int:
 
 def cmd_images(args, cfg) -> int:
     cache = ImageCache.configured(cfg)
+    if args.images_cmd in ("build", "publish") and not isinstance(cache, ImageCache):
+        raise UsageError(f"`images {args.images_cmd}` writes the cache {cfg.cache_dir}: only its owner may",
+                         hint="run it as the cache's owner (root, or the cache's system user)")
     if args.images_cmd == "build":
         entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(args.name)
         if entry is None or not entry.buildable:
