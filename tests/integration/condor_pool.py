@@ -54,7 +54,7 @@ chown condor:condor /run/lock/condor /run/condor /var/lib/condor /var/lib/condor
 ln -sfn /run/lock /var/lock
 chown {USER}:{USER} /home/{USER}
 for c in /var/cache/vmloader-1 /var/cache/vmloader-2; do
-    mkdir -p $c; chgrp {CACHE_GROUP} $c; chmod 2775 $c
+    rm -rf $c; mkdir -m 0755 $c      # one writer (root): jobs only read; fresh for each pool
 done
 exec /usr/sbin/condor_master -f
 """
@@ -104,7 +104,14 @@ CONDOR_HOST = 127.0.0.1
 COLLECTOR_HOST = 127.0.0.1:{port}
 NETWORK_INTERFACE = 127.0.0.1
 BIND_ALL_INTERFACES = False
-DAEMON_LIST = MASTER, COLLECTOR, NEGOTIATOR, SCHEDD, STARTD, STARTD2
+DAEMON_LIST = MASTER, COLLECTOR, NEGOTIATOR, SCHEDD, STARTD, STARTD2, VMLOADER_CACHED1, VMLOADER_CACHED2
+# The image cache service of each startd's cache, run as root by the master (condor/config.d).
+VMLOADER_CACHED1 = /usr/local/bin/vmloader
+VMLOADER_CACHED1_ARGS = cache serve --log $(LOG)/VmloaderCacheLog.1
+VMLOADER_CACHED1_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-1"
+VMLOADER_CACHED2 = /usr/local/bin/vmloader
+VMLOADER_CACHED2_ARGS = cache serve --log $(LOG)/VmloaderCacheLog.2
+VMLOADER_CACHED2_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2"
 use SECURITY : HOST_BASED
 ALLOW_ADMINISTRATOR = *
 ALLOW_WRITE = *

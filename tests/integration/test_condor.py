@@ -107,7 +107,7 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     assert sorted(r[5] for r in rows) == ["/var/cache/vmloader-1", "/var/cache/vmloader-2"]
     # debian-11 cached on vm2 only: the job's rank sends it there.
     for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
-        pool.vmloader("images", "rm", "debian-11", cache=cache)
+        pool.vmloader("images", "rm", "debian-11", cache=cache, user="root")   # the caches' one writer
     pool.vmloader("images", "pull", "debian-11", cache="/var/cache/vmloader-2", check=True, timeout=600)
     pool.wait_for(lambda: "debian-11" in pool.run(
         ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-2"', "-af", "VMLoaderImages"], user=None).stdout,

@@ -1,6 +1,9 @@
 """Image repositories over real HTTP: Debian's nginx on loopback, and `vmloader repo serve`."""
+import hashlib
 import json
 import os
+import pickle
+import sqlite3
 import shutil
 import socket
 import subprocess
@@ -13,6 +16,7 @@ import requests
 
 
 from .conftest import as_user, ensure_user, world_readable_tmpdir
+from .faulttable import record_row
 from .nginx import Nginx, free_port
 from .squid import Squid
 
@@ -230,30 +234,145 @@ def test_an_image_url_with_the_wrong_sha256_is_refused_before_boot(vm_env, nginx
     assert not list((fresh_cache / "artifacts").iterdir())
 
 
-def test_two_users_share_one_group_writable_cache(nginx, readable_checkout):
-    """Jobs of different users on one worker: one download, one copy, readable by all of them."""
-    users = [ensure_user(name, ("vmloader-cache",)) for name in ("vmloader-share-a", "vmloader-share-b")]
+class CacheService:
+    """`vmloader cache serve` run by root on a root-owned cache, as a worker would run it."""
+
+    def __init__(self, cache: Path, repository: str, log: Path):
+        self.cache, self.log = cache, log
+        env = dict(os.environ, VMLOADER_CACHE_DIR=str(cache), VMLOADER_REPOSITORY=repository)
+        self.proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "cache", "serve",
+                                      "--log", str(log)], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not (cache / "service.sock").exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else ""
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _sha_of(out: str) -> str:
+    return Path(json.loads(out)["disk"]).name
+
+
+def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, readable_checkout, tmp_path):
+    """Jobs of different users on one worker: one download by root's service, one copy readable by all,
+    writable by none of them; a user's own `images add` of a shared name affects only that user."""
+    users = [ensure_user(name) for name in ("vmlt-cache-a", "vmlt-cache-b")]
     cache = world_readable_tmpdir("vmloader-shared-")
+    service = CacheService(cache, nginx.url, tmp_path / "service.log")
+    env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
     try:
-        shutil.chown(cache, group="vmloader-cache")
-        os.chmod(cache, 0o2775)
-        env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
-        pulls = [as_user(user, readable_checkout, ["images", "pull", "debian-12", "--json"], env) for user in users]
-        results = [(p.communicate(timeout=600), p.returncode) for p in pulls]
+        runs = [as_user(user, readable_checkout, ["run", "--image", "debian-12", "--snapshot", "never",
+                                                  "--", "sh", "-c", "echo booted"], env) for user in users]
+        results = [(p.communicate(timeout=900), p.returncode) for p in runs]
         assert [code for _, code in results] == [0, 0], [err for (_, err), _ in results]
-        assert len(disk_gets(nginx)) == 1
-        disks = {json.loads(out)["disk"] for (out, _), _ in results}
-        assert len(disks) == 1 and Path(disks.pop()).parent == cache / "artifacts"
-        run = as_user(users[1], readable_checkout, ["run", "--image", "debian-12", "--snapshot", "never", "--",
-                                                    "true"], env)
-        _, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err
-        prune = as_user(users[0], readable_checkout, ["images", "prune", "--max-bytes", "0", "--json"], env)
-        out, err = prune.communicate(timeout=60)
-        assert prune.returncode == 0, err
-        assert len(json.loads(out)) == 3                     # user a evicts what b's job used, once b is done
+        assert all("booted" in out for (out, _), _ in results)
+        assert len(disk_gets(nginx)) == 1                         # one download for both users
+        assert "uid " in service.log.read_text() and "resolve debian-12" in service.log.read_text()
+        shared_sha = built_sha = _sha_of(_pull(users[1], readable_checkout, env))
+        for directory in [cache] + [p for p in cache.iterdir() if p.is_dir()]:
+            for user in users:                                    # nobody but root writes the shared cache
+                planted = subprocess.run(["runuser", "-u", user.pw_name, "--", "ln", "-s", "/etc/passwd",
+                                          str(directory / f"planted-{user.pw_name}")], capture_output=True, text=True)
+                assert planted.returncode != 0 and "Permission denied" in planted.stderr, directory
+        record_row("a cache user plants a symlink in the shared cache", 1, "refused", "",
+                   "ln: Permission denied (every cache dir is root's, 0755)", "cache unchanged")
+        own = world_readable_tmpdir("vmloader-own-")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(own / "evil.qcow2"), "64M"], check=True)
+        add = as_user(users[0], readable_checkout, ["images", "add", "debian-12", "--disk", str(own / "evil.qcow2"),
+                                                    "--json"], env)
+        _, err = add.communicate(timeout=120)
+        assert add.returncode == 0, err
+        evil_sha = _sha_of(_pull(users[0], readable_checkout, env))
+        assert evil_sha != shared_sha                             # its author gets its own image ...
+        assert _sha_of(_pull(users[1], readable_checkout, env)) == built_sha      # ... nobody else does
+        assert not (cache / "custom").exists() and not (cache / "artifacts" / evil_sha).exists()
+        record_row("a user's images add shadows a shared image name", 0, "only its author sees it", "",
+                   "the image went to the user's private cache (~/.cache/vmloader)", "shared cache unchanged")
+        shutil.rmtree(own, ignore_errors=True)
     finally:
+        service.stop()
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _pull(user, checkout: Path, env: dict) -> str:
+    proc = as_user(user, checkout, ["images", "pull", "debian-12", "--json"], env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_an_old_shared_cache_with_planted_files_is_cleaned_and_nothing_planted_is_trusted(nginx, readable_checkout,
+                                                                                        tmp_path):
+    """A cache set up the old group-writable way, with what a hostile group member left in it: a pickle that
+    would run a command, links aimed outside the cache, a forged stamp over a changed artifact."""
+    cache = world_readable_tmpdir("vmloader-legacy-")
+    user = ensure_user("vmlt-cache-a")
+    env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
+    service = CacheService(cache, nginx.url, tmp_path / "service.log")
+    try:
+        sha = _sha_of(_pull(user, readable_checkout, env))
+    finally:
+        service.stop()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    marker = tmp_path / "pickle-ran"
+    os.chmod(cache, 0o2775)
+    shutil.rmtree(cache / "index")
+    (cache / "index").mkdir()
+    db = sqlite3.connect(cache / "index" / "cache.db")
+    db.execute("CREATE TABLE Cache (rowid INTEGER PRIMARY KEY, key BLOB, raw INTEGER, mode INTEGER, value BLOB)")
+    db.execute("INSERT INTO Cache (key, raw, mode, value) VALUES (?, 1, 4, ?)",
+               ("0" * 64, pickle.dumps(_Marker(marker))))
+    db.commit()
+    db.close()
+    os.symlink(victim, cache / "tmp" / f"{'a' * 64}.part")
+    os.symlink(victim, cache / "pins" / f"{'b' * 64}.lock")
+    disk = cache / "artifacts" / sha
+    os.chmod(disk, 0o644)
+    with open(disk, "r+b") as handle:                          # changed bytes ...
+        handle.write(b"X")
+    os.chmod(disk, 0o444)
+    stamp = cache / "verified" / sha
+    st = os.lstat(disk)
+    stamp.write_text(json.dumps([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]))   # ... a forged stamp
+    os.chown(stamp, user.pw_uid, user.pw_gid)
+    refused = _pull_raw(user, readable_checkout, env)
+    assert refused.returncode == 125 and "chmod -R go-w" in refused.stderr, refused.stderr   # a reader refuses it
+    service = CacheService(cache, nginx.url, tmp_path / "service2.log")   # its owner tightens it
+    try:
+        again = _sha_of(_pull(user, readable_checkout, env))
+    finally:
+        service.stop()
+    assert again == sha and hashlib.sha256(disk.read_bytes()).hexdigest() == sha   # re-hashed, fetched again
+    assert len(disk_gets(nginx)) == 2
+    assert not marker.exists() and victim.read_text() == "precious\n"
+    assert not os.path.lexists(cache / "tmp" / f"{'a' * 64}.part") and oct(cache.stat().st_mode)[-4:] == "0755"
+    record_row("a crafted pickle row in the shared cache's index", 0, "never unpickled", "",
+               "the old index is discarded unread and rebuilt from the files", "no command ran")
+    record_row("a forged stamp over a changed cached artifact", 0, "re-hashed, dropped, fetched again", "",
+               "stamps count only when the cache's owner made them", "the image booted is the published one")
+    record_row("symlinks planted for the cache's write paths (.part, lock, stamp, manifest)", 0, "refused",
+               "cache lookup", "O_NOFOLLOW/O_EXCL and owner checks; an old cache is cleaned by its owner",
+               "link targets unchanged")
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _pull_raw(user, checkout: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = as_user(user, checkout, ["images", "pull", "debian-12", "--json"], env)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_an_exact_version_already_cached_needs_no_network_at_all(vm_env, nginx, fresh_cache, built_image):

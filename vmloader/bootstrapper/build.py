@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import replace
@@ -62,16 +63,31 @@ def _packages(recipe: Recipe) -> list:
     return list(recipe.packages) + extra
 
 
+def _owned_by_us(path: Path, kind: int) -> bool:
+    """`path` exists as a `kind` (S_ISDIR, S_ISREG) that we own and nobody else can write: lstat, no links."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not kind(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ImageBuildError(f"refusing to reuse {path}: it is a link, not ours (uid {st.st_uid}), "
+                              f"or writable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                              hint=f"remove it as root (rm -rf {path}) and build again")
+    return True
+
+
 def _debootstrap(recipe: Recipe, cache: ImageCache, progress: Progress) -> Path:
-    tree = cache.root / "rootfs" / recipe_key(recipe)
-    if (tree / ".vmloader-complete").exists():
+    rootfs = cache.root / "rootfs"
+    tree = rootfs / recipe_key(recipe)
+    if (_owned_by_us(rootfs, stat.S_ISDIR) and _owned_by_us(tree, stat.S_ISDIR)
+            and _owned_by_us(tree / ".vmloader-complete", stat.S_ISREG)):
         progress(f"reusing cached debootstrap tree for {recipe.suite}")
         return tree
     if os.geteuid() != 0:
         raise ImageBuildError("building images needs root (debootstrap creates device nodes and chowns files)",
                               hint="run `sudo vmloader images build NAME`, or pull a built image")
-    shutil.rmtree(tree, ignore_errors=True)
-    tree.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tree, ignore_errors=True)         # ours (checked above): an unfinished tree
+    rootfs.mkdir(mode=0o755, parents=True, exist_ok=True)
     progress(f"debootstrap {recipe.suite} ({len(_packages(recipe))} extra packages; about a minute)")
     started = time.monotonic()
     proc.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(_packages(recipe)),
@@ -79,7 +95,9 @@ def _debootstrap(recipe: Recipe, cache: ImageCache, progress: Progress) -> Path:
              hint="check that the Debian mirror is reachable and debootstrap is installed")
     for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man"):
         shutil.rmtree(tree / junk, ignore_errors=True)
-    (tree / ".vmloader-complete").write_text(recipe.suite + "\n")
+    with os.fdopen(os.open(tree / ".vmloader-complete", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                           0o644), "w") as marker:
+        marker.write(recipe.suite + "\n")
     progress(f"debootstrap done in {time.monotonic() - started:.0f} s")
     return tree
 

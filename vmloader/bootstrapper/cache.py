@@ -5,20 +5,29 @@ there through `insert_file`, which hashes it first and renames it into place,
 so a cache entry is always complete and verified. Images built on this
 worker are listed in `built/manifest.json`; repositories (directories and
 HTTP mirrors, see repository.py) are asked for the rest.
+
+One writer: this class writes a cache only as the owner of its root directory
+(root, or a dedicated system user). Every directory is the owner's, 0755;
+artifacts are 0444. Other users read it through cacheservice.py (which asks the
+owner's `vmloader cache serve` for what is not cached yet), and keep their own
+images in a private cache of their own.
 """
 import hashlib
 import os
+import shutil
 import sqlite3
+import stat
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
-from .cacheindex import CacheIndex, exclusive_if_unpinned, pinned, remove_artifact
+from .cacheindex import CacheIndex, ensure_pin_files, exclusive_if_unpinned, pinned, remove_artifact
 from .catalog import (EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
                       load_manifest, write_manifest)
 from .errors import ImageError
 from .integrity import Stamps, check_intact
+from .ownedfiles import open_owned, owner_of
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -26,12 +35,23 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 
 
+CACHE_DIRS = ("artifacts", "tmp", "pins", "verified", "index", "built", "custom", "manifests", "rootfs")
+
+
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
+        return sha256_handle(handle)
+
+
+def sha256_handle(handle) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(CHUNK), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def legacy_fix_command(root: Path) -> str:
+    return f"chmod -R go-w {root} && find {root} -type d -exec chmod g-s {{}} +"
 
 
 @dataclass(frozen=True)
@@ -59,18 +79,46 @@ class ImageCache:
         self.repositories = list(repositories)
         self.embedded = embedded
         self.max_bytes = max_bytes            # 0: unbounded
-        self.index = CacheIndex(self.root / "index", self.artifacts_dir, shared=self.shared)
+        self.index = CacheIndex(self.root / "index", self.artifacts_dir)
         self.stamps = Stamps(self.root / "verified")
+        self.progress = None                  # (label, total) -> download.Progress; None: on stderr
 
     @classmethod
-    def configured(cls, cfg) -> "ImageCache":
-        """The cache as configured: its dir, its repositories (mirrors, in order), its bound."""
+    def configured(cls, cfg):
+        """The cache as configured: its dir, its repositories (mirrors, in order), its bound.
+
+        The owner of the cache dir (or whoever creates it) gets the writer; anyone else a
+        reader (cacheservice.SharedCacheReader) with a private cache of their own.
+        """
+        if not owns(cfg.cache_dir):
+            from .cacheservice import SharedCacheReader
+            return SharedCacheReader.configured(cfg)
+        return cls.writer(cfg)
+
+    @classmethod
+    def writer(cls, cfg) -> "ImageCache":
         from .repository import repository_for
         cache = cls(cfg.cache_dir, [repository_for(r, cfg.cache_dir) for r in cfg.repositories],
                     max_bytes=cfg.cache_max_bytes)
-        if cache.shared:
-            os.umask(0o002)     # what we create in a group's cache (index, partial downloads) stays group-writable
+        cache.tighten_legacy()
         return cache
+
+    def tighten_legacy(self) -> bool:
+        """A cache set up the old way (group-writable, setgid): made single-writer again.
+
+        Whatever another user could have planted (links, files or dirs not ours) is removed;
+        the old index is thrown away unread. True when something was changed."""
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            return False
+        if not st.st_mode & (0o022 | stat.S_ISGID):
+            return False
+        os.chmod(self.root, 0o755)
+        for name in CACHE_DIRS:
+            _tighten_dir(self.root / name, deep=name != "rootfs")
+        shutil.rmtree(self.root / "index", ignore_errors=True)
+        return True
 
     @property
     def pins_dir(self) -> Path:
@@ -81,12 +129,13 @@ class ImageCache:
         return pinned(self.pins_dir, [a.sha256 for a in image.entry.artifacts.values()])
 
     def _record_use(self, entry: ImageEntry) -> None:
+        self.ensure_dirs()
+        ensure_pin_files(self.pins_dir, [a.sha256 for a in entry.artifacts.values()])
         try:
-            self.ensure_dirs()
             for art in entry.artifacts.values():
                 self.index.touch(art.sha256, art.size, entry.ref)
-        except (OSError, sqlite3.Error, ImageError):
-            pass        # a read-only cache (another user's) can still be used, just not tracked
+        except sqlite3.Error:
+            pass        # bookkeeping only: a busy or damaged index must not stop a job
 
     def evict(self, max_bytes: Optional[int] = None, keep: Sequence[str] = ()) -> list:
         """Delete least recently used artifacts until the cache fits; never a pinned one."""
@@ -132,28 +181,23 @@ class ImageCache:
         return self.root / "artifacts"
 
     @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
     def built_manifest_path(self) -> Path:
         return self.root / "built" / "manifest.json"
 
-    @property
-    def shared(self) -> bool:
-        """A cache shared by a Unix group: its root is group-writable (set up as in the README)."""
-        try:
-            return bool(self.root.stat().st_mode & 0o020)
-        except OSError:
-            return False
-
     def ensure_dirs(self) -> None:
-        # QEMU may run as another user (libvirt-qemu): it must read bases. In a
-        # shared cache the group also writes (setgid keeps the group on new dirs).
-        mode = 0o2775 if self.shared else 0o755
+        """Our directories, 0755 (QEMU may run as another user, libvirt-qemu: it must read bases);
+        one found that is a link, not ours, or writable by others is refused."""
         try:
             for path in (self.root, self.artifacts_dir, self.root / "tmp", self.pins_dir):
                 try:
-                    path.mkdir(parents=True)
+                    path.mkdir(mode=0o755, parents=True)
                 except FileExistsError:
-                    continue              # made by us or another user before: not ours to chmod
-                os.chmod(path, mode)
+                    pass
+                _check_own_dir(path)
         except OSError as exc:
             raise ImageError(f"cache directory {self.root} is not usable: {exc}",
                              hint="set cache_dir in config or VMLOADER_CACHE_DIR to a writable directory",
@@ -173,23 +217,24 @@ class ImageCache:
     def has_all(self, entry: ImageEntry) -> bool:
         return entry.fetchable and all(self.has(a) for a in entry.artifacts.values())
 
-    def insert_file(self, source: Path, artifact: Artifact, *, move: bool = False,
-                    origin: str = "", known_sha256: Optional[str] = None) -> Path:
+    def insert_file(self, source: Path, artifact: Artifact, *, move: bool = False, origin: str = "") -> Path:
         """Verify `source` against `artifact` and place it in the cache atomically.
 
-        With move=True the source (a download in the cache's tmp dir) is renamed
-        into place after hashing, or deleted when it does not match.
+        With move=True the source (a download or build output in the cache's tmp dir, ours)
+        is made read-only, hashed as it lies on disk, and renamed into place, or deleted
+        when it does not match. Otherwise its bytes are copied into a private temp file.
         """
         self.ensure_dirs()
         dest = self.artifact_path(artifact)
         if self.has(artifact):
             return dest
         if move:
-            # known_sha256: hashed by us while writing `source` (a download): no second read.
-            self._check(source, known_sha256 or sha256_file(source), artifact, origin, discard=True)
-            os.chmod(source, 0o444)
+            with os.fdopen(open_owned(source, os.O_RDONLY), "rb") as handle:
+                os.fchmod(handle.fileno(), 0o444)      # from here on, only its owner could change it
+                self._check(source, sha256_handle(handle), artifact, origin, discard=True)
             os.replace(source, dest)
             self.stamps.record(dest, artifact.sha256)
+            ensure_pin_files(self.pins_dir, [artifact.sha256])
             return dest
         fd, tmp_name = tempfile.mkstemp(prefix=artifact.sha256[:12] + "-", dir=self.root / "tmp")
         tmp = Path(tmp_name)
@@ -199,10 +244,11 @@ class ImageCache:
                 for block in iter(lambda: src.read(CHUNK), b""):
                     digest.update(block)
                     out.write(block)
+                os.fchmod(out.fileno(), 0o444)
             self._check(source, digest.hexdigest(), artifact, origin, discard=False)
-            os.chmod(tmp, 0o444)
             tmp.replace(dest)
             self.stamps.record(dest, artifact.sha256)
+            ensure_pin_files(self.pins_dir, [artifact.sha256])
         finally:
             tmp.unlink(missing_ok=True)
         return dest
@@ -242,7 +288,7 @@ class ImageCache:
         bad = []
         if self.artifacts_dir.is_dir():
             for path in sorted(self.artifacts_dir.iterdir()):
-                if sha256_file(path) != path.name:
+                if not stat.S_ISREG(os.lstat(path).st_mode) or _hash_nofollow(path) != path.name:
                     path.unlink()
                     self.index.forget(path.name)
                     bad.append(path.name)
@@ -369,3 +415,52 @@ class ImageCache:
         known = ", ".join(self.known_names()) or "none"
         raise ImageError(f"unknown image {ref!r}; known images: {known}",
                          hint="check the name (vmloader images list)", phase="cache lookup")
+
+
+def owns(root: Path) -> bool:
+    """We write this cache: we own its root, or it does not exist yet (we will make it)."""
+    owner = owner_of(Path(root))
+    return owner is None or owner == os.geteuid()
+
+
+def _hash_nofollow(path: Path) -> str:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
+        return sha256_handle(handle)
+
+
+def _check_own_dir(path: Path) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ImageError(f"refusing the cache directory {path}: it is "
+                         f"{'not a directory' if not stat.S_ISDIR(st.st_mode) else f'owned by uid {st.st_uid}'}",
+                         hint="the cache's owner is its only writer: remove it, or use another cache_dir",
+                         phase="cache lookup")
+    if st.st_mode & (0o022 | stat.S_ISGID):
+        os.chmod(path, 0o755)             # ours but set up the old (group-writable) way
+
+
+def _tighten_dir(path: Path, deep: bool) -> None:
+    """Remove from `path` what is not ours (links included); the rest loses group/other write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        _remove_any(path, st)
+        return
+    os.chmod(path, 0o755)
+    for child in path.iterdir():
+        cst = os.lstat(child)
+        if stat.S_ISLNK(cst.st_mode) or cst.st_uid != os.geteuid():
+            _remove_any(child, cst)
+        elif deep and stat.S_ISREG(cst.st_mode):
+            os.chmod(child, stat.S_IMODE(cst.st_mode) & ~0o022)
+        elif deep and stat.S_ISDIR(cst.st_mode):
+            _tighten_dir(child, deep)
+
+
+def _remove_any(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.unlink(path)

@@ -199,11 +199,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     temporary file: each gets its own, and the last rename wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)   # private, O_EXCL
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
+            os.fchmod(handle.fileno(), 0o644 & ~_umask())     # on the fd: never through a swapped name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

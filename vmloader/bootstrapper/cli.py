@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = repo.add_parser("serve", help="serve a repository directory over HTTP (Range, ETag)")
     serve.add_argument("dir")
     serve.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT")
+    cache_cmd = sub.add_parser("cache", help="the shared image cache's service").add_subparsers(
+        dest="cache_cmd", required=True)
+    cserve = cache_cmd.add_parser("serve", help="run by the cache's owner: fetch images for other users")
+    cserve.add_argument("--socket", help="Unix socket path (default: cache_socket, or <cache_dir>/service.sock)")
+    cserve.add_argument("--log", help="append the service's log (who asked for what) to this file")
     cond = sub.add_parser("condor", help="HTCondor execute-side hooks").add_subparsers(dest="condor_cmd",
                                                                                       required=True)
     wrap = cond.add_parser("wrapper", help="USER_JOB_WRAPPER: run a job with +VMImage in a VM, others as is")
@@ -274,6 +279,9 @@ def cmd_hypervisors(args, cfg) -> int:
 
 def cmd_images(args, cfg) -> int:
     cache = ImageCache.configured(cfg)
+    if args.images_cmd in ("build", "publish") and not isinstance(cache, ImageCache):
+        raise UsageError(f"`images {args.images_cmd}` writes the cache {cfg.cache_dir}: only its owner may",
+                         hint="run it as the cache's owner (root, or the cache's system user)")
     if args.images_cmd == "build":
         entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(args.name)
         if entry is None or not entry.buildable:
@@ -362,7 +370,7 @@ def _managing(cache, action):
         return action()
     except (OSError, sqlite3.Error) as exc:
         raise ImageError(f"cannot manage the cache at {cache.root}: {exc}",
-                         hint="do it as the cache's owner, or set it up as a group-shared cache (README)") from None
+                         hint="do it as the cache's owner (README: one cache for all users of a worker)") from None
 
 
 def _images_rm(args, cfg, cache) -> int:
@@ -381,6 +389,18 @@ def _images_prune(args, cfg, cache) -> int:
 
 IMAGE_ACTIONS = {"pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
                  "publish": _images_publish, "add": _images_add, "rm": _images_rm, "prune": _images_prune}
+
+
+def cmd_cache(args, cfg) -> int:
+    from .cache import owns
+    if not owns(cfg.cache_dir):
+        raise UsageError(f"only the owner of {cfg.cache_dir} serves it",
+                         hint="run `vmloader cache serve` as that user (root, or the cache's system user)")
+    from . import cacheservice
+    if args.log:
+        sys.stderr = open(args.log, "a", buffering=1)
+    cacheservice.serve(cfg, Path(args.socket) if args.socket else None)
+    return 0
 
 
 def cmd_repo(args, cfg) -> int:
@@ -551,7 +571,7 @@ def cmd_snapshot(args, cfg) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
+COMMANDS = {"cache": cmd_cache, "run": cmd_run, "hypervisors": cmd_hypervisors, "images": cmd_images, "snapshot": cmd_snapshot,
             "repo": cmd_repo, "cleanup": cmd_cleanup, "condor": cmd_condor,
             "status": cmd_status}
 

@@ -29,6 +29,11 @@ def _default_cache_dir() -> Path:
     return Path(base) / "vmloader"
 
 
+def _default_user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "vmloader"
+
+
 def _default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/vmloader")
@@ -90,6 +95,10 @@ class Setting:
 
 SETTINGS: Sequence[Setting] = (
     Setting("cache_dir", "VMLOADER_CACHE_DIR", _path, "verified image cache"),
+    Setting("user_cache_dir", "VMLOADER_USER_CACHE_DIR", _path,
+            "your own images (`images add`, --image URL) when cache_dir is another user's shared cache"),
+    Setting("cache_socket", "VMLOADER_CACHE_SOCKET", _path,
+            "socket of the shared cache's service (vmloader cache serve; default: <cache_dir>/service.sock)"),
     Setting("state_dir", "VMLOADER_STATE_DIR", _path, "job dirs and snapshot store"),
     Setting("repositories", "VMLOADER_REPOSITORY", _str_list,
             "image repository URLs or directories, tried in order"),
@@ -120,6 +129,8 @@ SETTINGS: Sequence[Setting] = (
 class Config:
     cache_dir: Path
     state_dir: Path
+    user_cache_dir: Optional[Path] = None
+    cache_socket: Optional[Path] = None
     repositories: tuple = ()
     libvirt_uri: Optional[str] = None
     snapshot_policy: str = "on-failure"
@@ -133,6 +144,14 @@ class Config:
     output_max_bytes: int = 16 * 2**30
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
+
+    @property
+    def own_cache_dir(self) -> Path:
+        return self.user_cache_dir or _default_user_cache_dir()
+
+    @property
+    def service_socket(self) -> Path:
+        return self.cache_socket or self.cache_dir / "service.sock"
 
     @property
     def jobs_dir(self) -> Path:

@@ -4,11 +4,14 @@ A download goes to `<cache>/tmp/<sha256>.part` under an exclusive flock on
 `<sha256>.lock`, so N processes needing the same artifact cause one download:
 the others wait for the lock and then find the artifact cached. An interrupted
 transfer resumes with a Range request; the file only enters the cache after
-its sha256 matches (ImageCache.insert_file checks, then renames it into place).
+its sha256 matches (ImageCache.insert_file re-reads the file as it lies on disk,
+not the network stream, then renames it into place). The partial file is opened
+with O_NOFOLLOW, created 0600, and reused only when the writer owns it.
 """
 import errno
 import fcntl
 import hashlib
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ import requests
 from .cacheindex import open_lock
 from .catalog import Artifact
 from .errors import ImageError
+from .ownedfiles import open_owned
 
 CHUNK = 1 << 20
 RETRIES = 6
@@ -71,8 +75,8 @@ class _Written:
     def __init__(self, part: Path):
         self.digest = hashlib.sha256()
         self.size = 0
-        if part.exists():
-            with open(part, "rb") as handle:
+        if os.path.lexists(part):
+            with os.fdopen(open_owned(part, os.O_RDONLY), "rb") as handle:
                 for block in iter(lambda: handle.read(CHUNK), b""):
                     self.add(block)
 
@@ -97,7 +101,8 @@ def _transfer(session: requests.Session, url: str, part: Path, written: _Written
         resp.raise_for_status()
         if resp.status_code != 206:
             written.restart()                        # the server ignored Range: start over
-        with open(part, "ab" if written.size else "wb") as out:
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if written.size else os.O_TRUNC)
+        with os.fdopen(open_owned(part, flags, 0o600), "wb") as out:
             for block in resp.iter_content(CHUNK):
                 out.write(block)
                 written.add(block)
@@ -106,9 +111,9 @@ def _transfer(session: requests.Session, url: str, part: Path, written: _Written
 
 def download(session: requests.Session, url: str, artifact: Artifact, part: Path,
              *, progress: Optional[Progress] = None, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Download `url` to `part`, resuming and retrying; returns the sha256 of what was written.
+    """Download `url` to `part`, resuming and retrying; returns the sha256 of what was sent.
 
-    The caller compares it with the manifest (ImageCache.insert_file) before caching.
+    The caller hashes the file again from disk (ImageCache.insert_file) before caching.
     """
     progress = progress or Progress(Path(url).name, artifact.size)
     written = _Written(part)

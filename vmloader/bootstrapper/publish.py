@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from .cache import ImageCache
+from .cache import ImageCache, sha256_file
 from .catalog import Manifest, load_manifest, write_manifest
 from .errors import ImageError
 
@@ -37,7 +37,8 @@ def _copy_entry(cache: ImageCache, entry, repo_dir: Path):
         relative = f"{entry.name}/{entry.version}/{Path(art.url).name}"
         dest = repo_dir / relative
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if not (dest.exists() and dest.stat().st_size == art.size):
+        # by sha256, not size: a rebuild of the same version has the same size and other bytes
+        if not (dest.is_file() and dest.stat().st_size == art.size and sha256_file(dest) == art.sha256):
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             shutil.copyfile(cache.artifact_path(art), tmp)
             tmp.chmod(0o644)

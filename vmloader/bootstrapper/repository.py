@@ -16,6 +16,7 @@ import requests
 from .catalog import Artifact, ImageEntry, Manifest, atomic_write_text, load_manifest, parse_manifest
 from .download import Progress, artifact_lock, download
 from .errors import ImageError
+from .ownedfiles import owner_of, read_trusted
 
 if TYPE_CHECKING:
     from .cache import ImageCache
@@ -100,10 +101,15 @@ class HttpRepository:
             return None
 
     def _load_saved(self) -> Optional[dict]:
+        """The saved copy, trusted only when the cache's writer made it (owns it, nobody else may
+        write it): anything else is ignored, and the manifest is fetched again."""
+        writer = owner_of(self.state_dir)
+        raw = read_trusted(self._saved(), os.geteuid() if writer is None else writer)
         try:
-            return json.loads(self._saved().read_text())
-        except (OSError, ValueError):
+            record = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
+        return record if isinstance(record, dict) else None
 
     def _save(self, record: dict) -> None:
         atomic_write_text(self._saved(), json.dumps(record))
@@ -117,13 +123,14 @@ def fetch_into_cache(session: requests.Session, url: str, artifact: Artifact, ca
                      label: str) -> Path:
     """Download once per worker (a lock per artifact), verify, and place in the cache."""
     cache.ensure_dirs()
-    tmp = cache.root / "tmp"
+    tmp = cache.tmp_dir
     with artifact_lock(tmp / f"{artifact.sha256}.lock"):
         if cache.has(artifact):              # another process fetched it while we waited
             return cache.artifact_path(artifact)
         part = tmp / f"{artifact.sha256}.part"
-        digest = download(session, url, artifact, part, progress=Progress(label, artifact.size))
-        return cache.insert_file(part, artifact, move=True, origin=url, known_sha256=digest)
+        progress = (cache.progress or Progress)(label, artifact.size)
+        download(session, url, artifact, part, progress=progress)
+        return cache.insert_file(part, artifact, move=True, origin=url)   # hashed again, from disk
 
 
 def is_url(ref: str) -> bool:
