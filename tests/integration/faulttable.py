@@ -57,6 +57,11 @@ FAULTS = (
     "guest escape sequences in the console log",
     "snapshot diff of a guest disk: parsers run without root",
     "another local user connects to a forwarded port of a booted snapshot",
+    "a cache user plants a symlink in the shared cache",
+    "a user's images add shadows a shared image name",
+    "a crafted pickle row in the shared cache's index",
+    "a forged stamp over a changed cached artifact",
+    "symlinks planted for the cache's write paths (.part, lock, stamp, manifest)",
 )
 
 
