@@ -276,16 +276,10 @@ class JobRunner:
     def _make_job_dir(self, job_id: str) -> Path:
         """The job's own directory, private to its user (and searchable by QEMU's group as root)."""
         access = privatefiles.current()
-        state = self.config.state_dir
-        try:
-            state.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise VMLoaderError(f"cannot create the state directory {state}: {exc}",
-                                hint="set state_dir in config or VMLOADER_STATE_DIR to a writable directory",
-                                phase="setup") from None
-        privatefiles.private_dir(state, access)
-        jobs = privatefiles.private_dir(self.config.jobs_dir, access, "job records directory")
-        job_dir = jobs / job_id
+        for path, what in ((self.config.state_dir, "state directory"), (self.config.jobs_dir, "job records directory"),
+                           (self.store.root, "snapshot store")):       # an older, wider one is tightened
+            privatefiles.private_dir(path, access, what, parents=True)
+        job_dir = self.config.jobs_dir / job_id
         privatefiles.check_traversable(job_dir, access)
         try:
             job_dir.mkdir(mode=0o700)

@@ -98,9 +98,12 @@ def other_members(group: grp.struct_group, qemu_user: Optional[str]) -> list:
     return sorted(names - {qemu_user})
 
 
-def private_dir(path: Path, access: Access, what: str = "state directory") -> Path:
-    """Make `path` (its parent must exist), or make an existing one ours and private; refuse another's."""
+def private_dir(path: Path, access: Access, what: str = "state directory", parents: bool = False) -> Path:
+    """Make `path` (and with `parents` its missing parents, as usual), or make an existing one ours and
+    private; refuse another's."""
     try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass

@@ -112,8 +112,7 @@ class SnapshotStore:
         """Move the overlay (a rename: constant time whatever the disk size) into the store,
         and the memory state file with it when there is one."""
         path = self._dir(meta.id)
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        privatefiles.private_dir(self.root, self.access, "snapshot store")
+        privatefiles.private_dir(self.root, self.access, "snapshot store", parents=True)
         tmp = self.root / f".{meta.id}.partial"
         # Private to the job's user; as root QEMU's group may search it, to boot the snapshot
         # again (libvirt then lends QEMU the 0600 disk for the run). Nobody else may list or read.
