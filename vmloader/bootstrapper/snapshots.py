@@ -159,12 +159,12 @@ class SnapshotStore:
                                 hint=f"inspect {path} by hand") from None
 
     def list(self) -> list:
-        if not self.root.is_dir():
-            return []
         found = []
         try:
+            if not self.root.is_dir():
+                return []
             paths = sorted(self.root.iterdir())
-        except PermissionError:
+        except PermissionError:                # the store is private to its owner (0700)
             raise _not_yours(self.root) from None
         for path in paths:
             if path.is_dir() and not path.name.startswith("."):
