@@ -95,4 +95,3 @@ def test_a_booted_snapshot_is_never_pruned_or_removed(tmp_path):
             store.remove("old")
     assert not store.in_use(store.get("old"))
     assert [s.meta.id for s, _ in store.prune(Retention(max_count=1), now=10.0)] == ["old"]
-
