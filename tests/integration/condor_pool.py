@@ -214,7 +214,8 @@ class Pool:
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "config.toml").write_text(
             'repositories = ["/srv/vmloader-repo"]\ncache_dir = "/var/cache/vmloader-1"\nmemory_mib = 768\n'
-            'host_cert = "/etc/vmloader/hostcert.pem"\nhost_key = "/etc/vmloader/hostkey.pem"\n')
+            'host_cert = "/etc/vmloader/hostcert.pem"\nhost_key = "/etc/vmloader/hostkey.pem"\n'
+            'host_cert_images = ["debian-12"]\n')   # the credentials go into debian-12 guests only
         # Stand-ins for a worker's host credentials: the key readable by job users through their group.
         (etc / "hostcert.pem").write_text("-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n")
         (etc / "hostkey.pem").write_text("-----BEGIN PRIVATE KEY-----\ntest\n-----END PRIVATE KEY-----\n")

@@ -62,6 +62,12 @@ FAULTS = (
     "a crafted pickle row in the shared cache's index",
     "a forged stamp over a changed cached artifact",
     "symlinks planted for the cache's write paths (.part, lock, stamp, manifest)",
+    "another local user reads a running job's files (path from `ps`): root's job",
+    "another local user reads a finished job's record and snapshot: root's job",
+    "another local user reads a running job's files (path from `ps`): an unprivileged user's job",
+    "another local user reads a finished job's record and snapshot: an unprivileged user's job",
+    "a guest writes .chirp.config, .job.ad and _condor_stdout as new outputs (--output-new)",
+    "a guest writes .chirp.config, .job.ad and _condor_stdout into an HTCondor job's sandbox",
 )
 
 

@@ -11,6 +11,7 @@ import htcondor2
 import pytest
 
 from .condor_pool import IMAGES, REPO, USER, start_pool
+from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.condor]
 EXAMPLES = REPO / "condor" / "examples"
@@ -153,6 +154,28 @@ def test_a_vm_job_runs_in_the_guest_with_its_sandbox_output_files_and_exit_code(
     # exit 3 is a failure: the default policy kept the state, and the job ad says where
     worker, _, snapshot = done["VMLoaderSnapshot"].partition(":")
     assert worker and pool.path(snapshot).is_dir(), done
+
+
+def test_a_guest_writing_the_starters_own_files_changes_nothing_in_the_sandbox(pool):
+    forge = "; ".join(f"echo forged > {name}" for name in (".chirp.config", "_condor_stdout", ".job.ad"))
+    job = Submission(pool, "chirpforge", {"forge.sub": (
+        f"executable = /bin/sh\narguments = \"-c '{forge}; echo made > result.txt; echo real output; exit 3'\"\n"
+        "transfer_executable = false\nshould_transfer_files = YES\nwhen_to_transfer_output = ON_EXIT\n"
+        'output = out\nerror = err\nlog = log\n+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue\n')})
+    job.submit("forge.sub")
+    done = job.wait({COMPLETED})[0]
+    assert done["ExitCode"] == "3"
+    # The wrapper's chirp after collection still reached the shadow: .chirp.config was not replaced.
+    assert done["VMLoaderSnapshot"].partition(":")[2], done
+    assert job.file("out").read_text() == "real output\n"
+    assert job.file("result.txt").read_text() == "made\n"
+    err = job.file("err").read_text()
+    assert all(f"refused output {name}" in err for name in (".chirp.config", "_condor_stdout", ".job.ad")), err
+    assert not any(job.file(name).exists() for name in (".chirp.config", "_condor_stdout", ".job.ad"))
+    record_row("a guest writes .chirp.config, .job.ad and _condor_stdout into an HTCondor job's sandbox",
+               3, "completed (the command's status); the names refused", "collect",
+               "refused output .chirp.config: HTCondor reserves this name in a job's sandbox",
+               "the starter's own files; VMLoaderSnapshot still set by chirp; result.txt transferred")
 
 
 def test_a_root_job_installs_a_deb_from_its_sandbox(pool, tmp_path):

@@ -88,9 +88,10 @@ def _non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
 @dataclass(frozen=True)
 class Setting:
     key: str
-    env: str
+    env: str                   # "": no environment variable
     parse: Callable[[Any], Any]
     help: str
+    admin_only: bool = False   # only the worker's own config file (/etc/vmloader/config.toml) may set it
 
 
 SETTINGS: Sequence[Setting] = (
@@ -119,9 +120,17 @@ SETTINGS: Sequence[Setting] = (
     Setting("output_max_bytes", "VMLOADER_OUTPUT_MAX_BYTES", _size,
             "largest file copied back from a guest (suffixes K M G T); a larger one is cut off and dropped"),
     Setting("host_cert", "VMLOADER_HOST_CERT", _path,
-            "host certificate copied into every guest as /etc/grid-security/hostcert.pem"),
+            "host certificate copied as /etc/grid-security/hostcert.pem into the guests host_cert_images "
+            "and host_cert_users allow"),
     Setting("host_key", "VMLOADER_HOST_KEY", _path,
-            "host key copied into every guest as /etc/grid-security/hostkey.pem (mode 0600)"),
+            "host key copied as /etc/grid-security/hostkey.pem (mode 0600) into the guests host_cert_images "
+            "and host_cert_users allow"),
+    Setting("host_cert_images", "", _str_list,
+            "images whose guests get host_cert and host_key (any job that is root in them can read the key); "
+            "default none", admin_only=True),
+    Setting("host_cert_users", "", _str_list,
+            "users whose guests get host_cert and host_key (any job of theirs that is root in the guest can "
+            "read the key); default none", admin_only=True),
 )
 
 
@@ -144,6 +153,8 @@ class Config:
     output_max_bytes: int = 16 * 2**30
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
+    host_cert_images: tuple = ()
+    host_cert_users: tuple = ()
 
     @property
     def own_cache_dir(self) -> Path:
@@ -186,9 +197,14 @@ def _parse(setting: Setting, value: Any, origin: str) -> Any:
 
 def load(overrides: Optional[Mapping[str, Any]] = None,
          environ: Optional[Mapping[str, str]] = None,
-         files: Optional[Sequence[Path]] = None) -> Config:
+         files: Optional[Sequence[Path]] = None,
+         admin_files: Optional[Sequence[Path]] = None) -> Config:
+    """`admin_files`: those of `files` that may set admin-only settings (default: the system config,
+    when `files` is left at its default; none otherwise)."""
     environ = os.environ if environ is None else environ
-    files = (SYSTEM_CONFIG, _user_config()) if files is None else files
+    if files is None:
+        files, admin_files = (SYSTEM_CONFIG, _user_config()), (SYSTEM_CONFIG,)
+    admin = {Path(p) for p in admin_files or ()}
     values: dict = {"cache_dir": _default_cache_dir(), "state_dir": _default_state_dir()}
     known = {s.key: s for s in SETTINGS}
     for path in files:
@@ -196,9 +212,12 @@ def load(overrides: Optional[Mapping[str, Any]] = None,
             if key not in known:
                 raise ConfigError(f"unknown setting {key!r} in {path}",
                                   hint="known settings: " + ", ".join(sorted(known)))
+            if known[key].admin_only and Path(path) not in admin:
+                raise ConfigError(f"{key} may be set only in the worker's config {SYSTEM_CONFIG}, not in {path}",
+                                  hint=f"remove it from {path}; {key}: {known[key].help}")
             values[key] = _parse(known[key], value, str(path))
     for setting in SETTINGS:
-        if environ.get(setting.env):
+        if setting.env and environ.get(setting.env):
             values[setting.key] = _parse(setting, environ[setting.env], setting.env)
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional
 
 from .. import protocol as P
-from . import diskfull, launch, proc, virt
+from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt
 from .agentclient import AgentClient, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
@@ -193,7 +193,7 @@ class Job:
     def _record_phase(self, name: str) -> None:
         """For `vmloader status`; never worth failing a job (or its teardown) over."""
         try:
-            (self.job_dir / "phase").write_text(name + "\n")
+            privatefiles.write_private(self.job_dir / "phase", name + "\n")
         except OSError:
             pass
 
@@ -278,29 +278,24 @@ class JobRunner:
             print(f"vmloader: pruned snapshot {snap.meta.id} ({reason})", file=sys.stderr)
 
     def _make_job_dir(self, job_id: str) -> Path:
-        jobs = self.config.jobs_dir
+        """The job's own directory, private to its user (and searchable by QEMU's group as root)."""
+        access = privatefiles.current()
+        for path, what in ((self.config.state_dir, "state directory"), (self.config.jobs_dir, "job records directory"),
+                           (self.store.root, "snapshot store")):       # an older, wider one is tightened
+            privatefiles.private_dir(path, access, what, parents=True)
+        job_dir = self.config.jobs_dir / job_id
+        privatefiles.check_traversable(job_dir, access)
         try:
-            jobs.mkdir(parents=True, exist_ok=True)
-            # QEMU may run as libvirt-qemu and must reach the overlay in here.
-            for path in (self.config.state_dir, jobs):
-                os.chmod(path, 0o711)
-        except OSError as exc:
-            raise VMLoaderError(f"cannot create the job directory under {jobs}: {exc}",
-                                hint="set state_dir in config or VMLOADER_STATE_DIR to a writable directory",
-                                phase="setup") from None
-        _check_traversable(jobs / job_id)
-        job_dir = jobs / job_id
-        try:
-            job_dir.mkdir(mode=0o711)
+            job_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise UsageError(f"job id {job_id} was already used on this worker ({job_dir})",
                              hint="give a new --job-id or leave it out", phase="setup") from None
-        return job_dir
+        return privatefiles.private_dir(job_dir, access, "job directory")
 
     def _output_streams(self, job: Job):
         if job.spec.capture_dir:
-            return (TailWriter(open(job.job_dir / "stdout", "wb")),
-                    TailWriter(open(job.job_dir / "stderr", "wb")))
+            return (TailWriter(open(privatefiles.open_private(job.job_dir / "stdout"), "wb")),
+                    TailWriter(open(privatefiles.open_private(job.job_dir / "stderr"), "wb")))
         return TailWriter(self.stdout), TailWriter(self.stderr)
 
     def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
@@ -320,6 +315,7 @@ class JobRunner:
                 check_chain(job.kept, job.image.disk, phase="overlay")
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                       "-b", str(job.plan.overlay_backing(job.image.disk)), str(job.overlay)], phase="overlay")
+            privatefiles.restrict(job.overlay)
         with job.timer.phase("define"):
             self._start_domain(job)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
@@ -382,27 +378,14 @@ class JobRunner:
         return run
 
     def _stage_in(self, job: Job) -> None:
-        for item in self._credentials() + list(job.spec.guest_files):
+        creds = host_credentials(self.config, job.image.entry.name, _user_name())
+        for item in creds + list(job.spec.guest_files):
             job.client.put_file(item.host_path, item.guest_path, mode=item.mode, user="root")
         for path, guest in input_pairs(job.spec):
             mode = 0o755 if os.access(path, os.X_OK) else 0o644
             job.client.put_file(path, guest, mode=mode, user=self._guest_user(job))
         if job.spec.collect_new:
             job.before = _file_stamps(job.client.list_dir(GUEST_WORKDIR))
-
-    def _credentials(self) -> list:
-        """The worker's host certificate and key (config host_cert/host_key), for grid tools in the guest."""
-        files = []
-        for setting, name, mode in (("host_cert", "hostcert.pem", 0o644), ("host_key", "hostkey.pem", 0o600)):
-            path = getattr(self.config, setting)
-            if path is None:
-                continue
-            if not os.access(path, os.R_OK):
-                raise VMLoaderError(f"{setting} {path} is not readable by {_user_name()}",
-                                    hint=f"let the users that run jobs read it (e.g. group-readable by a "
-                                         f"group they share), or unset {setting}", phase="stage-in")
-            files.append(GuestFile(str(path), f"/etc/grid-security/{name}", mode))
-        return files
 
     def _guest_user(self, job: Job) -> str:
         return "root" if job.spec.root else GUEST_USER
@@ -484,6 +467,8 @@ class JobRunner:
         finally:                                  # whatever collecting did, the VM is stopped
             with job.timer.phase("teardown"):
                 self._stop_domain(job)
+                if job.kept is not None:
+                    diskfull.best_effort("the kept disk's owner", privatefiles.reclaim, job.kept.disk)
         with job.timer.phase("snapshot"):
             snapshot_id = self._keep_or_drop(job)
         diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)
@@ -502,6 +487,10 @@ class JobRunner:
             outputs += [name for name, stamp in sorted(after.items())
                         if job.before.get(name) != stamp and name not in outputs]
         for out in outputs:
+            if sandboxnames.reserved(out):
+                print(f"vmloader: refused output {guesttext.escape(out)}: {sandboxnames.REFUSAL}", file=sys.stderr)
+                job.output_errors.append({"output": out, "message": sandboxnames.REFUSAL})
+                continue
             try:
                 job.client.get_file(out, str(job.spec.output_dir))
             except VMLoaderError as exc:
@@ -565,7 +554,7 @@ class JobRunner:
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
                 "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
-        (job.job_dir / "metadata.json").write_text(json.dumps(data, indent=2) + "\n")
+        privatefiles.write_private(job.job_dir / "metadata.json", json.dumps(data, indent=2) + "\n")
 
     def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
         if job.spec.capture_dir:
@@ -573,9 +562,9 @@ class JobRunner:
             err.out.close()
         snapshot = self.store.root / job.job_dir.name
         for name, writer in (("stdout.tail", out), ("stderr.tail", err)):
-            (job.job_dir / name).write_bytes(bytes(writer.last))
+            privatefiles.write_private(job.job_dir / name, bytes(writer.last))
             if snapshot.is_dir():                # `vmloader snapshot logs` shows them
-                (snapshot / name).write_bytes(bytes(writer.last))
+                privatefiles.write_private(snapshot / name, bytes(writer.last))
 
     def _result(self, job: Job, job_id: str, snapshot_id: Optional[str]) -> JobResult:
         captured = job.spec.capture_dir
@@ -588,6 +577,25 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors))
+
+
+def host_credentials(config: Config, image: str, user: str) -> list:
+    """The worker's host certificate and key (config host_cert/host_key), for grid tools in the guest:
+    only into the images and for the users the worker's config names (whoever is root in such a guest
+    can read the key and act as the worker)."""
+    if image not in config.host_cert_images and user not in config.host_cert_users:
+        return []
+    files = []
+    for setting, name, mode in (("host_cert", "hostcert.pem", 0o644), ("host_key", "hostkey.pem", 0o600)):
+        path = getattr(config, setting)
+        if path is None:
+            continue
+        if not os.access(path, os.R_OK):
+            raise VMLoaderError(f"{setting} {path} is not readable by {user}",
+                                hint=f"let the users that run jobs read it (e.g. group-readable by a "
+                                     f"group they share), or unset {setting}", phase="stage-in")
+        files.append(GuestFile(str(path), f"/etc/grid-security/{name}", mode))
+    return files
 
 
 def _file_stamps(entries: list) -> dict:
@@ -608,7 +616,7 @@ def _domain_alive(job: Job, settle: float = 3.0) -> bool:
 
 def _write_owner(job: Job) -> None:
     """Who runs this job and what it wants kept: lets a later vmloader clean up if we die."""
-    (job.job_dir / "owner.json").write_text(json.dumps(
+    privatefiles.write_private(job.job_dir / "owner.json", json.dumps(
         {"pid": os.getpid(), "domain": job.domain_name, "snapshot": job.spec.snapshot,
          "command": list(job.spec.command),
          "image": job.spec.image, "started": time.time()}) + "\n")
@@ -631,19 +639,6 @@ def _raise_for_spawn_error(result: ExecResult) -> None:
                                       hint="check its permissions (chmod +x) and its #! line", phase="exec")
     if result.error:
         raise AgentError(f"the agent could not run the command: {result.message}", phase="exec")
-
-
-def _check_traversable(path: Path) -> None:
-    """As root, QEMU runs as libvirt-qemu: every parent of the job dir must let it through."""
-    if os.geteuid() != 0:
-        return
-    for parent in path.parents:
-        if not parent.stat().st_mode & 0o001:
-            raise VMLoaderError(
-                f"QEMU (user libvirt-qemu) cannot reach the job directory {path}: {parent} is not "
-                "searchable by other users",
-                hint=f"run `chmod o+x {parent}` or set state_dir (VMLOADER_STATE_DIR) elsewhere, "
-                     "e.g. /var/lib/vmloader", phase="setup")
 
 
 def _user_name() -> str:

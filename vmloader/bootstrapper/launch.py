@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
+from . import privatefiles
 from .domain import DomainSpec, domain_xml, retarget_saved_xml
 from .errors import VMLoaderError
 from .snapshots import Snapshot, SnapshotStore
@@ -73,7 +74,7 @@ def start(plan: LaunchPlan, machines: Machines, spec: DomainSpec, xml_file: Path
     if plan.kept is not None and plan.restores_memory:
         return _restore(plan.kept, machines, spec, xml_file)
     xml = domain_xml(spec)
-    xml_file.write_text(xml)
+    privatefiles.write_private(xml_file, xml)
     return machines.create(xml)
 
 
@@ -82,7 +83,7 @@ def _restore(kept: Snapshot, machines: Machines, spec: DomainSpec, xml_file: Pat
     state = kept.memory_state
     try:
         xml = retarget_saved_xml(machines.saved_xml(state), spec)
-        xml_file.write_text(xml)
+        privatefiles.write_private(xml_file, xml)
         return machines.restore(state, xml, spec.name)
     except VMLoaderError as err:
         err.message = f"cannot resume snapshot {kept.meta.id} from its memory state {state}: {err.message}"

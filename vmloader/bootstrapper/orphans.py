@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 
 import libvirt
 
+from . import privatefiles
 from .errors import EXIT_INFRA
 from .snapshots import SnapshotMeta, SnapshotStore, should_keep
 
@@ -64,7 +65,7 @@ def reap_all(jobs_dir: Path, connect: Callable[[], object], store: SnapshotStore
     """Reap every orphan; one vmloader at a time does it (others skip rather than wait)."""
     if not find_orphans(jobs_dir):
         return []
-    with open(jobs_dir / ".cleanup.lock", "a") as lock:
+    with open(privatefiles.open_private(jobs_dir / ".cleanup.lock", append=True), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,7 +92,7 @@ def reap(job_dir: Path, conn, store: SnapshotStore) -> Orphan:
     else:
         overlay.unlink(missing_ok=True)
     (job_dir / "agent.sock").unlink(missing_ok=True)
-    (job_dir / "metadata.json").write_text(json.dumps(
+    privatefiles.write_private(job_dir / "metadata.json", json.dumps(
         {"job_id": job_dir.name, "command": owner.get("command"), "image": owner.get("image"),
          "exit_status": EXIT_INFRA, "outcome": "orphaned", "snapshot": snapshot,
          "error": {"message": f"the bootstrapper (pid {owner['pid']}) died; cleaned up later"}}, indent=2) + "\n")

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from . import proc
+from . import privatefiles, proc
 from .console import tail_bytes
-from .errors import SnapshotError
+from .errors import SnapshotError, VMLoaderError
 
 POLICIES = ("always", "on-failure", "never")
 
@@ -93,8 +93,16 @@ class Snapshot:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, access: Optional[privatefiles.Access] = None):
         self.root = Path(root)
+        self._access = access
+
+    @property
+    def access(self) -> privatefiles.Access:
+        """Who besides the owner may search a snapshot: QEMU's group as root (to boot it again)."""
+        if self._access is None:
+            self._access = privatefiles.current()
+        return self._access
 
     def _dir(self, snap_id: str) -> Path:
         if not snap_id or "/" in snap_id or snap_id.startswith("."):
@@ -106,13 +114,13 @@ class SnapshotStore:
         """Move the overlay (a rename: constant time whatever the disk size) into the store,
         and the memory state file with it when there is one."""
         path = self._dir(meta.id)
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o711)
+        privatefiles.private_dir(self.root, self.access, "snapshot store", parents=True)
         tmp = self.root / f".{meta.id}.partial"
-        # 0711: as root, QEMU (libvirt-qemu) must reach the disk when the snapshot is booted
-        # again; libvirt then lends it the (0600) disk for the run. Listing stays private.
+        # Private to the job's user; as root QEMU's group may search it, to boot the snapshot
+        # again (libvirt then lends QEMU the 0600 disk for the run). Nobody else may list or read.
         tmp.mkdir(mode=0o700)
         try:
+            privatefiles.private_dir(tmp, self.access, "snapshot directory")
             os.replace(overlay, tmp / "disk.qcow2")
             os.chmod(tmp / "disk.qcow2", 0o600)
             if memory_state is not None and memory_state.exists():
@@ -121,11 +129,9 @@ class SnapshotStore:
             if console_log is not None and console_log.exists():
                 shutil.copyfile(console_log, tmp / "console.log")
                 os.chmod(tmp / "console.log", 0o600)
-            (tmp / "metadata.json").write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
-            os.chmod(tmp / "metadata.json", 0o600)
-            os.chmod(tmp, 0o711)
+            privatefiles.write_private(tmp / "metadata.json", json.dumps(meta.to_dict(), indent=2) + "\n")
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, VMLoaderError) as exc:
             if (tmp / "disk.qcow2").exists() and not overlay.exists():
                 os.replace(tmp / "disk.qcow2", overlay)   # give the overlay back, lose nothing
             if memory_state is not None and (tmp / "memory.save").exists():
@@ -155,12 +161,12 @@ class SnapshotStore:
                                 hint=f"inspect {path} by hand") from None
 
     def list(self) -> list:
-        if not self.root.is_dir():
-            return []
         found = []
         try:
+            if not self.root.is_dir():
+                return []
             paths = sorted(self.root.iterdir())
-        except PermissionError:
+        except PermissionError:                # the store is private to its owner (0700)
             raise _not_yours(self.root) from None
         for path in paths:
             if path.is_dir() and not path.name.startswith("."):
@@ -181,7 +187,7 @@ class SnapshotStore:
     def hold(self, snap_id: str):
         """Mark a snapshot as booted for the duration: prune and rm leave it alone."""
         path = self._dir(snap_id) / ".in-use"
-        with open(path, "a") as handle:
+        with open(privatefiles.open_private(path, append=True), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
             yield
 
