@@ -282,3 +282,42 @@ def test_the_nightly_dag_builds_tests_and_summarises_every_platform(pool):
         for event in events.events(stop_after=0):
             terminated += event.type == htcondor2.JobEventType.JOB_TERMINATED and event["ReturnValue"] == 0
     assert terminated == 7          # 3 builds, 3 tests, 1 summary, each exit 0 in the nodes' event log
+
+
+def guest_mem_total_mib(text: str) -> float:
+    return int(re.search(r"^MemTotal:\s+(\d+) kB", text, re.M).group(1)) / 1024
+
+
+def test_the_vm_is_sized_by_the_evaluated_request_memory_less_qemus_overhead(pool):
+    from vmloader.bootstrapper.condor import QEMU_OVERHEAD_MIB
+    memtotal = ("executable = /bin/sh\narguments = \"-c 'cat /proc/meminfo; nproc'\"\ntransfer_executable = false\n"
+                "should_transfer_files = YES\nlog = log\n+VMImage = \"debian-12\"\n")
+    job = Submission(pool, "sizing", {"job.sub": (
+        # An expression, evaluated against the machine ad (the test pool's startds have 3072 MiB).
+        memtotal + "output = out.expr\nerror = err.expr\n"
+        "request_memory = ifThenElse(TARGET.TotalMemory >= 3072, 600 + 2 * 100, 2000)\nqueue\n"
+        # No request_memory: the transform's default, the image's 1024 MiB plus QEMU's overhead.
+        + memtotal.replace("+VMImage", "output = out.default\nerror = err.default\n+VMImage") + "queue\n")})
+    job.submit("job.sub")
+    done = job.wait({COMPLETED}, count=2)
+    assert [done[p]["ExitCode"] for p in sorted(done)] == ["0", "0"], job.file("err.expr").read_text()
+    requests = pool.run(["condor_history", str(job.cluster), "-af", "ProcId", "RequestMemory"],
+                        user=None, check=True).stdout.split()
+    assert dict(zip(requests[::2], requests[1::2]))["1"] == str(1024 + QEMU_OVERHEAD_MIB)
+    for name, guest_ram in (("out.expr", 800 - QEMU_OVERHEAD_MIB), ("out.default", 1024)):
+        total = guest_mem_total_mib(job.file(name).read_text())
+        # MemTotal is the guest's RAM less what its kernel reserved for itself (tens of MiB).
+        assert guest_ram - 80 < total <= guest_ram, (name, total, guest_ram)
+
+
+def test_a_request_memory_too_small_for_a_vm_is_held_naming_both_numbers(pool):
+    from vmloader.bootstrapper.condor import MIN_GUEST_MEMORY_MIB, QEMU_OVERHEAD_MIB
+    job = Submission(pool, "toosmall", {"job.sub": (
+        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
+        "request_memory = 300\n+VMImage = \"debian-12\"\nqueue\n")})
+    job.submit("job.sub")
+    reason = job.wait({HELD})[0]["HoldReason"]
+    need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
+    assert "request_memory 300 MiB is too small for a VM of debian-12" in reason, reason
+    assert f"at least {need} MiB" in reason and "[job ad]" in reason, reason
+    pool.run(["condor_rm", str(job.cluster)], check=True)
