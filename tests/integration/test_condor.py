@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+import classad2
 import htcondor2
 import pytest
 
@@ -290,24 +291,23 @@ def guest_mem_total_mib(text: str) -> float:
 
 def test_the_vm_is_sized_by_the_evaluated_request_memory_less_qemus_overhead(pool):
     from vmloader.bootstrapper.condor import QEMU_OVERHEAD_MIB
-    memtotal = ("executable = /bin/sh\narguments = \"-c 'cat /proc/meminfo; nproc'\"\ntransfer_executable = false\n"
-                "should_transfer_files = YES\nlog = log\n+VMImage = \"debian-12\"\n")
-    job = Submission(pool, "sizing", {"job.sub": (
-        # An expression, evaluated against the machine ad (the test pool's startds have 3072 MiB).
-        memtotal + "output = out.expr\nerror = err.expr\n"
-        "request_memory = ifThenElse(TARGET.TotalMemory >= 3072, 600 + 2 * 100, 2000)\nqueue\n"
-        # No request_memory: the transform's default, the image's 1024 MiB plus QEMU's overhead.
-        + memtotal.replace("+VMImage", "output = out.default\nerror = err.default\n+VMImage") + "queue\n")})
-    job.submit("job.sub")
-    done = job.wait({COMPLETED}, count=2)
-    assert [done[p]["ExitCode"] for p in sorted(done)] == ["0", "0"], job.file("err.expr").read_text()
-    requests = pool.run(["condor_history", str(job.cluster), "-af", "ProcId", "RequestMemory"],
-                        user=None, check=True).stdout.split()
-    assert dict(zip(requests[::2], requests[1::2]))["1"] == str(1024 + QEMU_OVERHEAD_MIB)
-    for name, guest_ram in (("out.expr", 800 - QEMU_OVERHEAD_MIB), ("out.default", 1024)):
-        total = guest_mem_total_mib(job.file(name).read_text())
+    memtotal = ("executable = /bin/sh\narguments = \"-c 'cat /proc/meminfo'\"\ntransfer_executable = false\n"
+                "should_transfer_files = YES\nlog = log\noutput = out\nerror = err\n+VMImage = \"debian-12\"\n")
+    # An expression, evaluated against the machine ad (the test pool's startds have 3072 MiB) ...
+    expr = Submission(pool, "sizing-expr", {"job.sub": (
+        memtotal + "request_memory = ifThenElse(TARGET.TotalMemory >= 3072, 600 + 2 * 100, 2000)\nqueue\n")})
+    # ... and none: the transform's default, the image's 1024 MiB plus QEMU's overhead.
+    default = Submission(pool, "sizing-default", {"job.sub": memtotal + "queue\n"})
+    for job in (expr, default):
+        job.submit("job.sub")
+    raw = pool.run(["condor_q", str(default.cluster), "-af:r", "RequestMemory"], user=None, check=True).stdout
+    assert classad2.ExprTree(raw.strip()).eval() == 1024 + QEMU_OVERHEAD_MIB, raw
+    for job, guest_ram in ((expr, 800 - QEMU_OVERHEAD_MIB), (default, 1024)):
+        done = job.wait({COMPLETED, HELD}, timeout=900)[0]
+        assert done["JobStatus"] == str(COMPLETED) and done["ExitCode"] == "0", (done, job.file("err").read_text())
+        total = guest_mem_total_mib(job.file("out").read_text())
         # MemTotal is the guest's RAM less what its kernel reserved for itself (tens of MiB).
-        assert guest_ram - 80 < total <= guest_ram, (name, total, guest_ram)
+        assert guest_ram - 80 < total <= guest_ram, (job.dir, total, guest_ram)
 
 
 def test_a_request_memory_too_small_for_a_vm_is_held_naming_both_numbers(pool):

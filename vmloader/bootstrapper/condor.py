@@ -37,7 +37,8 @@ POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, cop
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
                            "_condor_stderr", ".condor_creds", "tmp", "var"))
 # What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
-# (bounded by domain.TCG_TB_CACHE_MIB) and ~50 MiB of its own; less under KVM. The VM of a
+# (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured); less
+# under KVM. The VM of a
 # slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd transform's default request
 # (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses the same number.
 QEMU_OVERHEAD_MIB = 192
