@@ -37,10 +37,9 @@ POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, cop
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
                            "_condor_stderr", ".condor_creds", "tmp", "var"))
 # What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
-# (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured); less
-# under KVM. The VM of a
-# slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd transform's default request
-# (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses the same number.
+# (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
+# less under KVM. The VM of a slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd
+# transform's default request (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses it too.
 QEMU_OVERHEAD_MIB = 192
 MIN_GUEST_MEMORY_MIB = 256                   # the smallest guest our images boot and run a job in
 CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
@@ -140,7 +139,7 @@ def _request(ad: classad.Ad, machine: Optional[classad.Ad], name: str) -> Option
 
 def _slot(machine: Optional[classad.Ad], name: str) -> Optional[int]:
     """The slot's own size (Memory in MiB, Cpus): the starter's limits are the slot's."""
-    value = machine.evaluate(name) if machine is not None else classad.UNDEFINED
+    value = _machine_value(machine, name)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
