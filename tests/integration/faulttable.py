@@ -29,6 +29,7 @@ FAULTS = (
     "job ad `+VMImage = 42`",
     'job ad `+VMLoaderRoot = "yes"`',
     'job ad with an unknown snapshot policy (`+VMLoaderSnapshot = "sometimes"`)',
+    "job ad with a request_memory too small for any VM (`request_memory = 200 + 100`)",
     # repositories and the image cache
     "repository unreachable, image not cached",
     "repository unreachable, image cached",

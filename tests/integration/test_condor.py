@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+import classad2
 import htcondor2
 import pytest
 
@@ -335,3 +336,41 @@ def test_guest_text_with_esc_cr_nul_and_10_kib_in_a_hold_reason_stays_a_clean_ca
     record_row(fault="guest text with ESC, CR, NUL and 10 KiB in a hold reason",
                exit=125, outcome="held (HoldReason, subcode 125)", phase="exec", message=reason,
                kept="the job (on hold); the guest text escaped, the reason capped at 512 bytes")
+
+
+def guest_mem_total_mib(text: str) -> float:
+    return int(re.search(r"^MemTotal:\s+(\d+) kB", text, re.M).group(1)) / 1024
+
+
+def test_the_vm_is_sized_by_the_evaluated_request_memory_less_qemus_overhead(pool):
+    from vmloader.bootstrapper.condor import QEMU_OVERHEAD_MIB
+    memtotal = ("executable = /bin/sh\narguments = \"-c 'cat /proc/meminfo'\"\ntransfer_executable = false\n"
+                "should_transfer_files = YES\nlog = log\noutput = out\nerror = err\n+VMImage = \"debian-12\"\n")
+    # An expression, evaluated against the machine ad (the test pool's startds have 3072 MiB) ...
+    expr = Submission(pool, "sizing-expr", {"job.sub": (
+        memtotal + "request_memory = ifThenElse(TARGET.TotalMemory >= 3072, 600 + 2 * 100, 2000)\nqueue\n")})
+    # ... and none: the transform's default, the image's 1024 MiB plus QEMU's overhead.
+    default = Submission(pool, "sizing-default", {"job.sub": memtotal + "queue\n"})
+    for job in (expr, default):
+        job.submit("job.sub")
+    raw = pool.run(["condor_q", str(default.cluster), "-af:r", "RequestMemory"], user=None, check=True).stdout
+    assert classad2.ExprTree(raw.strip()).eval() == 1024 + QEMU_OVERHEAD_MIB, raw
+    for job, guest_ram in ((expr, 800 - QEMU_OVERHEAD_MIB), (default, 1024)):
+        done = job.wait({COMPLETED, HELD}, timeout=900)[0]
+        assert done["JobStatus"] == str(COMPLETED) and done["ExitCode"] == "0", (done, job.file("err").read_text())
+        total = guest_mem_total_mib(job.file("out").read_text())
+        # MemTotal is the guest's RAM less what its kernel reserved for itself (tens of MiB).
+        assert guest_ram - 80 < total <= guest_ram, (job.dir, total, guest_ram)
+
+
+def test_a_request_memory_too_small_for_a_vm_is_held_naming_both_numbers(pool):
+    from vmloader.bootstrapper.condor import MIN_GUEST_MEMORY_MIB, QEMU_OVERHEAD_MIB
+    job = Submission(pool, "toosmall", {"job.sub": (
+        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
+        "request_memory = 300\n+VMImage = \"debian-12\"\nqueue\n")})
+    job.submit("job.sub")
+    reason = job.wait({HELD})[0]["HoldReason"]
+    need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
+    assert "request_memory 300 MiB is too small for a VM of debian-12" in reason, reason
+    assert f"at least {need} MiB" in reason and "[job ad]" in reason, reason
+    pool.run(["condor_rm", str(job.cluster)], check=True)

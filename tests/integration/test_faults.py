@@ -148,6 +148,8 @@ MALFORMED_ADS = [
      'job ad `+VMLoaderRoot = "yes"`'),
     ('VMImage = "debian-12"\nVMLoaderSnapshot = "sometimes"', "+VMLoaderSnapshot must be",
      'job ad with an unknown snapshot policy (`+VMLoaderSnapshot = "sometimes"`)'),
+    ('VMImage = "debian-12"\nRequestMemory = 200 + 100', "request_memory 300 MiB is too small for a VM of debian-12",
+     "job ad with a request_memory too small for any VM (`request_memory = 200 + 100`)"),
 ]
 
 
@@ -166,7 +168,8 @@ def wrapper_env(vm_env: dict, tmp_path: Path, ad: str) -> tuple:
     return sandbox, bin_dir / "chirp.log", env
 
 
-@pytest.mark.parametrize("ad, words, fault", MALFORMED_ADS, ids=["image-number", "root-string", "policy"])
+@pytest.mark.parametrize("ad, words, fault", MALFORMED_ADS, ids=["image-number", "root-string", "policy",
+                                                                    "memory-too-small"])
 def test_a_malformed_job_ad_puts_the_job_on_hold_without_running_it(vm_env, state_dir, tmp_path, ad, words, fault):
     sandbox, chirp_log, env = wrapper_env(vm_env, tmp_path, ad)
     marker = tmp_path / "the-job-ran"

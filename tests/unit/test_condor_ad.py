@@ -1,10 +1,13 @@
-"""Reading job ads: what a submit file asks of vmloader, and clear errors for malformed attributes."""
+"""Reading job ads with HTCondor's ClassAd library: what a submit file asks of vmloader, requests
+evaluated against the machine ad as the starter does, and clear errors for malformed attributes."""
 from pathlib import Path
 
+import classad2
 import pytest
 
 from vmloader.bootstrapper import classad
-from vmloader.bootstrapper.condor import JobAdError, guest_command, sandbox_inputs, vm_request
+from vmloader.bootstrapper.condor import (MIN_GUEST_MEMORY_MIB, QEMU_OVERHEAD_MIB, JobAdError, guest_command,
+                                          sandbox_inputs, vm_request)
 
 JOB_AD = r'''
 ClusterId = 12
@@ -17,29 +20,134 @@ VMLoaderTimeout = 600
 RequestCpus = 2
 RequestMemory = 2048
 RequestDisk = DiskUsage
+DiskUsage = 5000
 Environment = "A=1 B='two words' C=3"
 Requirements = (TARGET.Arch == "X86_64") && (TARGET.OpSys == "LINUX")
-Odd = "say \"hi\"\n"
+Odd = "say \"hi\""
+'''
+
+# What condor_submit 23.9 writes for a job with no request_* lines (HTCondor's defaults, as
+# condor_q -l shows them), and a slot's machine ad as the starter hands it over (.machine.ad).
+DEFAULT_REQUESTS_AD = r'''
+ClusterId = 7
+ProcId = 0
+VMImage = "debian-12"
+ImageSize = 2500
+DiskUsage = 2500
+RequestCpus = 1
+RequestDisk = DiskUsage
+RequestMemory = ifthenelse(MemoryUsage =!= undefined,MemoryUsage,(ImageSize + 1023) / 1024)
+'''
+MACHINE_AD = r'''
+Name = "slot1@vm1@worker"
+Arch = "X86_64"
+OpSys = "LINUX"
+Cpus = 4
+Memory = 3072
+Disk = 10000000
+VMLoaderCacheDir = "/var/cache/vmloader-1"
 '''
 
 
-def test_literals_are_parsed_and_expressions_kept_as_text():
+def request(job_text: str, machine_text: str = MACHINE_AD):
+    return vm_request(classad.parse_ad(job_text), classad.parse_ad(machine_text))
+
+
+def test_values_come_from_htcondors_parser_and_expressions_are_evaluated():
     ad = classad.parse_ad(JOB_AD)
-    assert ad["clusterid"] == 12 and ad["vmimage"] == "debian-12" and ad["vmloaderroot"] is True
-    assert ad["odd"] == 'say "hi"\n'
-    assert isinstance(ad["requirements"], classad.Expr)
-    assert isinstance(ad["requestdisk"], classad.Expr)
+    assert ad.evaluate("ClusterId") == 12 and ad.evaluate("vmimage") == "debian-12"
+    assert ad.evaluate("VMLoaderRoot") is True
+    assert ad.evaluate("Odd") == 'say "hi"'
+    assert ad.evaluate("RequestDisk") == 5000                   # DiskUsage, evaluated
+    assert ad.evaluate("Missing") is classad.UNDEFINED
+    machine = classad.parse_ad(MACHINE_AD)
+    assert ad.evaluate("Requirements", machine) is True        # TARGET: the machine ad
+    assert ad.evaluate("Requirements") is classad.UNDEFINED    # no TARGET: undefined, not the number 2
 
 
-def test_quote_round_trips_through_parse():
+def test_quote_round_trips_through_htcondors_parser():
+    """quote() writes new-syntax literals, as condor_chirp set_job_attr reads them."""
     for value in ("plain", 'with "quotes" and \\ backslash', "line\nbreak", 7, 2.5, True):
-        assert classad.parse_value(classad.quote(value)) == value
+        assert classad2.ExprTree(classad.quote(value)).eval() == value
+
+
+def test_a_line_htcondor_cannot_parse_spoils_only_its_own_attribute():
+    ad = classad.parse_ad('VMImage = "debian-12"\nBroken = 3 +\nVMLoaderRoot = "yes"\n')
+    assert ad.evaluate("VMLoaderRoot") == "yes"                 # a whole-file parse would lose this
+    assert "Broken" in ad
+    with pytest.raises(classad.AdError) as err:
+        ad.evaluate("Broken")
+    assert "Broken = '3 +'" in err.value.message
+
+
+def test_a_broken_vm_attribute_holds_the_job_with_its_text():
+    with pytest.raises(classad.AdError) as err:
+        request('VMImage = "debian-12"\nVMLoaderTimeout = 3 *\n')
+    assert "VMLoaderTimeout" in err.value.message and err.value.exit_code == 125
+
+
+def test_declares_finds_an_attribute_without_parsing():
+    assert classad.declares('ClusterId = 1\nvmimage = 42 +\n', "VMImage")
+    assert not classad.declares('ClusterId = 1\nCmd = "VMImage = x"\n', "VMImage")
+
+
+def test_htcondors_default_requests_are_evaluated_and_too_small_for_a_vm():
+    """Left alone, HTCondor's default request_memory is the executable's size, ~3 MiB: the
+    schedd transform replaces it for VM jobs; a job that still carries it is held."""
+    assert classad.parse_ad(DEFAULT_REQUESTS_AD).evaluate("RequestMemory") == 3
+    with pytest.raises(JobAdError) as err:
+        request(DEFAULT_REQUESTS_AD)
+    need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
+    assert "request_memory 3 MiB is too small for a VM of debian-12" in err.value.message
+    assert f"at least {need} MiB" in err.value.message and err.value.hint
+
+
+def test_the_vm_gets_the_evaluated_request_less_qemus_overhead():
+    ad = DEFAULT_REQUESTS_AD.replace("RequestCpus = 1", "RequestCpus = TARGET.Cpus / 2").replace(
+        "RequestMemory = ifthenelse", "RequestMemory = 1000 + 24 * 10\nOld = ifthenelse")
+    req = request(ad)
+    assert req.memory_mib == 1240 - QEMU_OVERHEAD_MIB and req.cpus == 2 and req.disk_kib == 2500
+    transform_default = f"RequestMemory = 1024 + {QEMU_OVERHEAD_MIB}"   # what the schedd transform sets
+    assert request(DEFAULT_REQUESTS_AD.replace("RequestMemory = ", transform_default + "\nOld = ")
+                   ).memory_mib == 1024
+
+
+def test_a_request_that_grew_with_memory_usage_sizes_the_next_run():
+    ad = DEFAULT_REQUESTS_AD + "ResidentSetSize = 1500000\nMemoryUsage = ((ResidentSetSize + 1023) / 1024)\n"
+    assert request(ad).memory_mib == (1500000 + 1023) // 1024 - QEMU_OVERHEAD_MIB
+
+
+def test_the_vm_never_outgrows_the_slot():
+    ad = JOB_AD.replace("RequestCpus = 2", "RequestCpus = 8").replace("RequestMemory = 2048", "RequestMemory = 8192")
+    req = request(ad)
+    assert req.cpus == 4 and req.memory_mib == 3072 - QEMU_OVERHEAD_MIB
+
+
+def test_just_enough_memory_boots_and_one_mib_less_is_held():
+    need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
+    assert request(f'VMImage = "debian-12"\nRequestMemory = {need}').memory_mib == MIN_GUEST_MEMORY_MIB
+    with pytest.raises(JobAdError) as err:
+        request(f'VMImage = "debian-12"\nRequestMemory = {need - 1}')
+    assert f"request_memory {need - 1} MiB" in err.value.message and f"at least {need} MiB" in err.value.message
+
+
+def test_without_requests_or_a_machine_ad_the_image_defaults_apply():
+    req = vm_request(classad.parse_ad('VMImage = "debian-12"'))
+    assert req.memory_mib is None and req.cpus is None and req.disk_kib is None
+
+
+@pytest.mark.parametrize("line", ["RequestMemory = TARGET.NoSuchThing", 'RequestMemory = "lots"',
+                                  "RequestCpus = 1 / 0"])
+def test_a_request_that_is_not_a_number_holds_the_job(line):
+    with pytest.raises(JobAdError) as err:
+        request(f'VMImage = "debian-12"\n{line}')
+    assert "not a number" in err.value.message and err.value.hint
 
 
 def test_a_job_ad_becomes_a_vm_request():
-    req = vm_request(classad.parse_ad(JOB_AD))
+    req = request(JOB_AD)
     assert req.image == "debian-12" and req.root and req.snapshot == "on-failure"
-    assert req.timeout == 600 and req.cpus == 2 and req.memory_mib == 2048
+    assert req.timeout == 600 and req.cpus == 2 and req.memory_mib == 2048 - QEMU_OVERHEAD_MIB
     assert req.outputs is None                      # no TransferOutput: every new file comes back
     assert req.env_names == ("A", "B", "C")
     assert req.label == "12.3"

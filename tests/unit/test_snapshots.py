@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Optional
+
 import pytest
 
 from vmloader.bootstrapper.errors import SnapshotError
@@ -95,3 +101,59 @@ def test_a_booted_snapshot_is_never_pruned_or_removed(tmp_path):
             store.remove("old")
     assert not store.in_use(store.get("old"))
     assert [s.meta.id for s, _ in store.prune(Retention(max_count=1), now=10.0)] == ["old"]
+
+
+def _job_record(jobs: Path, job_id: str, ended: float, *, owner_pid: Optional[int] = None,
+                finished: bool = True, size: int = 10) -> Path:
+    """A job dir as the runner leaves it: owner.json from the start, metadata.json at the end."""
+    path = jobs / job_id
+    path.mkdir(parents=True)
+    (path / "owner.json").write_text(json.dumps({"pid": owner_pid or _dead_pid(), "started": ended - 5}))
+    (path / "console.log").write_bytes(b"x" * size)
+    if finished:
+        (path / "metadata.json").write_text(json.dumps({"job_id": job_id, "exit_status": 0}))
+        os.utime(path / "metadata.json", (ended, ended))
+    return path
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_job_records_are_pruned_with_the_snapshot_limits_oldest_first(tmp_path):
+    from vmloader.bootstrapper.snapshots import Retention
+    day = 86400.0
+    store = SnapshotStore(tmp_path / "snapshots")
+    for n, ended in enumerate((1 * day, 20 * day, 21 * day, 22 * day)):
+        _job_record(tmp_path / "jobs", f"job-{n}", ended)
+    now = 23 * day
+    ids = lambda pairs: [path.name for path, _ in pairs]
+    assert ids(store.prune_records(Retention(max_age_days=14), now=now, dry_run=True)) == ["job-0"]
+    assert ids(store.prune_records(Retention(max_count=3), now=now, dry_run=True)) == ["job-0"]
+    one = sum(f.stat().st_size for f in (tmp_path / "jobs" / "job-3").iterdir())
+    by_size = store.prune_records(Retention(max_bytes=int(2.5 * one)), now=now, dry_run=True)
+    assert ids(by_size) == ["job-0", "job-1"]
+    assert len(list((tmp_path / "jobs").iterdir())) == 4            # dry run: nothing gone
+    store.prune(Retention(max_count=2, max_age_days=14), now=now)      # what runs after every job
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["job-2", "job-3"]
+
+
+def test_a_running_or_orphaned_jobs_record_is_never_pruned(tmp_path):
+    from vmloader.bootstrapper.snapshots import Retention
+    jobs = tmp_path / "jobs"
+    _job_record(jobs, "running", 0.0, owner_pid=os.getpid(), finished=False)       # no metadata.json yet
+    _job_record(jobs, "orphan", 0.0, finished=False)                               # for `vmloader cleanup`
+    _job_record(jobs, "writing-tails", 0.0, owner_pid=os.getpid())               # ended, bootstrapper still up
+    _job_record(jobs, "done", 0.0)
+    (jobs / ".cleanup.lock").write_text("")
+    store = SnapshotStore(tmp_path / "snapshots")
+    pruned = store.prune_records(Retention(max_count=1, max_age_days=1, max_bytes=1), now=10 * 86400.0)
+    assert [path.name for path, _ in pruned] == ["done"]
+    assert sorted(p.name for p in jobs.iterdir()) == [".cleanup.lock", "orphan", "running", "writing-tails"]
+
+
+def test_without_a_jobs_dir_pruning_records_does_nothing(tmp_path):
+    from vmloader.bootstrapper.snapshots import Retention
+    assert SnapshotStore(tmp_path / "snapshots").prune_records(Retention(max_count=1)) == []

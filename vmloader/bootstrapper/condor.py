@@ -10,6 +10,7 @@ An infrastructure failure is never an ordinary exit: the wrapper sets
 `on_exit_hold` puts the job on hold with that reason. Where a snapshot was
 kept, `VMLoaderSnapshot` is set to `worker:path`.
 """
+import math
 import os
 import pwd
 import re
@@ -36,7 +37,12 @@ POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, cop
 # Files the starter puts into the sandbox for itself: not the job's input.
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
                            "_condor_stderr", ".condor_creds", "tmp", "var"))
-MIN_VM_MEMORY_MIB = 256
+# What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
+# (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
+# less under KVM. The VM of a slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd
+# transform's default request (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses it too.
+QEMU_OVERHEAD_MIB = 192
+MIN_GUEST_MEMORY_MIB = 256                   # the smallest guest our images boot and run a job in
 CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
@@ -55,47 +61,61 @@ class VMRequest:
     snapshot: Optional[str] = None
     timeout: Optional[float] = None
     cpus: Optional[int] = None
-    memory_mib: Optional[int] = None
+    memory_mib: Optional[int] = None         # the guest's RAM: the slot's request less QEMU_OVERHEAD_MIB
+    disk_kib: Optional[int] = None           # RequestDisk, evaluated (not applied yet)
     outputs: Optional[tuple] = None          # TransferOutput; None: every new or changed file
     env_names: tuple = ()
     label: str = ""
 
 
-def vm_request(ad: Mapping[str, Any]) -> Optional[VMRequest]:
-    """None for an ordinary job (no VMImage); JobAdError for a malformed VMLoader attribute."""
-    image = ad.get("vmimage")
-    if image is None or image is classad.UNDEFINED:
+def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional[VMRequest]:
+    """None for an ordinary job (no VMImage); JobAdError for a malformed VMLoader attribute.
+    Values are evaluated as the starter does: in the job ad, with the machine ad as TARGET."""
+    value = lambda name: ad.evaluate(name, machine)
+    image = value("VMImage")
+    if image is classad.UNDEFINED and "VMImage" not in ad:
         return None
     if not isinstance(image, str) or not image.strip():
         raise JobAdError(f"+VMImage must be a string naming an image, not {classad.type_name(image)}",
                          hint='write e.g. +VMImage = "debian-12" (with quotes); fix it with condor_qedit '
                               'and condor_release the job')
-    root = ad.get("vmloaderroot", False)
+    image = image.strip()
+    root = _defined(value("VMLoaderRoot"), False)
     if not isinstance(root, bool):
         raise JobAdError(f"+VMLoaderRoot must be True or False, not {classad.type_name(root)} ({root!r})",
                          hint="write +VMLoaderRoot = True (no quotes)")
-    policy = ad.get("vmloadersnapshotpolicy", ad.get("vmloadersnapshot"))
-    if policy is not None and policy is not classad.UNDEFINED:
-        text = str(policy).replace("_", "-") if isinstance(policy, str) else None
-        if text not in ("always", "on-failure", "never"):
-            raise JobAdError(f"+VMLoaderSnapshot must be \"always\", \"on_failure\" or \"never\", not {policy!r}",
-                             hint='write e.g. +VMLoaderSnapshot = "on_failure"')
-        policy = text
-    else:
-        policy = None
-    timeout = ad.get("vmloadertimeout")
+    timeout = _defined(value("VMLoaderTimeout"), None)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or timeout <= 0):
         raise JobAdError(f"+VMLoaderTimeout must be a positive number of seconds, not {timeout!r}",
                          hint="write e.g. +VMLoaderTimeout = 3600")
-    outputs = ad.get("transferoutput")
+    outputs = value("TransferOutput")
     return VMRequest(
-        image=image.strip(), root=root, snapshot=policy,
-        timeout=float(timeout) if timeout else _within_walltime(ad.get("allowedjobduration")),
-        cpus=_positive(ad.get("requestcpus")), memory_mib=_vm_memory(ad.get("requestmemory")),
+        image=image, root=root, snapshot=_snapshot_policy(ad, value),
+        timeout=float(timeout) if timeout else _within_walltime(value("AllowedJobDuration")),
+        cpus=_vm_cpus(_request(ad, machine, "RequestCpus"), machine),
+        memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine),
+        disk_kib=_request(ad, machine, "RequestDisk"),
         outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
-        env_names=_env_names(ad.get("environment")),
-        label=f"{ad.get('clusterid', 0)}.{ad.get('procid', 0)}")
+        env_names=_env_names(value("Environment")),
+        label=f"{_defined(value('ClusterId'), 0)}.{_defined(value('ProcId'), 0)}")
+
+
+def _defined(value: Any, default: Any) -> Any:
+    return default if value is classad.UNDEFINED else value
+
+
+def _snapshot_policy(ad: classad.Ad, value) -> Optional[str]:
+    """The transform copies +VMLoaderSnapshot to VMLoaderSnapshotPolicy (the wrapper reuses
+    VMLoaderSnapshot to say where the state was kept)."""
+    policy = value("VMLoaderSnapshotPolicy") if "VMLoaderSnapshotPolicy" in ad else value("VMLoaderSnapshot")
+    if policy is classad.UNDEFINED:
+        return None
+    text = policy.replace("_", "-") if isinstance(policy, str) else None
+    if text not in ("always", "on-failure", "never"):
+        raise JobAdError(f"+VMLoaderSnapshot must be \"always\", \"on_failure\" or \"never\", not {policy!r}",
+                         hint='write e.g. +VMLoaderSnapshot = "on_failure"')
+    return text
 
 
 def _within_walltime(allowed: Any) -> Optional[float]:
@@ -107,17 +127,45 @@ def _within_walltime(allowed: Any) -> Optional[float]:
     return max(1.0, float(allowed) - min(60.0, 0.05 * float(allowed)))
 
 
-def _positive(value: Any) -> Optional[int]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        return None                 # an expression or unset: the image's default
-    return int(value)
+def _request(ad: classad.Ad, machine: Optional[classad.Ad], name: str) -> Optional[int]:
+    """A request (RequestCpus/Memory/Disk) as a whole number; None when the job has none."""
+    if name not in ad:
+        return None
+    value = ad.evaluate(name, machine)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobAdError(f"{name} evaluates to {classad.type_name(value)}, not a number",
+                         hint="check the submit file's request_* lines (condor_q -l ID -af:r " + name + ")")
+    return math.ceil(value)
 
 
-def _vm_memory(value: Any) -> Optional[int]:
-    """request_memory sizes the VM; HTCondor's default (tens of MiB, from the executable's
-    image size) cannot boot a guest, so below MIN_VM_MEMORY_MIB the image's default applies."""
-    requested = _positive(value)
-    return requested if requested and requested >= MIN_VM_MEMORY_MIB else None
+def _slot(machine: Optional[classad.Ad], name: str) -> Optional[int]:
+    """The slot's own size (Memory in MiB, Cpus): the starter's limits are the slot's."""
+    value = _machine_value(machine, name)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def _vm_cpus(cpus: Optional[int], machine: Optional[classad.Ad]) -> Optional[int]:
+    if cpus is None:
+        return None
+    slot = _slot(machine, "Cpus")
+    return max(1, min(cpus, slot) if slot else cpus)
+
+
+def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad]) -> Optional[int]:
+    """The guest's RAM: the slot's request_memory less what QEMU itself holds beside it
+    (QEMU_OVERHEAD_MIB), so the whole VM stays within the slot. No request: the image's default."""
+    if request is None:
+        return None
+    slot = _slot(machine, "Memory")
+    budget = min(request, slot) if slot else request
+    if budget - QEMU_OVERHEAD_MIB < MIN_GUEST_MEMORY_MIB:
+        need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
+        what = f"request_memory {request} MiB" + (f" (slot memory {slot} MiB)" if budget != request else "")
+        raise JobAdError(f"{what} is too small for a VM of {image}: a VM needs at least {need} MiB "
+                         f"({MIN_GUEST_MEMORY_MIB} MiB for the guest + {QEMU_OVERHEAD_MIB} MiB for QEMU)",
+                         hint=f"request_memory = {need} or more, or leave request_memory out for the "
+                              "image's default VM size")
+    return budget - QEMU_OVERHEAD_MIB
 
 
 def _env_names(environment: Any) -> tuple:
@@ -179,20 +227,27 @@ def guest_command(argv: list, sandbox: Path) -> list:
         return list(argv)
 
 
-def _machine_ad(environ: Mapping[str, str]) -> dict:
+def _machine_ad(environ: Mapping[str, str]) -> Optional[classad.Ad]:
     path = environ.get("_CONDOR_MACHINE_AD")
-    return classad.read_ad(Path(path)) if path and Path(path).exists() else {}
+    return classad.read_ad(Path(path)) if path and Path(path).exists() else None
 
 
-def _worker_name(machine: Mapping[str, Any]) -> str:
+def _machine_value(machine: Optional[classad.Ad], name: str) -> Any:
+    try:
+        return machine.evaluate(name) if machine is not None else None
+    except classad.AdError:
+        return None
+
+
+def _worker_name(machine: Optional[classad.Ad]) -> str:
     """The slot's name (slot1@vm1@host), so a hold reason says which worker failed."""
-    name = machine.get("name")
+    name = _machine_value(machine, "Name")
     return name if isinstance(name, str) and name else socket.gethostname()
 
 
-def _machine_overrides(machine: Mapping[str, Any]) -> dict:
+def _machine_overrides(machine: Optional[classad.Ad]) -> dict:
     """The startd's probe advertises its cache dir: jobs of that startd use the same one."""
-    cache_dir = machine.get("vmloadercachedir")
+    cache_dir = _machine_value(machine, "VMLoaderCacheDir")
     return {"cache_dir": cache_dir} if isinstance(cache_dir, str) and cache_dir else {}
 
 
@@ -231,8 +286,8 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         print("vmloader condor wrapper: no job command given", file=sys.stderr)
         return EXIT_INFRA
     ad_path = environ.get("_CONDOR_JOB_AD")
-    ad = classad.read_ad(Path(ad_path)) if ad_path and Path(ad_path).exists() else {}
-    if "vmimage" not in ad:
+    ad_text = Path(ad_path).read_text(errors="replace") if ad_path and Path(ad_path).exists() else ""
+    if not classad.declares(ad_text, "VMImage"):
         os.execvp(argv[0], argv)                  # not a VM job: run it exactly as before
     chirp = Chirp.find(environ)
     chirp.set(HOLD_ATTR, classad.UNDEFINED)       # a failure of an earlier run is history
@@ -240,7 +295,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
     worker = _worker_name(machine)
     runtime = None
     try:
-        request = vm_request(ad)
+        request = vm_request(classad.parse_ad(ad_text), machine)
         cfg = config_mod.load(overrides=_machine_overrides(machine))
         runtime = _private_libvirt(environ)
         sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())

@@ -93,9 +93,12 @@ class Snapshot:
 
 
 class SnapshotStore:
-    def __init__(self, root: Path, access: Optional[privatefiles.Access] = None):
+    def __init__(self, root: Path, access: Optional[privatefiles.Access] = None,
+                 jobs_dir: Optional[Path] = None):
         self.root = Path(root)
         self._access = access
+        # The job records beside the store (<state_dir>/jobs): pruned with the same limits.
+        self.jobs_dir = Path(jobs_dir) if jobs_dir is not None else self.root.parent / "jobs"
 
     @property
     def access(self) -> privatefiles.Access:
@@ -236,7 +239,79 @@ class SnapshotStore:
         if not dry_run:
             for snap, _ in pruned:
                 shutil.rmtree(snap.path, ignore_errors=True)
+        self.prune_records(policy, now=now, dry_run=dry_run)
         return pruned
+
+    def prune_records(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> list:
+        """Job records (<state_dir>/jobs/<id>) beyond the same limits, oldest first: a busy worker
+        runs thousands of jobs a day. A record counts from its metadata.json, written when its job
+        ended; a job without one is running or awaits `vmloader cleanup`, and is never pruned, nor
+        one whose bootstrapper still runs. Returns (path, reason) pairs."""
+        now = time.time() if now is None else now
+        records = _finished_records(self.jobs_dir)
+        doomed = {}
+        for path, ended in records:
+            if policy.max_age_days and now - ended > policy.max_age_days * 86400:
+                doomed[path] = f"older than {policy.max_age_days:g} days"
+        if policy.max_count:
+            for path, _ in records[:max(0, len(records) - policy.max_count)]:
+                doomed.setdefault(path, f"more than {policy.max_count} job records")
+        if policy.max_bytes:
+            sizes = {path: _tree_bytes(path) for path, _ in records}
+            total = sum(size for path, size in sizes.items() if path not in doomed)
+            for path, _ in records:
+                if total <= policy.max_bytes:
+                    break
+                if path not in doomed:
+                    doomed[path] = f"the job records exceed {policy.max_bytes} bytes"
+                    total -= sizes[path]
+        pruned = [(path, doomed[path]) for path, _ in records if path in doomed]
+        if not dry_run:
+            for path, _ in pruned:
+                shutil.rmtree(path, ignore_errors=True)
+        return pruned
+
+
+def _finished_records(jobs_dir: Path) -> list:
+    """(job dir, when it ended) for every finished job whose bootstrapper is gone, oldest first."""
+    found = []
+    try:
+        paths = list(jobs_dir.iterdir())
+    except OSError:
+        return found
+    for path in paths:
+        try:
+            if path.name.startswith(".") or not path.is_dir() or _owner_alive(path):
+                continue
+            found.append((path, (path / "metadata.json").stat().st_mtime))
+        except OSError:
+            continue                 # no metadata.json: running, or an orphan for `vmloader cleanup`
+    return sorted(found, key=lambda pair: pair[1])
+
+
+def _owner_alive(job_dir: Path) -> bool:
+    try:
+        pid = int(json.loads((job_dir / "owner.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _not_yours(path: Path) -> SnapshotError:
