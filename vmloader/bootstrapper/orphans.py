@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 import libvirt
 
 from . import privatefiles
+from .proc import pid_alive
 from .errors import EXIT_INFRA
 from .snapshots import SnapshotMeta, SnapshotStore, should_keep
 
@@ -32,16 +33,6 @@ class Orphan:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def find_orphans(jobs_dir: Path, alive: Callable[[int], bool] = pid_alive) -> List[Path]:

@@ -1,5 +1,6 @@
 """The one way vmloader runs host programs: argument lists, logged, structured errors."""
 import logging
+import os
 import shlex
 import subprocess
 import threading
@@ -8,6 +9,17 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from .errors import CommandError, VMLoaderError
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 log = logging.getLogger(__name__)
 

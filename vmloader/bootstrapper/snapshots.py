@@ -294,13 +294,7 @@ def _owner_alive(job_dir: Path) -> bool:
         pid = int(json.loads((job_dir / "owner.json").read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return proc.pid_alive(pid)
 
 
 def _tree_bytes(path: Path) -> int:
