@@ -256,8 +256,13 @@ def test_commands_start_with_default_signal_dispositions_and_an_empty_mask(tmp_p
         signal.signal(signal.SIGINT, old_int)
     (plain, out, _), (on_pty, pty_out) = results
     assert plain.exit_code == 0 and on_pty.exit_code == 0
-    assert signal_sets(out.decode()) == (0, 0)
-    assert signal_sets(pty_out.replace("\r\n", "\n")) == (0, 0)
+    # The C library reserves a few real-time signals (32 and 33 with glibc: no process can set them
+    # through libc, and glibc programs install their own handlers). A parent such as make may have
+    # them ignored; they are not ours to reset, so they are left out of the comparison.
+    settable = sum(1 << (n - 1) for n in signal.valid_signals() if 0 < n < signal.NSIG)
+    for status in (out.decode(), pty_out.replace("\r\n", "\n")):
+        ignored, blocked = signal_sets(status)
+        assert (ignored & settable, blocked & settable) == (0, 0), (hex(ignored), hex(blocked))
 
 
 def test_the_hello_announces_features_and_no_busy_requests(pair):
