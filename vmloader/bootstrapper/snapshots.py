@@ -207,7 +207,8 @@ class SnapshotStore:
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 
-    def prune(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> builtins.list[tuple[Snapshot, str]]:
+    def prune(self, policy: "Retention", *, now: Optional[float] = None,
+              dry_run: bool = False) -> builtins.list[tuple[Snapshot, str]]:
         """Remove what the retention limits exceed, oldest first; never a booted snapshot.
 
         Limits: age, count per user, total bytes (0 = no limit). Returns (snapshot, reason) pairs.
@@ -243,7 +244,8 @@ class SnapshotStore:
         self.prune_records(policy, now=now, dry_run=dry_run)
         return pruned
 
-    def prune_records(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> builtins.list[tuple[Path, str]]:
+    def prune_records(self, policy: "Retention", *, now: Optional[float] = None,
+                      dry_run: bool = False) -> builtins.list[tuple[Path, str]]:
         """Job records (<state_dir>/jobs/<id>) beyond the same limits, oldest first: a busy worker
         runs thousands of jobs a day. A record counts from its metadata.json, written when its job
         ended; a job without one is running or awaits `vmloader cleanup`, and is never pruned, nor
