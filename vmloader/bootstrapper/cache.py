@@ -20,7 +20,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NoReturn, Optional, Sequence
 
 from .cacheindex import CacheIndex, ensure_pin_files, exclusive_if_unpinned, pinned, remove_artifact
 from .catalog import (EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
@@ -30,6 +30,7 @@ from .integrity import Stamps, check_intact
 from .ownedfiles import open_owned, owner_of
 
 if TYPE_CHECKING:
+    from .download import ProgressSink
     from .repository import Repository
 
 CHUNK = 1 << 20
@@ -81,7 +82,8 @@ class ImageCache:
         self.max_bytes = max_bytes            # 0: unbounded
         self.index = CacheIndex(self.root / "index", self.artifacts_dir)
         self.stamps = Stamps(self.root / "verified")
-        self.progress = None                  # (label, total) -> download.Progress; None: on stderr
+        # (label, total) -> where a download reports; None: a download.Progress on stderr
+        self.progress: "Optional[Callable[[str, int], ProgressSink]]" = None
 
     @classmethod
     def configured(cls, cfg):
