@@ -84,7 +84,7 @@ def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
         ports = PrivateDir(snapshot.path / PORTS_DIR)
         forwarders: List[Forwarder] = []
         try:
-            ssh = _ssh_setup(attached, snapshot, options, ports) if options.ssh_key is not None else None
+            ssh = _ssh_setup(attached, snapshot, options.ssh_key, ports) if options.ssh_key is not None else None
             forwards = list(options.forwards) + ([Forward(22)] if ssh else [])
             forwarders = start_all(attached.client, forwards, ports)
             info = _boot_info(snapshot, attached, jobs_dir, ports, forwarders, ssh)
@@ -104,13 +104,13 @@ def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
     return run
 
 
-def _ssh_setup(attached, snapshot: Snapshot, options: BootOptions, ports: PrivateDir) -> dict:
-    """Start the guest's sshd, pin its host key in a known_hosts file; how to ssh in."""
-    user = guestssh.start_sshd(attached, options.ssh_key)
+def _ssh_setup(attached, snapshot: Snapshot, ssh_key: Path, ports: PrivateDir) -> dict:
+    """Start the guest's sshd for `ssh_key`, pin its host key in a known_hosts file; how to ssh in."""
+    user = guestssh.start_sshd(attached, ssh_key)
     alias = f"vmloader-snapshot-{snapshot.meta.id}"
     known_hosts = ports.write(KNOWN_HOSTS, guestssh.known_hosts_line(alias, guestssh.fetch_host_key(attached)))
     argv = guestssh.ssh_argv(ports.path / Forward(22).socket_name, known_hosts, alias, user,
-                             guestssh.identity_for(options.ssh_key))
+                             guestssh.identity_for(ssh_key))
     return {"argv": argv, "command": shlex.join(argv), "known_hosts": str(known_hosts),
             "host_key_alias": alias, "user": user, "socket": str(ports.path / Forward(22).socket_name)}
 
