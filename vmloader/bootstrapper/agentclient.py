@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Optional, overload
+from typing import BinaryIO, Optional, Protocol, overload
 
 from .. import protocol as P
 from .errors import AgentError, GuestTimeout
@@ -29,6 +29,14 @@ GUEST_TEXT_MAX = 1024       # bytes of guest-written text (an agent's error mess
 def guest_text(value: object) -> str:
     """Text the guest chose, made fit for a message: control characters escaped, length capped."""
     return cap(escape(str(value)[:GUEST_TEXT_MAX]), GUEST_TEXT_MAX)
+
+
+class ByteSink(Protocol):
+    """Where a command's output goes: a binary stream, or one wrapped (job.TailWriter)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -271,7 +279,7 @@ class AgentClient:
         return feature in ((self.info or {}).get("features") or ())
 
     def exec(self, argv: Optional[list], *, env: dict, user: str, cwd: Optional[str] = None,
-             stdin: Optional[BinaryIO], stdout: BinaryIO, stderr: BinaryIO,
+             stdin: Optional[BinaryIO], stdout: ByteSink, stderr: ByteSink,
              deadline: Optional[float] = None, kill_on_timeout: bool = True,
              pty: Optional[PtySpec] = None, on_start=None) -> ExecResult:
         """Run a command (argv None: the user's login shell). With `pty`, it gets a terminal

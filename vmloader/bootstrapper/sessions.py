@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, List, Optional
 
 from . import guestssh
-from .agentclient import AgentClient, ExecResult, PtySpec
+from .agentclient import AgentClient, ByteSink, ExecResult, PtySpec
 from .errors import Interrupted, SnapshotError, UsageError
 from .forward import Forward, Forwarder, start_all
 from .job import GUEST_USER, GUEST_WORKDIR, Attached
@@ -37,7 +37,7 @@ def shell_session(stdin: Optional[BinaryIO]):
     """The user's login shell in the guest on a pty sized like this terminal."""
     fd = _fileno(stdin)
 
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         rows, cols = window_size(fd if fd is not None else 1)
         started: List[int] = []
         with raw_mode(fd), following_window_size(
@@ -51,7 +51,7 @@ def shell_session(stdin: Optional[BinaryIO]):
 
 
 def command_session(argv: list, stdin: Optional[BinaryIO], timeout: Optional[float]):
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         return attached.client.exec(argv, env=attached.env, user=attached.user, cwd=attached.cwd,
                                     stdin=stdin, stdout=out, stderr=err,
                                     deadline=time.monotonic() + timeout if timeout else None)
@@ -80,7 +80,7 @@ def default_ssh_key() -> Path:
 
 def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
     """Keep the VM running until Ctrl-C/SIGTERM, with forwarded ports; say how to reach it."""
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         ports = PrivateDir(snapshot.path / PORTS_DIR)
         forwarders: List[Forwarder] = []
         try:
