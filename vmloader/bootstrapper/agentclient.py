@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Optional, Protocol, overload
 
 from .. import protocol as P
 from .errors import AgentError, GuestTimeout
@@ -29,6 +29,14 @@ GUEST_TEXT_MAX = 1024       # bytes of guest-written text (an agent's error mess
 def guest_text(value: object) -> str:
     """Text the guest chose, made fit for a message: control characters escaped, length capped."""
     return cap(escape(str(value)[:GUEST_TEXT_MAX]), GUEST_TEXT_MAX)
+
+
+class ByteSink(Protocol):
+    """Where a command's output goes: a binary stream, or one wrapped (job.TailWriter)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,11 @@ class AgentClient:
             raise AgentError(f"the guest stopped responding (no heartbeat for {silent:.1f} s)",
                              hint="the guest may have hung or crashed; see its console log")
 
+    @overload
+    def _next(self, waiter: queue.Queue) -> P.Frame: ...
+    @overload
+    def _next(self, waiter: queue.Queue, deadline: Optional[float]) -> Optional[P.Frame]: ...
+
     def _next(self, waiter: queue.Queue, deadline: Optional[float] = None) -> Optional[P.Frame]:
         """The next frame for a request; None when `deadline` (monotonic) passes."""
         while True:
@@ -203,11 +216,14 @@ class AgentClient:
                 raise GuestTimeout(f"no answer from the guest agent within {timeout:.0f} s")
             self._send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION})
             self._hello.wait(1.0)
-        if self.info.get("protocol") != P.PROTOCOL_VERSION:
-            raise AgentError(f"the guest agent speaks protocol {guest_text(self.info.get('protocol'))}, "
+        info = self.info
+        if info is None:        # _dispatch sets info before _hello: a bug if ever seen
+            raise AgentError("the guest agent's HELLO carried no information")
+        if info.get("protocol") != P.PROTOCOL_VERSION:
+            raise AgentError(f"the guest agent speaks protocol {guest_text(info.get('protocol'))}, "
                              f"this host {P.PROTOCOL_VERSION}", hint="rebuild the image with this vmloader")
         self._last_seen = time.monotonic()
-        return self.info
+        return info
 
     def put_file(self, local_path: str, guest_path: str, *, mode: int = 0o644, user: str = "vmloader") -> None:
         request_id, waiter = self._new_request()
@@ -263,7 +279,7 @@ class AgentClient:
         return feature in ((self.info or {}).get("features") or ())
 
     def exec(self, argv: Optional[list], *, env: dict, user: str, cwd: Optional[str] = None,
-             stdin: Optional[BinaryIO], stdout: BinaryIO, stderr: BinaryIO,
+             stdin: Optional[BinaryIO], stdout: ByteSink, stderr: ByteSink,
              deadline: Optional[float] = None, kill_on_timeout: bool = True,
              pty: Optional[PtySpec] = None, on_start=None) -> ExecResult:
         """Run a command (argv None: the user's login shell). With `pty`, it gets a terminal

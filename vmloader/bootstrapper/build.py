@@ -50,7 +50,7 @@ def recipe_key(recipe: Recipe) -> str:
 
 def image_key(entry: ImageEntry) -> str:
     """Identifies the finished image: recipe + agent + init + sizes."""
-    digest = hashlib.sha256(recipe_key(entry.recipe).encode())
+    digest = hashlib.sha256(recipe_key(_recipe(entry)).encode())
     digest.update(f"{entry.disk_gib}:{entry.cmdline}".encode())
     for path in _agent_sources():
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
@@ -58,12 +58,20 @@ def image_key(entry: ImageEntry) -> str:
     return digest.hexdigest()
 
 
+def _recipe(entry: ImageEntry) -> Recipe:
+    """What `entry` is built from; an image without a recipe can only be pulled."""
+    if entry.recipe is None:
+        raise ImageBuildError(f"image {entry.name} has no recipe to build from",
+                              hint="pull it from a repository instead")
+    return entry.recipe
+
+
 def _packages(recipe: Recipe) -> list:
     extra = ["systemd-sysv"] if recipe.init == "systemd" else []
     return list(recipe.packages) + extra
 
 
-def _owned_by_us(path: Path, kind: int) -> bool:
+def _owned_by_us(path: Path, kind: Callable[[int], bool]) -> bool:
     """`path` exists as a `kind` (S_ISDIR, S_ISREG) that we own and nobody else can write: lstat, no links."""
     try:
         st = os.lstat(path)
@@ -157,24 +165,22 @@ def default_cmdline(recipe: Recipe) -> str:
 def build_image(entry: ImageEntry, cache: ImageCache, *, force: bool = False,
                 progress: Progress = stderr_progress) -> ImageEntry:
     """Build `entry` (which must have a recipe) into the cache; returns the built entry."""
-    if entry.recipe is None:
-        raise ImageBuildError(f"image {entry.name} has no recipe to build from",
-                              hint="pull it from a repository instead")
+    recipe = _recipe(entry)
     key = image_key(entry)
     version = f"{entry.version}.{key[:12]}"
     existing = cache.built_manifest().find(f"{entry.name}@{version}", need_artifacts=True)
     if existing and not force and cache.has_all(existing):
         progress(f"image {entry.name} is up to date ({version})")
         return existing
-    tree = _debootstrap(entry.recipe, cache, progress)
+    tree = _debootstrap(recipe, cache, progress)
     work = cache.scratch_dir(f"build-{entry.name}")
     try:
-        return _assemble(entry, version, tree, work, cache, progress)
+        return _assemble(entry, recipe, version, tree, work, cache, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
+def _assemble(entry: ImageEntry, recipe: Recipe, version: str, tree: Path, work: Path,
               cache: ImageCache, progress: Progress) -> ImageEntry:
     root = work / "root"
     progress("copying the root tree and installing the agent")
@@ -183,7 +189,7 @@ def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
     _add_guest_user(root)
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()          # every VM makes its own (`snapshot boot --ssh`), none ships in the image
-    _install_agent(root, entry.recipe)
+    _install_agent(root, recipe)
     kernel, initrd = _boot_files(root)
     progress(f"writing a {entry.disk_gib} GiB ext4 filesystem")
     raw = work / "disk.raw"
@@ -199,7 +205,7 @@ def _assemble(entry: ImageEntry, version: str, tree: Path, work: Path,
         cache.insert_file(path, art, move=True)
         artifacts[kind] = art
     built = replace(entry, version=version, artifacts=artifacts,
-                    cmdline=entry.cmdline or default_cmdline(entry.recipe))
+                    cmdline=entry.cmdline or default_cmdline(recipe))
     cache.record_built(built)
     progress(f"built {built.ref} (disk {artifacts['disk'].size / 2**20:.0f} MiB)")
     return built

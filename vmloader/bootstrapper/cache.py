@@ -20,7 +20,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NoReturn, Optional, Sequence
 
 from .cacheindex import CacheIndex, ensure_pin_files, exclusive_if_unpinned, pinned, remove_artifact
 from .catalog import (EMBEDDED_MANIFEST, Artifact, ImageEntry, Manifest,
@@ -30,6 +30,7 @@ from .integrity import Stamps, check_intact
 from .ownedfiles import open_owned, owner_of
 
 if TYPE_CHECKING:
+    from .download import ProgressSink
     from .repository import Repository
 
 CHUNK = 1 << 20
@@ -81,7 +82,8 @@ class ImageCache:
         self.max_bytes = max_bytes            # 0: unbounded
         self.index = CacheIndex(self.root / "index", self.artifacts_dir)
         self.stamps = Stamps(self.root / "verified")
-        self.progress = None                  # (label, total) -> download.Progress; None: on stderr
+        # (label, total) -> where a download reports; None: a download.Progress on stderr
+        self.progress: "Optional[Callable[[str, int], ProgressSink]]" = None
 
     @classmethod
     def configured(cls, cfg):
@@ -322,9 +324,11 @@ class ImageCache:
         self._record_use(entry)
         return entry
 
-    def _catalogs(self, problems: list) -> list:
-        sources = [("local builds", None, self.built_manifest()),
-                   ("custom images", None, load_manifest(self.custom_manifest_path))]
+    def _catalogs(self, problems: list) -> "list[tuple[str, Optional[Repository], Manifest]]":
+        """(label, repository to fetch from or None when local, manifest) for each catalog."""
+        sources: "list[tuple[str, Optional[Repository], Manifest]]" = [
+            ("local builds", None, self.built_manifest()),
+            ("custom images", None, load_manifest(self.custom_manifest_path))]
         for repo in self.repositories:
             try:
                 sources.append((repo.name, repo, repo.manifest()))
@@ -382,7 +386,7 @@ class ImageCache:
         self._raise_unknown(ref)
 
     @staticmethod
-    def _raise_damaged(ref: str, damaged: list, problems: list) -> None:
+    def _raise_damaged(ref: str, damaged: list, problems: list) -> NoReturn:
         why = f"; fetching it again failed: {problems[-1].message}" if problems else ""
         raise ImageError(f"the cached {', '.join(damaged)} was damaged (its sha256 no longer matches what was "
                          f"verified) and has been removed{why}",
@@ -406,7 +410,7 @@ class ImageCache:
                 return ResolvedImage(entry, {k: self.artifact_path(a) for k, a in entry.artifacts.items()})
         return None
 
-    def _raise_unknown(self, ref: str) -> None:
+    def _raise_unknown(self, ref: str) -> NoReturn:
         name = ref.partition("@")[0]
         if load_manifest(self.embedded).find(name) is not None:
             raise ImageError(f"image {ref} is not built on this worker yet",

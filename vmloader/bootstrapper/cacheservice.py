@@ -187,7 +187,7 @@ def _lines(stream) -> Iterator[bytes]:
 class _ProgressShown:
     """Shows the service's progress messages with the client's own bar or lines."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.bars: dict = {}
 
     def __call__(self, message: dict) -> None:
@@ -287,6 +287,8 @@ class SharedCacheReader:
         return [m for m in found if m is not None]
 
     def _trusted_manifest(self, path: Path) -> Optional[Manifest]:
+        if self.writer is None:         # the shared cache had no owner (no root): no file of it is trusted
+            return None
         raw = read_trusted(path, self.writer)
         try:
             return parse_manifest(json.loads(raw), str(path)) if raw is not None else None

@@ -284,7 +284,7 @@ def cmd_images(args, cfg) -> int:
                          hint="run it as the cache's owner (root, or the cache's system user)")
     if args.images_cmd == "build":
         entry = catalog.load_manifest(catalog.EMBEDDED_MANIFEST).find(args.name)
-        if entry is None or not entry.buildable:
+        if entry is None or entry.recipe is None:
             raise UsageError(f"no recipe for image {args.name!r}",
                              hint="images with recipes: " + ", ".join(
                                  catalog.load_manifest(catalog.EMBEDDED_MANIFEST).names()))
@@ -470,8 +470,9 @@ def _snapshot_shell(args, cfg, store) -> int:
 
 def _snapshot_boot(args, cfg, store) -> int:
     snap = store.get(args.id)
-    if sessions.booted(snap) is not None:
-        raise SnapshotError(f"snapshot {snap.meta.id} is already booted (pid {sessions.booted(snap)['pid']})",
+    booted = sessions.booted(snap)
+    if booted is not None:
+        raise SnapshotError(f"snapshot {snap.meta.id} is already booted (pid {booted['pid']})",
                             hint=f"attach to it: vmloader snapshot shell {snap.meta.id}")
     ssh_key = None
     if args.ssh:
@@ -495,6 +496,7 @@ def _snapshot_boot(args, cfg, store) -> int:
 
 
 def _snapshot_connect(args, store) -> int:
+    path: Optional[Path]
     if args.socket is not None and args.id is None:
         path = Path(args.socket)
     elif args.socket is None and args.id is not None and args.port is not None:

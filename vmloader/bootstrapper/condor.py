@@ -296,6 +296,9 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
     runtime = None
     try:
         request = vm_request(classad.parse_ad(ad_text), machine)
+        if request is None:     # declares() saw a VMImage line, yet the parsed ad lacks it
+            raise JobAdError("the job ad has a VMImage line, but it is not in the ad as parsed",
+                             hint="check the +VMImage line of the submit file")
         cfg = config_mod.load(overrides=_machine_overrides(machine))
         runtime = _private_libvirt(environ)
         sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
@@ -323,7 +326,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
 def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[str, str],
               cfg: config_mod.Config) -> JobSpec:
     env = {name: environ[name] for name in request.env_names if name in environ}
-    guest_files = ()
+    guest_files: "tuple[GuestFile, ...]" = ()
     proxy = environ.get("X509_USER_PROXY")
     if proxy and Path(proxy).is_file():
         guest_files = (GuestFile(proxy, "/etc/grid-security/x509_proxy", 0o644),)

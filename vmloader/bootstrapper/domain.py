@@ -8,6 +8,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .errors import SnapshotError
+
 JOB_NS = "https://vmloader.org/xmlns/job/1"
 ET.register_namespace("vmloader", JOB_NS)
 # The translation cache of a TCG (hypervisor "qemu") VM. QEMU 7.2's default is 1 GiB, and a
@@ -53,20 +55,18 @@ class DiskSpec:
         # The base is shared by every job and owned by the cache: QEMU only
         # reads it, so libvirt must not chown it to the QEMU user.
         chain = [(path, True) for path in self.middle] + [(self.backing, False)]
-        top = parent = None
+        stores = []
         for path, relabel in chain:
             element = ET.Element("backingStore", type="file")
             _sub(element, "format", type="qcow2")
             source = _sub(element, "source", file=path)
             if not relabel:
                 _sub(source, "seclabel", model="dac", relabel="no")
-            if parent is None:
-                top = element
-            else:
-                parent.append(element)
-            parent = element
-        _sub(parent, "backingStore")
-        return top
+            stores.append(element)
+        for parent, child in zip(stores, stores[1:]):
+            parent.append(child)
+        _sub(stores[-1], "backingStore")
+        return stores[0]
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,14 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(element, encoding="unicode") + "\n"
 
 
+def _required(parent: ET.Element, path: str) -> ET.Element:
+    """`parent.find(path)` of saved XML that must have it: without it the state file is damaged."""
+    element = parent.find(path)
+    if element is None:
+        raise SnapshotError(f"its saved domain XML has no {path} in <{parent.tag}>")
+    return element
+
+
 def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
     """The domain XML kept in a memory state file, pointed at a new run's files.
 
@@ -232,7 +240,7 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
     one), the agent sockets, the console log; plus the name and job metadata.
     """
     root = ET.fromstring(saved_xml)
-    root.find("name").text = spec.name       # the uuid stays: libvirt requires the saved one
+    _required(root, "name").text = spec.name       # the uuid stays: libvirt requires the saved one
     metadata = root.find("metadata")
     if metadata is None:
         metadata = _sub(root, "metadata")
@@ -240,8 +248,8 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
         metadata.remove(old)
     if spec.metadata:
         metadata.append(spec.metadata.to_element())
-    devices = root.find("devices")
-    disk = devices.find("disk[@device='disk']")
+    devices = _required(root, "devices")
+    disk = _required(devices, "disk[@device='disk']")
     new_disk = spec.disks[0].to_element(spec.hypervisor)
     for keep in ("address", "alias"):
         element = disk.find(keep)
@@ -251,9 +259,9 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
     devices.remove(disk)
     by_name = {c.name: c for c in spec.channels()}
     for channel in devices.findall("channel"):
-        target = by_name.get(channel.find("target").get("name"))
+        target = by_name.get(_required(channel, "target").get("name"))
         if target is not None:
-            channel.find("source").set("path", target.socket_path)
+            _required(channel, "source").set("path", target.socket_path)
     for serial in devices.findall("serial"):
         log = serial.find("log")
         if log is not None:

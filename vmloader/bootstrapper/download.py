@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import requests
 
@@ -29,6 +29,12 @@ CHUNK = 1 << 20
 RETRIES = 6
 CONNECT_TIMEOUT = 10
 READ_TIMEOUT = 30
+
+
+class ProgressSink(Protocol):
+    """What a download reports its progress to: Progress here, cacheservice.RemoteProgress for a client."""
+
+    def update(self, done: int) -> None: ...
 
 
 class Progress:
@@ -88,7 +94,7 @@ class _Written:
         self.digest, self.size = hashlib.sha256(), 0
 
 
-def _transfer(session: requests.Session, url: str, part: Path, written: _Written, progress: Progress) -> None:
+def _transfer(session: requests.Session, url: str, part: Path, written: _Written, progress: ProgressSink) -> None:
     """Fetch the rest of `url` into `part` (resuming from what is already written)."""
     headers = {"Range": f"bytes={written.size}-"} if written.size else {}
     with session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as resp:
@@ -110,7 +116,7 @@ def _transfer(session: requests.Session, url: str, part: Path, written: _Written
 
 
 def download(session: requests.Session, url: str, artifact: Artifact, part: Path,
-             *, progress: Optional[Progress] = None, sleep: Callable[[float], None] = time.sleep) -> str:
+             *, progress: Optional[ProgressSink] = None, sleep: Callable[[float], None] = time.sleep) -> str:
     """Download `url` to `part`, resuming and retrying; returns the sha256 of what was sent.
 
     The caller hashes the file again from disk (ImageCache.insert_file) before caching.

@@ -157,7 +157,8 @@ class Walk:
         self.listed = {debugfs.ROOT_INO}
 
     def run(self) -> Dict[str, Entry]:
-        dirs, dumps, cats = [(b"", debugfs.ROOT_INO)], [debugfs.ROOT_INO], []
+        dirs, dumps = [(b"", debugfs.ROOT_INO)], [debugfs.ROOT_INO]
+        cats: List[debugfs.Command] = []
         for _ in range(MAX_DEPTH + 3):
             if not (dirs or dumps or cats):
                 return self.entries()
@@ -198,9 +199,9 @@ class Walk:
                                 hint="too many to compare", phase=PHASE)
         return next_dirs, new
 
-    def dumped(self, commands: list, results: list) -> list:
+    def dumped(self, commands: list, results: list) -> List[debugfs.Command]:
         """Read the inodes imap located and record what cat printed; the slow symlinks to cat next."""
-        cats = []
+        cats: List[debugfs.Command] = []
         for command, where in zip(commands, results):
             if command.verb == "imap":
                 result = self.table.read(where) if where else None

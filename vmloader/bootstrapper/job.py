@@ -15,11 +15,11 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Mapping, Optional
+from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
 from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt
-from .agentclient import AgentClient, ExecResult, ExecTimeout, guest_text
+from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
@@ -36,6 +36,8 @@ from .timings import PhaseTimer
 GUEST_WORKDIR = "/work"
 GUEST_USER = "vmloader"
 TAIL_BYTES = 64 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class Attached:
     sockets: tuple = ()          # agent sockets another client may attach to
 
 
-Session = Callable[[Attached, BinaryIO, BinaryIO], ExecResult]
+Session = Callable[[Attached, ByteSink, ByteSink], ExecResult]
 
 
 class Job:
@@ -184,7 +186,7 @@ class Job:
         self.client: Optional[AgentClient] = None
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
-        self.pins: Optional[ExitStack] = None
+        self.pins = ExitStack()                 # entered by JobRunner.run, closed after teardown
         self.status = EXIT_INFRA
         self.error: Optional[VMLoaderError] = None
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
@@ -231,7 +233,7 @@ class Job:
 
 class JobRunner:
     def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
-                 choose_hypervisor, *, stdin: Optional[BinaryIO] = None,
+                 choose_hypervisor: Callable[[], Hypervisor], *, stdin: Optional[BinaryIO] = None,
                  stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
                  session: Optional[Session] = None, connect: virt.Connect = virt.LibvirtMachines):
         self.session = session
@@ -250,7 +252,7 @@ class JobRunner:
         job = Job(spec, self._make_job_dir(job_id))
         _write_owner(job)
         out, err = self._output_streams(job)
-        with ExitStack() as job.pins:          # released after teardown: the base is in use until then
+        with job.pins:                          # released after teardown: the base is in use until then
             try:
                 self._boot_and_exec(job, out, err)
             except ExecTimeout:
@@ -300,36 +302,37 @@ class JobRunner:
 
     def _boot_and_exec(self, job: Job, out: TailWriter, err: TailWriter) -> None:
         spec = job.spec
+        # Each phase's result is kept on the job (for teardown) and in a local (set from here on).
         with job.timer.phase("cache lookup"):
-            job.plan = self._plan(job)
-            if job.plan.restores_memory:
+            plan = job.plan = self._plan(job)
+            if plan.restores_memory:
                 _write_owner(job)              # a later vmloader must find the VM by its saved name
-            job.image = self._resolve(job, job.plan.image_ref)
-            job.pins.enter_context(self.cache.pin(job.image))
-            if not self.cache.has_all(job.image.entry):     # evicted between lookup and pin
-                job.image = self.cache.resolve(job.plan.image_ref)
+            image = job.image = self._resolve(job, plan.image_ref)
+            job.pins.enter_context(self.cache.pin(image))
+            if not self.cache.has_all(image.entry):     # evicted between lookup and pin
+                image = job.image = self.cache.resolve(plan.image_ref)
         with job.timer.phase("hypervisor"):
-            job.hypervisor = self.choose_hypervisor()
+            hypervisor = job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("overlay"):
             if job.kept is not None:
-                check_chain(job.kept, job.image.disk, phase="overlay")
+                check_chain(job.kept, image.disk, phase="overlay")
             proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(job.plan.overlay_backing(job.image.disk)), str(job.overlay)], phase="overlay")
+                      "-b", str(plan.overlay_backing(image.disk)), str(job.overlay)], phase="overlay")
             privatefiles.restrict(job.overlay)
         with job.timer.phase("define"):
-            self._start_domain(job)
+            self._start_domain(job, plan, image, hypervisor)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
             with job.timer.phase("boot"):
-                job.client = self._connect_agent(job)
+                client = job.client = self._connect_agent(job)
             with job.timer.phase("stage-in"):
-                self._stage_in(job)
+                self._stage_in(job, image, client)
             with job.timer.phase("exec"):
                 job.exec_started = True
                 try:
-                    attached = Attached(job.client, self._guest_env(job), self._guest_user(job), GUEST_WORKDIR,
+                    attached = Attached(client, self._guest_env(job, image), self._guest_user(job), GUEST_WORKDIR,
                                         job.job_dir.name, tuple(str(p) for p in job.attach_sockets))
-                    result = (self.session or self._run_command(job))(attached, out, err)
+                    result = (self.session or self._run_command(job, hypervisor))(attached, out, err)
                 except ExecTimeout:
                     raise
                 except AgentError as exc:
@@ -343,8 +346,9 @@ class JobRunner:
     def _plan(self, job: Job) -> LaunchPlan:
         spec = job.spec
         if spec.from_snapshot:
-            plan = launch.kept_state(self.store.get(spec.from_snapshot))
-            job.pins.enter_context(self.store.hold(plan.kept.meta.id))    # never pruned while booted
+            kept = self.store.get(spec.from_snapshot)
+            plan = launch.kept_state(kept)
+            job.pins.enter_context(self.store.hold(kept.meta.id))    # never pruned while booted
             return plan
         ref = url_image(spec.image, spec.image_sha256, self.cache).ref if is_url(spec.image) else spec.image
         return launch.cold_image(ref)
@@ -363,48 +367,48 @@ class JobRunner:
                      "from one); the snapshot alone holds only what the job changed, and it is kept",
                 phase="cache lookup") from None
 
-    def _run_command(self, job: Job) -> Session:
+    def _run_command(self, job: Job, hypervisor: Hypervisor) -> Session:
         spec = job.spec
 
-        def run(attached: Attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+        def run(attached: Attached, out: ByteSink, err: ByteSink) -> ExecResult:
             # A timed-out job whose state is kept keeps its memory too: the command is left
             # running and the VM saved, so `snapshot boot` resumes it at that moment.
             job.keep_memory = (spec.timeout is not None and should_keep(spec.snapshot, True)
-                               and job.hypervisor.domain_type in ("kvm", "qemu"))
+                               and hypervisor.domain_type in ("kvm", "qemu"))
             return attached.client.exec(
                 list(spec.command), env=attached.env, user=attached.user, cwd=attached.cwd,
                 stdin=self.stdin, stdout=out, stderr=err, kill_on_timeout=not job.keep_memory,
                 deadline=time.monotonic() + spec.timeout if spec.timeout else None)
         return run
 
-    def _stage_in(self, job: Job) -> None:
-        creds = host_credentials(self.config, job.image.entry.name, _user_name())
+    def _stage_in(self, job: Job, image: ResolvedImage, client: AgentClient) -> None:
+        creds = host_credentials(self.config, image.entry.name, _user_name())
         for item in creds + list(job.spec.guest_files):
-            job.client.put_file(item.host_path, item.guest_path, mode=item.mode, user="root")
+            client.put_file(item.host_path, item.guest_path, mode=item.mode, user="root")
         for path, guest in input_pairs(job.spec):
             mode = 0o755 if os.access(path, os.X_OK) else 0o644
-            job.client.put_file(path, guest, mode=mode, user=self._guest_user(job))
+            client.put_file(path, guest, mode=mode, user=self._guest_user(job))
         if job.spec.collect_new:
-            job.before = _file_stamps(job.client.list_dir(GUEST_WORKDIR))
+            job.before = _file_stamps(client.list_dir(GUEST_WORKDIR))
 
     def _guest_user(self, job: Job) -> str:
         return "root" if job.spec.root else GUEST_USER
 
-    def _guest_env(self, job: Job) -> dict:
-        env = {"VMLOADER_JOB_ID": job.job_dir.name, "VMLOADER_IMAGE": job.image.entry.ref}
+    def _guest_env(self, job: Job, image: ResolvedImage) -> dict:
+        env = {"VMLOADER_JOB_ID": job.job_dir.name, "VMLOADER_IMAGE": image.entry.ref}
         env.update(job.spec.env)
         return env
 
-    def _domain_spec(self, job: Job) -> DomainSpec:
-        entry, spec = job.image.entry, job.spec
+    def _domain_spec(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> DomainSpec:
+        entry, spec = image.entry, job.spec
         cmdline = (f"{entry.cmdline} panic=1 vmloader.hostname=vm-{job.job_dir.name[-6:]} "
                    f"vmloader.net={spec.network}")
         return DomainSpec(
-            name=job.domain_name, hypervisor=job.hypervisor.domain_type,
+            name=job.domain_name, hypervisor=hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
-            boot=_boot_spec(job.image, cmdline),
-            disks=(DiskSpec(str(job.overlay), backing=str(job.image.disk), middle=job.plan.middle_layers()),),
+            boot=_boot_spec(image, cmdline),
+            disks=(DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),),
             channel=ChannelSpec(str(job.socket_path)),
             attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
                                   for n, path in enumerate(job.attach_sockets, 1)),
@@ -413,9 +417,10 @@ class JobRunner:
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
-    def _start_domain(self, job: Job) -> None:
-        job.machines = self.connect(self.config.libvirt_uri or job.hypervisor.uri)
-        job.machine = launch.start(job.plan, job.machines, self._domain_spec(job), job.job_dir / "domain.xml")
+    def _start_domain(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> None:
+        machines = job.machines = self.connect(self.config.libvirt_uri or hypervisor.uri)
+        job.machine = launch.start(plan, machines, self._domain_spec(job, plan, image, hypervisor),
+                                   job.job_dir / "domain.xml")
 
     def _connect_agent(self, job: Job) -> AgentClient:
         deadline = time.monotonic() + self.config.boot_timeout
@@ -463,7 +468,7 @@ class JobRunner:
         try:
             if job.client is not None and job.exec_started:
                 with job.timer.phase("collect"):
-                    self._collect_outputs(job)
+                    self._collect_outputs(job, job.client)
         finally:                                  # whatever collecting did, the VM is stopped
             with job.timer.phase("teardown"):
                 self._stop_domain(job)
@@ -474,11 +479,11 @@ class JobRunner:
         diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)
         return snapshot_id
 
-    def _collect_outputs(self, job: Job) -> None:
+    def _collect_outputs(self, job: Job, client: AgentClient) -> None:
         outputs = list(job.spec.outputs)
         if job.spec.collect_new and job.before is not None:
             try:
-                after = _file_stamps(job.client.list_dir(GUEST_WORKDIR))
+                after = _file_stamps(client.list_dir(GUEST_WORKDIR))
             except VMLoaderError as exc:
                 print(f"vmloader: could not list the guest work dir for new outputs: {exc.message}",
                       file=sys.stderr)
@@ -492,7 +497,7 @@ class JobRunner:
                 job.output_errors.append({"output": out, "message": sandboxnames.REFUSAL})
                 continue
             try:
-                job.client.get_file(out, str(job.spec.output_dir))
+                client.get_file(out, str(job.spec.output_dir))
             except VMLoaderError as exc:
                 shown = guest_text(out)               # a name the guest listed: any bytes
                 print(f"vmloader: could not copy back --output {shown}: {exc.message}", file=sys.stderr)
@@ -513,7 +518,7 @@ class JobRunner:
 
     def _stop_domain(self, job: Job) -> None:
         if job.keep_memory and job.status == EXIT_TIMEOUT and self._save_memory(job):
-            job.client.close()
+            _known(job.client, "agent client").close()     # keep_memory is only set by a command it ran
             job.client = None
         if job.client is not None:
             try:
@@ -531,9 +536,10 @@ class JobRunner:
     def _keep_or_drop(self, job: Job) -> Optional[str]:
         failed = job.status != 0
         if job.exec_started and should_keep(job.spec.snapshot, failed) and job.overlay.exists():
+            image = _known(job.image, "image")                # resolved before exec started
             meta = SnapshotMeta(
-                id=job.job_dir.name, created=time.time(), image=job.image.entry.ref,
-                image_sha256=job.image.entry.artifacts["disk"].sha256, base_path=str(job.image.disk),
+                id=job.job_dir.name, created=time.time(), image=image.entry.ref,
+                image_sha256=image.entry.artifacts["disk"].sha256, base_path=str(image.disk),
                 command=list(job.spec.command), exit_status=job.status, outcome=outcome_of(job.status),
                 user=_user_name(), hostname=socket.gethostname(), timings=job.timer.to_dict(),
                 error=job.error.message if job.error else None, env=dict(job.spec.env), root=job.spec.root,
@@ -602,6 +608,13 @@ def _file_stamps(entries: list) -> dict:
     """Regular files only: a symlink the job made is never followed on the way out."""
     return {e["name"]: (e.get("size"), e.get("mtime_ns")) for e in entries
             if e.get("type") == "file" and "/" not in e["name"] and e["name"] not in (".", "..")}
+
+
+def _known(value: Optional[T], what: str) -> T:
+    """A job's `what`, set by an earlier phase: missing here is a bug in vmloader."""
+    if value is None:
+        raise VMLoaderError(f"internal error: the job's {what} is missing at this point")
+    return value
 
 
 def _domain_alive(job: Job, settle: float = 3.0) -> bool:

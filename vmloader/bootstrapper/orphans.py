@@ -52,7 +52,7 @@ def find_orphans(jobs_dir: Path, alive: Callable[[int], bool] = pid_alive) -> Li
     return found
 
 
-def reap_all(jobs_dir: Path, connect: Callable[[], object], store: SnapshotStore) -> List[Orphan]:
+def reap_all(jobs_dir: Path, connect: Callable[[], "libvirt.virConnect"], store: SnapshotStore) -> List[Orphan]:
     """Reap every orphan; one vmloader at a time does it (others skip rather than wait)."""
     if not find_orphans(jobs_dir):
         return []

@@ -66,10 +66,12 @@ def run_bounded(argv: Sequence[str], *, max_output: int, timeout: float, input: 
     before it starts (after chdir to `cwd`, so it need not be able to reach cwd's parents)."""
     argv = [str(a) for a in argv]
     log.debug("run%s: %s", f" as uid {as_user.uid}" if as_user else "", shlex.join(argv))
-    drop = dict(user=as_user.uid, group=as_user.gid, extra_groups=[]) if as_user else {}
     try:
+        # user, group and extra_groups of None (Popen's defaults) keep ours.
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 cwd=cwd, env=env, **drop)
+                                 cwd=cwd, env=env, user=as_user.uid if as_user else None,
+                                 group=as_user.gid if as_user else None,
+                                 extra_groups=[] if as_user else None)
     except FileNotFoundError:
         raise VMLoaderError(f"program not found: {argv[0]}", hint=hint or "install it (scripts/setup-host.sh "
                             "installs what vmloader needs)", phase=phase) from None

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 class Repository(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def manifest(self) -> Manifest: ...
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, List, Optional
 
 from . import guestssh
-from .agentclient import AgentClient, ExecResult, PtySpec
+from .agentclient import AgentClient, ByteSink, ExecResult, PtySpec
 from .errors import Interrupted, SnapshotError, UsageError
 from .forward import Forward, Forwarder, start_all
 from .job import GUEST_USER, GUEST_WORKDIR, Attached
@@ -37,7 +37,7 @@ def shell_session(stdin: Optional[BinaryIO]):
     """The user's login shell in the guest on a pty sized like this terminal."""
     fd = _fileno(stdin)
 
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         rows, cols = window_size(fd if fd is not None else 1)
         started: List[int] = []
         with raw_mode(fd), following_window_size(
@@ -51,7 +51,7 @@ def shell_session(stdin: Optional[BinaryIO]):
 
 
 def command_session(argv: list, stdin: Optional[BinaryIO], timeout: Optional[float]):
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         return attached.client.exec(argv, env=attached.env, user=attached.user, cwd=attached.cwd,
                                     stdin=stdin, stdout=out, stderr=err,
                                     deadline=time.monotonic() + timeout if timeout else None)
@@ -80,11 +80,11 @@ def default_ssh_key() -> Path:
 
 def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
     """Keep the VM running until Ctrl-C/SIGTERM, with forwarded ports; say how to reach it."""
-    def run(attached, out: BinaryIO, err: BinaryIO) -> ExecResult:
+    def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
         ports = PrivateDir(snapshot.path / PORTS_DIR)
         forwarders: List[Forwarder] = []
         try:
-            ssh = _ssh_setup(attached, snapshot, options, ports) if options.ssh_key is not None else None
+            ssh = _ssh_setup(attached, snapshot, options.ssh_key, ports) if options.ssh_key is not None else None
             forwards = list(options.forwards) + ([Forward(22)] if ssh else [])
             forwarders = start_all(attached.client, forwards, ports)
             info = _boot_info(snapshot, attached, jobs_dir, ports, forwarders, ssh)
@@ -104,13 +104,13 @@ def hold_session(snapshot: Snapshot, options: BootOptions, jobs_dir: Path):
     return run
 
 
-def _ssh_setup(attached, snapshot: Snapshot, options: BootOptions, ports: PrivateDir) -> dict:
-    """Start the guest's sshd, pin its host key in a known_hosts file; how to ssh in."""
-    user = guestssh.start_sshd(attached, options.ssh_key)
+def _ssh_setup(attached, snapshot: Snapshot, ssh_key: Path, ports: PrivateDir) -> dict:
+    """Start the guest's sshd for `ssh_key`, pin its host key in a known_hosts file; how to ssh in."""
+    user = guestssh.start_sshd(attached, ssh_key)
     alias = f"vmloader-snapshot-{snapshot.meta.id}"
     known_hosts = ports.write(KNOWN_HOSTS, guestssh.known_hosts_line(alias, guestssh.fetch_host_key(attached)))
     argv = guestssh.ssh_argv(ports.path / Forward(22).socket_name, known_hosts, alias, user,
-                             guestssh.identity_for(options.ssh_key))
+                             guestssh.identity_for(ssh_key))
     return {"argv": argv, "command": shlex.join(argv), "known_hosts": str(known_hosts),
             "host_key_alias": alias, "user": user, "socket": str(ports.path / Forward(22).socket_name)}
 

@@ -5,6 +5,7 @@ there, never copied: preserving is a rename), the console log and
 `metadata.json` (image and its sha256, command, exit status, timings, user).
 The overlay's backing file is the cached base image, which is never written.
 """
+import builtins
 import contextlib
 import fcntl
 import json
@@ -163,7 +164,7 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot {snap_id} has incomplete metadata: {exc}",
                                 hint=f"inspect {path} by hand") from None
 
-    def list(self) -> list:
+    def list(self) -> "list[Snapshot]":
         found = []
         try:
             if not self.root.is_dir():
@@ -206,7 +207,8 @@ class SnapshotStore:
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 
-    def prune(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> list:
+    def prune(self, policy: "Retention", *, now: Optional[float] = None,
+              dry_run: bool = False) -> builtins.list[tuple[Snapshot, str]]:
         """Remove what the retention limits exceed, oldest first; never a booted snapshot.
 
         Limits: age, count per user, total bytes (0 = no limit). Returns (snapshot, reason) pairs.
@@ -242,7 +244,8 @@ class SnapshotStore:
         self.prune_records(policy, now=now, dry_run=dry_run)
         return pruned
 
-    def prune_records(self, policy: "Retention", *, now: Optional[float] = None, dry_run: bool = False) -> list:
+    def prune_records(self, policy: "Retention", *, now: Optional[float] = None,
+                      dry_run: bool = False) -> builtins.list[tuple[Path, str]]:
         """Job records (<state_dir>/jobs/<id>) beyond the same limits, oldest first: a busy worker
         runs thousands of jobs a day. A record counts from its metadata.json, written when its job
         ended; a job without one is running or awaits `vmloader cleanup`, and is never pruned, nor
@@ -272,9 +275,9 @@ class SnapshotStore:
         return pruned
 
 
-def _finished_records(jobs_dir: Path) -> list:
+def _finished_records(jobs_dir: Path) -> list[tuple[Path, float]]:
     """(job dir, when it ended) for every finished job whose bootstrapper is gone, oldest first."""
-    found = []
+    found: list[tuple[Path, float]] = []
     try:
         paths = list(jobs_dir.iterdir())
     except OSError:

@@ -36,7 +36,7 @@ def _qemu_process(domain: str) -> Optional[psutil.Process]:
 
 
 def running_jobs(jobs_dir: Path, user: str) -> List[RunningJob]:
-    found = []
+    found: List[RunningJob] = []
     if not jobs_dir.is_dir():
         return found
     for job_dir in sorted(jobs_dir.iterdir()):

@@ -33,8 +33,8 @@ def raw_mode(fd: Optional[int]):
 
 
 @contextmanager
-def following_window_size(fd: int, resize: Callable[[int, int], None]):
-    """Call resize(rows, cols) whenever the terminal's window changes (SIGWINCH).
+def following_window_size(fd: int, resize: Callable[[int, int], object]):
+    """Call resize(rows, cols) whenever the terminal's window changes (SIGWINCH); what it returns is unused.
 
     The signal handler only starts a thread: sending may need a lock the
     interrupted main thread holds."""
