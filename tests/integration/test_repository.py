@@ -253,6 +253,12 @@ class CacheService:
         self.proc.wait(timeout=30)
 
 
+def forget_own_images(*users) -> None:
+    """Each user's private cache (~/.cache/vmloader) from an earlier run would shadow the shared image."""
+    for user in users:
+        shutil.rmtree(Path(user.pw_dir) / ".cache" / "vmloader", ignore_errors=True)
+
+
 def _sha_of(out: str) -> str:
     return Path(json.loads(out)["disk"]).name
 
@@ -261,6 +267,7 @@ def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, rea
     """Jobs of different users on one worker: one download by root's service, one copy readable by all,
     writable by none of them; a user's own `images add` of a shared name affects only that user."""
     users = [ensure_user(name) for name in ("vmlt-cache-a", "vmlt-cache-b")]
+    forget_own_images(*users)
     cache = world_readable_tmpdir("vmloader-shared-")
     service = CacheService(cache, nginx.url, tmp_path / "service.log")
     env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
@@ -296,6 +303,7 @@ def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, rea
     finally:
         service.stop()
         shutil.rmtree(cache, ignore_errors=True)
+        forget_own_images(*users)
 
 
 def _pull(user, checkout: Path, env: dict) -> str:
@@ -311,6 +319,7 @@ def test_an_old_shared_cache_with_planted_files_is_cleaned_and_nothing_planted_i
     would run a command, links aimed outside the cache, a forged stamp over a changed artifact."""
     cache = world_readable_tmpdir("vmloader-legacy-")
     user = ensure_user("vmlt-cache-a")
+    forget_own_images(user)
     env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_REPOSITORY": nginx.url}
     service = CacheService(cache, nginx.url, tmp_path / "service.log")
     try:
