@@ -16,9 +16,12 @@ demo: image
 	$(VMLOADER) run --image $(IMAGE) --snapshot always -- sh -c 'echo "kernel:   $$(uname -sr)"; echo "hostname: $$(hostname)"; echo "id:       $$(id)"'
 
 # mypy first: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
+# Unit tests in a process of their own, before the VM tests: nothing a VM test leaves in its
+# process (signal handlers, threads) reaches the fakes.
 test: image
 	$(VENV)/bin/python -m mypy vmloader
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader
