@@ -225,12 +225,17 @@ def test_an_unknown_image_holds_the_job_and_it_runs_after_qedit_and_release(pool
     assert job.file("out").read_text().startswith("12.")
 
 
-def test_a_malformed_vm_attribute_holds_the_job_with_the_fix(pool):
-    job = Submission(pool, "malformed", {"job.sub": (
+def held_true_job(pool, name: str, lines: str) -> tuple:
+    """Submit `/bin/true` as a debian-12 VM job with these extra submit lines; wait until it is held."""
+    job = Submission(pool, name, {"job.sub": (
         "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
-        '+VMImage = "debian-12"\n+VMLoaderRoot = "yes"\nqueue\n')})
+        f'+VMImage = "debian-12"\n{lines}queue\n')})
     job.submit("job.sub")
-    reason = job.wait({HELD})[0]["HoldReason"]
+    return job, job.wait({HELD})[0]["HoldReason"]
+
+
+def test_a_malformed_vm_attribute_holds_the_job_with_the_fix(pool):
+    job, reason = held_true_job(pool, "malformed", '+VMLoaderRoot = "yes"\n')
     assert "+VMLoaderRoot must be True or False" in reason, reason
     pool.run(["condor_rm", str(job.cluster)], check=True)
 
@@ -365,11 +370,7 @@ def test_the_vm_is_sized_by_the_evaluated_request_memory_less_qemus_overhead(poo
 
 def test_a_request_memory_too_small_for_a_vm_is_held_naming_both_numbers(pool):
     from vmloader.bootstrapper.condor import MIN_GUEST_MEMORY_MIB, QEMU_OVERHEAD_MIB
-    job = Submission(pool, "toosmall", {"job.sub": (
-        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
-        "request_memory = 300\n+VMImage = \"debian-12\"\nqueue\n")})
-    job.submit("job.sub")
-    reason = job.wait({HELD})[0]["HoldReason"]
+    job, reason = held_true_job(pool, "toosmall", "request_memory = 300\n")
     need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
     assert "request_memory 300 MiB is too small for a VM of debian-12" in reason, reason
     assert f"at least {need} MiB" in reason and "[job ad]" in reason, reason
