@@ -28,7 +28,7 @@ CACHE = Path(os.environ.get("VMLOADER_TEST_CACHE", "/var/cache/vmloader-test"))
 SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("htcondor", "qemu-system-x86", "qemu-utils", "libvirt-daemon", "libvirt-daemon-driver-qemu",
-            "libvirt-clients", "python3-libvirt", "python3-requests", "python3-diskcache", "python3-psutil",
+            "libvirt-clients", "python3-libvirt", "python3-requests", "python3-psutil",
             "python3-pyinotify", "python3-pyasyncore", "dpkg-dev", "procps")
 USER = "vmjob"
 CACHE_GROUP = "vmloader-cache"
