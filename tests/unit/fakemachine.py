@@ -5,7 +5,6 @@
 processes of this host, with the guest's /work mapped to a directory of the test.
 Every call is recorded in `events` so tests can check the order of teardown.
 """
-import json
 import os
 import pwd
 import signal
@@ -39,9 +38,9 @@ class MappedAgent(Agent):
         return Agent._path(self, self._map(path))
 
     def on_exec(self, frame):
-        req = frame.json()
-        req["cwd"] = self._map(req.get("cwd") or GUEST_WORKDIR)
-        Agent.on_exec(self, P.Frame(frame.type, frame.request_id, json.dumps(req).encode()))
+        req = P.Exec.from_payload(frame.payload)
+        req.cwd = self._map(req.cwd or GUEST_WORKDIR)
+        Agent.on_exec(self, P.Frame(frame.type, frame.request_id, req.to_payload()))
 
 
 class FakeMachine:

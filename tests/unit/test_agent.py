@@ -17,7 +17,7 @@ import pytest
 from vmloader import protocol as P
 from vmloader.agent.server import Agent
 from vmloader.agent.transport import SocketTransport
-from vmloader.bootstrapper.agentclient import AgentClient, ExecTimeout
+from vmloader.bootstrapper.agentclient import AgentClient, ExecTimeout, PtySpec
 from vmloader.bootstrapper.errors import AgentError
 
 ME = pwd.getpwuid(os.getuid())
@@ -46,8 +46,8 @@ def run(client, *argv, stdin=None, deadline=None):
 
 
 def test_handshake_returns_the_agents_description(pair):
-    assert pair.info["protocol"] == P.PROTOCOL_VERSION
-    assert {"python", "kernel", "hostname"} <= set(pair.info)
+    assert pair.info.protocol == P.PROTOCOL_VERSION
+    assert pair.info.python and pair.info.kernel and pair.info.hostname and pair.info.pid == os.getpid()
 
 
 @pytest.mark.parametrize("code", [0, 7])
@@ -107,10 +107,10 @@ def test_listing_the_work_dir_shows_files_with_sizes_and_never_follows_links(pai
     pair.put_file(str(src), "in.txt")
     pair.put_file(str(src), "sub/deeper.txt")
     os.symlink("/etc/passwd", tmp_path / "work" / "link")
-    entries = {e["name"]: e for e in pair.list_dir(".")}
-    assert entries["in.txt"]["type"] == "file" and entries["in.txt"]["size"] == 5
-    assert entries["sub"]["type"] == "dir" and entries["link"]["type"] == "link"
-    assert isinstance(entries["in.txt"]["mtime_ns"], int)
+    entries = {e.name: e for e in pair.list_dir(".")}
+    assert entries["in.txt"].type == "file" and entries["in.txt"].size == 5
+    assert entries["sub"].type == "dir" and entries["link"].type == "link"
+    assert entries["in.txt"].mtime_ns > 0
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../x", ""])
@@ -266,8 +266,8 @@ def test_commands_start_with_default_signal_dispositions_and_an_empty_mask(tmp_p
 
 
 def test_the_hello_announces_features_and_no_busy_requests(pair):
-    assert {"pty", "connect", "list"} <= set(pair.info["features"])
-    assert pair.info["busy"] == []
+    assert {"pty", "connect", "list"} <= set(pair.info.features)
+    assert pair.info.busy == ()
 
 
 def test_a_tcp_stream_reaches_a_guest_port_both_ways():
@@ -323,3 +323,55 @@ def test_a_fifo_is_never_copied_back_and_does_not_block_the_agent(pair, tmp_path
     assert time.monotonic() - started < 5
     result, out, _ = run(pair, "echo", "still-serving")
     assert out == b"still-serving\n"
+
+
+def test_a_host_talks_to_an_agent_of_the_first_release():
+    """The first release's HELLO (no features, no busy list), replayed: the new host handshakes,
+    knows the agent cannot do ptys, and runs a command."""
+    host, guest = socket.socketpair()
+    first_hello = (b'{"protocol": 1, "agent": "0.1.0", "python": "3.9.2", "kernel": "5.10.0-26-amd64", '
+                   b'"hostname": "debian", "pid": 301}')
+    guest.sendall(P.encode(P.HELLO, 0, first_hello))
+    client = AgentClient(host, heartbeat_timeout=5.0)
+    assert client.handshake(timeout=5).pid == 301
+    assert not client.supports("pty")
+    with pytest.raises(AgentError, match="no terminal support"):
+        client.exec(["sh"], env={}, user="vmloader", stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(),
+                    pty=PtySpec())
+    reader = P.FrameReader(guest.recv)
+
+    def answer():
+        while True:
+            frame = reader.read_frame(resync=True)
+            if frame.type == P.EXEC:
+                guest.sendall(P.encode(P.EXIT, frame.request_id, b'{"code": 4}'))
+                return
+    threading.Thread(target=answer, daemon=True).start()
+    result = client.exec(["true"], env={}, user="vmloader", stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO())
+    assert result.exit_code == 4
+    client.close()
+    guest.close()
+
+
+def test_an_agent_runs_what_a_host_of_the_first_release_asks(tmp_path):
+    """EXEC as the first release sent it (no shell, no pty), raw bytes in, EXIT bytes out."""
+    host, guest = socket.socketpair()
+    agent = Agent(SocketTransport(guest), workdir=str(tmp_path), lookup_user=lambda name: ME, poweroff=lambda: None)
+    threading.Thread(target=agent.serve, daemon=True).start()
+    host.sendall(P.encode(P.EXEC, 1, b'{"argv": ["sh", "-c", "exit 5"], "env": {"A": "b"}, "user": "vmloader", '
+                                     b'"cwd": null}') + P.encode(P.STDIN_EOF, 1))
+    reader = P.FrameReader(host.recv)
+    while True:
+        frame = reader.read_frame(resync=True)
+        if frame.type == P.EXIT:
+            break
+    assert (frame.request_id, frame.payload) == (1, b'{"code": 5}')
+    host.close()
+    guest.close()
+
+
+def test_a_malformed_request_is_refused_with_an_error_naming_the_field(pair):
+    request_id, waiter = pair._new_request()
+    pair._send(P.EXEC, request_id, b'{"argv": "rm -rf /", "env": {}, "user": "vmloader"}')
+    with pytest.raises(AgentError, match="refused a request: ProtocolError: EXEC field 'argv' must be a list"):
+        pair._next(waiter)

@@ -99,3 +99,11 @@ def test_the_console_tail_of_a_boot_failure_keeps_its_lines_and_escapes_the_rest
     assert "\n[    1.0] booting\n" in exc.message and exc.message.endswith("\n[    2.0] after")
     assert clean(exc.message) and clean(exc.user_text())
     assert "\\x1b[2J" in exc.message and "\\u202eevil" in exc.message
+
+
+def test_an_exit_with_wrongly_typed_fields_is_a_clean_agent_error():
+    client, guest = client_answering(P.encode_json(P.EXIT, 1, {"code": EVIL}))
+    with pytest.raises(AgentError, match="malformed message: EXIT field 'code' must be an integer") as info:
+        run(client)
+    assert_clean_error(info.value)
+    guest.close()

@@ -2,7 +2,6 @@
 streams to guest ports, file transfer, shutdown."""
 import errno
 import fcntl
-import json
 import os
 import platform
 import pty
@@ -51,8 +50,9 @@ class Channel(object):
         with self.lock:
             self.transport.write(frame)
 
-    def send_json(self, type_, request_id, obj):
-        self.send(type_, request_id, json.dumps(obj).encode("utf-8"))
+    def reply(self, request_id, message):
+        """Send one control message (a protocol.Message)."""
+        self.send(message.TYPE, request_id, message.to_payload())
 
 
 class Execution(object):
@@ -90,9 +90,9 @@ class Execution(object):
         for pump in self.pumps:
             pump.join(max(0.0, deadline - time.time()))
         self.closed.set()
-        result = {"signal": -status} if status < 0 else {"code": status}
+        result = P.Exit(signal=-status) if status < 0 else P.Exit(code=status)
         try:
-            self.channel.send_json(P.EXIT, self.request_id, result)
+            self.channel.reply(self.request_id, result)
         except OSError:
             pass                               # the host is gone (the VM is being stopped)
         self._close_outputs()
@@ -179,7 +179,7 @@ class Stream(object):
         except OSError:
             pass
         self.closed.set()
-        self.channel.send_json(P.EXIT, self.request_id, {"code": 0})
+        self.channel.reply(self.request_id, P.Exit(code=0))
         self.sock.close()
 
     def write_stdin(self, data):
@@ -245,10 +245,9 @@ class Agent(object):
         # "busy": requests still running from an earlier host connection (a VM resumed
         # from a memory snapshot): their late output must not look like a protocol error.
         busy = sorted(rid for rid, e in list(self.execs.items()) if not e.closed.is_set())
-        return {"protocol": P.PROTOCOL_VERSION, "agent": __version__,
-                "python": platform.python_version(), "kernel": platform.release(),
-                "hostname": socket.gethostname(), "pid": os.getpid(),
-                "features": list(P.FEATURES), "busy": busy}
+        return P.Hello(P.PROTOCOL_VERSION, agent=__version__, python=platform.python_version(),
+                       kernel=platform.release(), hostname=socket.gethostname(), pid=os.getpid(),
+                       features=P.FEATURES, busy=busy)
 
     def serve(self):
         threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -270,7 +269,7 @@ class Agent(object):
     def _report(self, request_id, exc):
         """Tell the host a request failed; False when the channel itself is gone."""
         try:
-            self.channel.send_json(P.ERROR, request_id, {"message": "%s: %s" % (type(exc).__name__, exc)})
+            self.channel.reply(request_id, P.Error("%s: %s" % (type(exc).__name__, exc)))
             return True
         except OSError:
             return False
@@ -278,7 +277,7 @@ class Agent(object):
     def _hello(self):
         # Blocks on a virtio port until the host connects: hence its own thread.
         try:
-            self.channel.send_json(P.HELLO, 0, self.info())
+            self.channel.reply(0, self.info())
         except OSError:
             pass
 
@@ -292,7 +291,7 @@ class Agent(object):
 
     def handle(self, frame):
         handler = {
-            P.HELLO: lambda f: self.channel.send_json(P.HELLO, 0, self.info()),
+            P.HELLO: lambda f: self.channel.reply(0, self.info()),
             P.EXEC: self.on_exec, P.STDIN: self.on_stdin, P.STDIN_EOF: self.on_stdin,
             P.KILL: self.on_kill, P.RESIZE: self.on_resize, P.CONNECT: self.on_connect, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
             P.PUT_END: self.on_put_end, P.GET: self.on_get, P.LIST: self.on_list,
@@ -328,25 +327,25 @@ class Agent(object):
         return demote
 
     def on_exec(self, frame):
-        req = frame.json()
+        req = P.Exec.from_payload(frame.payload)
         try:
-            entry = self._identity(req.get("user") or self.default_user)
+            entry = self._identity(req.user or self.default_user)
         except KeyError:
-            raise ValueError("no such guest user %r" % req.get("user"))
-        argv = login_shell(entry) if req.get("shell") else req.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError("no such guest user %r" % req.user)
+        argv = login_shell(entry) if req.shell else req.argv
+        if not argv:
             raise ValueError("EXEC needs a non-empty argv list of strings")
-        cwd = req.get("cwd") or self.workdir
+        cwd = req.cwd or self.workdir
         if not os.path.isdir(cwd):
             os.makedirs(cwd)
-        env = self._environment(entry, req.get("env") or {})
-        terminal = req.get("pty")
+        env = self._environment(entry, req.env)
+        terminal = req.pty
         master = None
         try:
-            if isinstance(terminal, dict):
-                env["TERM"] = str(terminal.get("term") or "xterm")
+            if terminal is not None:
+                env["TERM"] = terminal.term
                 master, slave = pty.openpty()
-                set_window_size(slave, terminal.get("rows") or 24, terminal.get("cols") or 80)
+                set_window_size(slave, terminal.rows, terminal.cols)
                 try:
                     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
                                             preexec_fn=self._preexec(entry, controlling_tty=True),
@@ -364,7 +363,7 @@ class Agent(object):
                 "not_executable" if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM)
                 else "spawn_failed")
             message = "%s: %s" % (argv[0], exc.strerror)
-            self.channel.send_json(P.EXIT, frame.request_id, {"error": kind, "message": message})
+            self.channel.reply(frame.request_id, P.Exit(error=kind, message=message))
             return
         if master is not None:
             self.execs[frame.request_id] = PtyExecution(self.channel, frame.request_id, proc, master)
@@ -375,18 +374,18 @@ class Agent(object):
     def on_resize(self, frame):
         execution = self.execs.get(frame.request_id)
         if execution is not None:
-            req = frame.json()
-            execution.resize(req.get("rows") or 24, req.get("cols") or 80)
+            req = P.Resize.from_payload(frame.payload)
+            execution.resize(req.rows or 24, req.cols or 80)
 
     def on_connect(self, frame):
-        port = frame.json().get("port")
-        if not isinstance(port, int) or not 0 < port < 65536:
+        port = P.Connect.from_payload(frame.payload).port
+        if not 0 < port < 65536:
             raise ValueError("CONNECT needs a TCP port number")
         try:
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         except OSError as exc:
-            self.channel.send_json(P.EXIT, frame.request_id, {
-                "error": "connect_failed", "message": "127.0.0.1:%d in the guest: %s" % (port, exc)})
+            self.channel.reply(frame.request_id, P.Exit(
+                error="connect_failed", message="127.0.0.1:%d in the guest: %s" % (port, exc)))
             return
         sock.settimeout(None)
         self.execs[frame.request_id] = Stream(self.channel, frame.request_id, sock)
@@ -416,15 +415,15 @@ class Agent(object):
         self.cancelled.add(frame.request_id)       # stops a file download in flight
         execution = self.execs.get(frame.request_id)
         if execution is not None:
-            execution.kill(int(frame.json().get("signal", signal.SIGKILL)))
+            execution.kill(P.Kill.from_payload(frame.payload).signal)
 
     # -- files --------------------------------------------------------------
     def _path(self, path):
         return path if os.path.isabs(path) else os.path.join(self.workdir, path)
 
     def on_put(self, frame):
-        req = frame.json()
-        target = self._path(req["path"])
+        req = P.Put.from_payload(frame.payload)
+        target = self._path(req.path)
         parent = os.path.dirname(target)
         if parent and not os.path.isdir(parent):
             os.makedirs(parent)
@@ -438,15 +437,15 @@ class Agent(object):
     def on_put_end(self, frame):
         handle, tmp, target, req = self.uploads.pop(frame.request_id)
         handle.close()
-        os.chmod(tmp, int(req.get("mode", 0o644)))
-        entry = self._identity(req.get("user") or self.default_user)
+        os.chmod(tmp, req.mode)
+        entry = self._identity(req.user or self.default_user)
         if entry is not None and os.geteuid() == 0:
             os.chown(tmp, entry.pw_uid, entry.pw_gid)
         os.rename(tmp, target)
-        self.channel.send_json(P.OK, frame.request_id, {"size": os.path.getsize(target)})
+        self.channel.reply(frame.request_id, P.PutDone(os.path.getsize(target)))
 
     def on_get(self, frame):
-        path = self._path(frame.json()["path"])
+        path = self._path(P.Get.from_payload(frame.payload).path)
         mode = os.stat(path).st_mode
         if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):
             raise ValueError("%s is not a file (a FIFO, socket or directory): not copied" % path)
@@ -455,15 +454,14 @@ class Agent(object):
 
     def on_list(self, frame):
         """Entries of one directory (not followed through symlinks), for collecting new outputs."""
-        path = self._path(frame.json().get("path") or ".")
+        path = self._path(P.ListDir.from_payload(frame.payload).path)
         entries = []
         for name in sorted(os.listdir(path)):
             st = os.lstat(os.path.join(path, name))
             kind = ("file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
                     else "link" if stat.S_ISLNK(st.st_mode) else "other")
-            entries.append({"name": name, "type": kind, "size": st.st_size,
-                            "mtime_ns": st.st_mtime_ns})
-        self.channel.send_json(P.OK, frame.request_id, {"entries": entries})
+            entries.append(P.DirEntry(name, kind, st.st_size, st.st_mtime_ns))
+        self.channel.reply(frame.request_id, P.Listing(entries))
 
     def _send_file(self, request_id, handle):
         size = 0
@@ -474,13 +472,14 @@ class Agent(object):
                         return
                     self.channel.send(P.GET_DATA, request_id, block)
                     size += len(block)
-            self.channel.send_json(P.GET_END, request_id, {"size": size})
+            self.channel.reply(request_id, P.GetEnd(size))
         except OSError as exc:
             log("file download %d stopped: %s" % (request_id, exc))
 
     # -- shutdown -----------------------------------------------------------
     def on_shutdown(self, frame):
+        P.Shutdown.from_payload(frame.payload)
         os.sync()
-        self.channel.send_json(P.OK, frame.request_id, {})
+        self.channel.reply(frame.request_id, P.ShutdownDone())
         time.sleep(0.2)        # let the acknowledgement leave before the power goes
         self.poweroff()

@@ -5,7 +5,6 @@ and hands it to whoever waits for that request; heartbeats prove the guest is
 alive. Everything the guest sends is treated as hostile: bounded in size,
 never trusted for host paths.
 """
-import json
 import os
 import queue
 import signal
@@ -14,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Optional, Protocol, overload
+from typing import BinaryIO, Optional, Protocol, TypeVar, overload
 
 from .. import protocol as P
 from .errors import AgentError, GuestTimeout
@@ -29,6 +28,18 @@ GUEST_TEXT_MAX = 1024       # bytes of guest-written text (an agent's error mess
 def guest_text(value: object) -> str:
     """Text the guest chose, made fit for a message: control characters escaped, length capped."""
     return cap(escape(str(value)[:GUEST_TEXT_MAX]), GUEST_TEXT_MAX)
+
+
+M = TypeVar("M", bound=P.Message)
+
+
+def parse(kind: type[M], frame: P.Frame) -> M:
+    """The message a frame of the agent carries; AgentError (the guest's text escaped) if malformed."""
+    try:
+        return kind.from_payload(frame.payload)
+    except P.ProtocolError as exc:
+        raise AgentError(f"the guest agent sent a malformed message: {guest_text(exc)}",
+                         hint="the guest's agent is damaged or not vmloader's; see the console log") from None
 
 
 class ByteSink(Protocol):
@@ -74,7 +85,7 @@ class AgentClient:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_file_bytes = max_file_bytes
         self.reader = P.FrameReader(sock.recv)
-        self.info: Optional[dict] = None
+        self.info: Optional[P.Hello] = None
         self._send_lock = threading.Lock()
         self._waiters: dict = {}
         self._waiters_lock = threading.Lock()
@@ -94,8 +105,8 @@ class AgentClient:
         except OSError as exc:
             raise AgentError(f"lost the connection to the guest agent: {exc}") from None
 
-    def _send_json(self, type_: int, request_id: int, obj: dict) -> None:
-        self._send(type_, request_id, json.dumps(obj).encode())
+    def _send_message(self, request_id: int, message: P.Message) -> None:
+        self._send(message.TYPE, request_id, message.to_payload())
 
     def _new_request(self) -> tuple:
         with self._waiters_lock:
@@ -117,7 +128,7 @@ class AgentClient:
         except P.ChannelClosed:
             self._fail("the guest agent closed the channel (the VM stopped or the agent died)")
         except P.ProtocolError as exc:
-            self._fail(f"the guest agent broke the protocol: {exc}")
+            self._fail(f"the guest agent broke the protocol: {guest_text(exc)}")
         except OSError as exc:
             self._fail(f"reading from the guest agent failed: {exc}")
 
@@ -125,8 +136,8 @@ class AgentClient:
         if frame.type == P.HEARTBEAT:
             return
         if frame.type == P.HELLO:
-            info = frame.json()
-            if self._hello.is_set() and self.info and info.get("pid") != self.info.get("pid"):
+            info = P.Hello.from_payload(frame.payload)
+            if self._hello.is_set() and self.info and info.pid != self.info.pid:
                 # The guest's init restarts a dead agent; what the old one was running is lost.
                 self.info = info
                 # Not a permanent failure: the new agent can still sync and power off.
@@ -150,10 +161,10 @@ class AgentClient:
             self._reader_blocked = False
             self._last_seen = time.monotonic()
 
-    def _adopt_busy(self, info: dict) -> None:
+    def _adopt_busy(self, info: P.Hello) -> None:
         """A resumed VM's agent may still run requests of its earlier host: ignore their
         frames and number ours past them."""
-        busy = [r for r in info.get("busy") or () if isinstance(r, int) and r > 0]
+        busy = [r for r in info.busy if r > 0]
         if busy:
             with self._waiters_lock:
                 self._next_id = max(self._next_id, max(busy) + 1)
@@ -198,7 +209,8 @@ class AgentClient:
                 raise AgentError(item.reason or self._failure or "the guest agent went away",
                                  hint="see the console log; the job's state is kept per --snapshot")
             if item.type == P.ERROR:
-                raise AgentError("the guest agent refused a request: " + guest_text(item.json().get("message")))
+                raise AgentError("the guest agent refused a request: "
+                                 + guest_text(parse(P.Error, item).message))
             return item
 
     # -- API -----------------------------------------------------------------
@@ -206,7 +218,7 @@ class AgentClient:
         """AgentError when the channel failed or the guest stopped sending heartbeats."""
         self._check_alive()
 
-    def handshake(self, timeout: float) -> dict:
+    def handshake(self, timeout: float) -> P.Hello:
         """Wait for the agent's HELLO (asking for it every second); returns its info."""
         deadline = time.monotonic() + timeout
         while not self._hello.is_set():
@@ -214,13 +226,13 @@ class AgentClient:
                 raise AgentError(self._failure)
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"no answer from the guest agent within {timeout:.0f} s")
-            self._send_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION})
+            self._send_message(0, P.HelloRequest(P.PROTOCOL_VERSION))
             self._hello.wait(1.0)
         info = self.info
         if info is None:        # _dispatch sets info before _hello: a bug if ever seen
             raise AgentError("the guest agent's HELLO carried no information")
-        if info.get("protocol") != P.PROTOCOL_VERSION:
-            raise AgentError(f"the guest agent speaks protocol {guest_text(info.get('protocol'))}, "
+        if info.protocol != P.PROTOCOL_VERSION:
+            raise AgentError(f"the guest agent speaks protocol {info.protocol}, "
                              f"this host {P.PROTOCOL_VERSION}", hint="rebuild the image with this vmloader")
         self._last_seen = time.monotonic()
         return info
@@ -229,15 +241,16 @@ class AgentClient:
         request_id, waiter = self._new_request()
         try:
             size = os.path.getsize(local_path)
-            self._send_json(P.PUT, request_id, {"path": guest_path, "mode": mode, "size": size, "user": user})
+            self._send_message(request_id, P.Put(guest_path, mode=mode, size=size, user=user))
             with open(local_path, "rb") as handle:
                 for block in iter(lambda: handle.read(P.DATA_CHUNK), b""):
                     self._check_alive()
                     self._send(P.PUT_DATA, request_id, block)
-            self._send(P.PUT_END, request_id)
+            self._send_message(request_id, P.PutEnd())
             reply = self._next(waiter)
             if reply.type != P.OK:
                 raise AgentError(f"unexpected {P.name_of(reply.type)} reply to a file upload")
+            parse(P.PutDone, reply)
         finally:
             self._done(request_id)
 
@@ -247,7 +260,7 @@ class AgentClient:
         request_id, waiter = self._new_request()
         tmp = dest.with_name(dest.name + ".vmloader-part")
         try:
-            self._send_json(P.GET, request_id, {"path": guest_path})
+            self._send_message(request_id, P.Get(guest_path))
             self._receive_file(request_id, waiter, tmp, limit, guest_path)
             os.replace(tmp, dest)
             return str(dest)
@@ -261,22 +274,23 @@ class AgentClient:
             while True:
                 frame = self._next(waiter, time.monotonic() + TRANSFER_IDLE)
                 if frame is None:
-                    self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
+                    self._send_message(request_id, P.Kill(int(signal.SIGKILL)))
                     raise AgentError(f"{guest_text(name)}: no data from the guest for {TRANSFER_IDLE:.0f} s; "
                                      "transfer aborted")
                 if frame.type == P.GET_END:
+                    parse(P.GetEnd, frame)
                     return received
                 if frame.type != P.GET_DATA:
                     raise AgentError(f"unexpected {P.name_of(frame.type)} frame in a file transfer")
                 received += len(frame.payload)
                 if received > limit:
-                    self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
+                    self._send_message(request_id, P.Kill(int(signal.SIGKILL)))
                     raise AgentError(f"{guest_text(name)}: the guest sent more than the {limit} byte limit; "
                                      "transfer aborted")
                 out.write(frame.payload)
 
     def supports(self, feature: str) -> bool:
-        return feature in ((self.info or {}).get("features") or ())
+        return self.info is not None and feature in self.info.features
 
     def exec(self, argv: Optional[list], *, env: dict, user: str, cwd: Optional[str] = None,
              stdin: Optional[BinaryIO], stdout: ByteSink, stderr: ByteSink,
@@ -291,11 +305,10 @@ class AgentClient:
                              hint="rebuild the image (vmloader images build NAME), or use `snapshot exec`")
         request_id, waiter = self._new_request()
         finished = threading.Event()
-        request = {"argv": list(argv) if argv else None, "shell": not argv, "env": env, "user": user, "cwd": cwd}
-        if pty is not None:
-            request["pty"] = {"rows": pty.rows, "cols": pty.cols, "term": pty.term}
+        terminal = P.Terminal(pty.rows, pty.cols, pty.term) if pty is not None else None
+        request = P.Exec(list(argv) if argv else None, env, user, cwd=cwd, shell=not argv, pty=terminal)
         try:
-            self._send_json(P.EXEC, request_id, request)
+            self._send_message(request_id, request)
             if on_start is not None:
                 on_start(request_id)
             self._feed_stdin(request_id, stdin, finished)
@@ -305,7 +318,7 @@ class AgentClient:
             self._done(request_id)
 
     def resize(self, request_id: int, rows: int, cols: int) -> None:
-        self._send_json(P.RESIZE, request_id, {"rows": rows, "cols": cols})
+        self._send_message(request_id, P.Resize(rows, cols))
 
     def connect(self, port: int, timeout: float = 15.0) -> "GuestStream":
         """A TCP connection to the guest's 127.0.0.1:port, relayed over the channel."""
@@ -313,7 +326,7 @@ class AgentClient:
             raise AgentError("this guest's agent cannot forward ports (an image built by an older vmloader)",
                              hint="rebuild the image (vmloader images build NAME)")
         request_id, waiter = self._new_request()
-        self._send_json(P.CONNECT, request_id, {"port": port})
+        self._send_message(request_id, P.Connect(port))
         return GuestStream(self, request_id, waiter)
 
     def _exec_loop(self, request_id, waiter, stdout, stderr, deadline, kill_on_timeout=True) -> ExecResult:
@@ -325,7 +338,7 @@ class AgentClient:
                 raise ExecTimeout("the command ran past its --timeout (left running for a memory snapshot)",
                                   phase="exec")
             if frame is None:
-                self._send_json(P.KILL, request_id, {"signal": int(signal.SIGKILL)})
+                self._send_message(request_id, P.Kill(int(signal.SIGKILL)))
                 timed_out, deadline = True, time.monotonic() + KILL_DRAIN
                 continue
             if frame.type in sinks:
@@ -334,15 +347,14 @@ class AgentClient:
             elif frame.type == P.EXIT:
                 if timed_out:
                     raise ExecTimeout("the command ran past its --timeout and was killed", phase="exec")
-                result = frame.json()
-                return ExecResult(result.get("code"), result.get("signal"), result.get("error"),
-                                  guest_text(result.get("message", "")))
+                result = parse(P.Exit, frame)
+                return ExecResult(result.code, result.signal, result.error, guest_text(result.message or ""))
             else:
                 raise AgentError(f"unexpected {P.name_of(frame.type)} frame during exec")
 
     def _feed_stdin(self, request_id: int, stdin: Optional[BinaryIO], finished: threading.Event) -> None:
         if stdin is None:
-            self._send(P.STDIN_EOF, request_id)
+            self._send_message(request_id, P.StdinEof())
             return
 
         def pump() -> None:
@@ -357,34 +369,31 @@ class AgentClient:
                     if finished.is_set():
                         return
                     if not data:
-                        self._send(P.STDIN_EOF, request_id)
+                        self._send_message(request_id, P.StdinEof())
                         return
                     self._send(P.STDIN, request_id, data)
             except (OSError, AgentError):
                 return
         threading.Thread(target=pump, name="agent-stdin", daemon=True).start()
 
-    def list_dir(self, guest_path: str, timeout: float = 30.0) -> list:
-        """Entries of a guest directory: dicts with name, type (file/dir/link/other), size, mtime_ns."""
+    def list_dir(self, guest_path: str, timeout: float = 30.0) -> list[P.DirEntry]:
+        """Entries of a guest directory: name, type (file/dir/link/other), size, mtime_ns."""
         request_id, waiter = self._new_request()
         try:
-            self._send_json(P.LIST, request_id, {"path": guest_path})
+            self._send_message(request_id, P.ListDir(guest_path))
             reply = self._next(waiter, time.monotonic() + timeout)
             if reply is None:
                 raise AgentError(f"the guest agent did not list {guest_path} within {timeout:.0f} s",
                                  hint="an image built by an older vmloader cannot list directories: rebuild it "
                                       "(vmloader images build NAME) or name the outputs explicitly")
-            entries = reply.json().get("entries")
-            if not isinstance(entries, list):
-                raise AgentError("the guest agent sent a malformed directory listing")
-            return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)]
+            return parse(P.Listing, reply).entries
         finally:
             self._done(request_id)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         request_id, waiter = self._new_request()
         try:
-            self._send_json(P.SHUTDOWN, request_id, {})
+            self._send_message(request_id, P.Shutdown())
             reply = self._next(waiter, time.monotonic() + timeout)
             if reply is None:
                 raise AgentError("the guest agent did not acknowledge shutdown")
@@ -413,7 +422,7 @@ class GuestStream:
             self.client._send(P.STDIN, self.request_id, data[start:start + P.DATA_CHUNK])
 
     def send_eof(self) -> None:
-        self.client._send(P.STDIN_EOF, self.request_id)
+        self.client._send_message(self.request_id, P.StdinEof())
 
     def recv(self) -> bytes:
         """The next bytes from the guest side; b"" once it closed. AgentError if it never connected."""
@@ -423,15 +432,16 @@ class GuestStream:
         if frame.type == P.STDOUT:
             return frame.payload
         self.ended = True
-        if frame.type == P.EXIT and frame.json().get("error"):
-            raise AgentError(f"cannot connect to {guest_text(frame.json().get('message'))}",
+        end = parse(P.Exit, frame) if frame.type == P.EXIT else None
+        if end is not None and end.error:
+            raise AgentError(f"cannot connect to {guest_text(end.message or '')}",
                              hint="is anything listening on that port in the guest?")
         return b""
 
     def close(self) -> None:
         if not self.ended:
             try:
-                self.client._send_json(P.KILL, self.request_id, {"signal": int(signal.SIGKILL)})
+                self.client._send_message(self.request_id, P.Kill(int(signal.SIGKILL)))
             except AgentError:
                 pass
         self.client._done(self.request_id)

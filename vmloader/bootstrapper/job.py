@@ -604,10 +604,10 @@ def host_credentials(config: Config, image: str, user: str) -> list:
     return files
 
 
-def _file_stamps(entries: list) -> dict:
+def _file_stamps(entries: list[P.DirEntry]) -> dict:
     """Regular files only: a symlink the job made is never followed on the way out."""
-    return {e["name"]: (e.get("size"), e.get("mtime_ns")) for e in entries
-            if e.get("type") == "file" and "/" not in e["name"] and e["name"] not in (".", "..")}
+    return {e.name: (e.size, e.mtime_ns) for e in entries
+            if e.type == "file" and "/" not in e.name and e.name not in (".", "..")}
 
 
 def _known(value: Optional[T], what: str) -> T:
