@@ -153,3 +153,9 @@ def test_the_wrapper_runs_the_starters_sshd_on_the_host(sandbox, monkeypatch):
         condor.run_wrapper(["/usr/sbin/sshd", "-i", "-e", "-f", config],
                            {"_CONDOR_JOB_AD": str(sandbox / ".job.ad"), "_CONDOR_SCRATCH_DIR": str(sandbox)})
     assert execs == [["/usr/sbin/sshd", "-i", "-e", "-f", config]]
+
+
+def test_a_pointer_left_in_the_sandbox_is_not_an_input_of_the_job(sandbox, tmp_path):
+    sshtojob.point(sandbox, job_dir(tmp_path))
+    (sandbox / "input.txt").write_text("data")
+    assert [guest for _, guest in condor.sandbox_inputs(sandbox)] == ["input.txt"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import classad, config as config_mod, hypervisors, sshtojob
+from . import classad, config as config_mod, hypervisors, sandboxnames, sshtojob
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -36,7 +36,7 @@ SNAPSHOT_ATTR = "VMLoaderSnapshot"           # after the job: where its state wa
 POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, copied by the transform
 # Files the starter puts into the sandbox for itself: not the job's input.
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
-                           "_condor_stderr", ".condor_creds", "tmp", "var"))
+                           "_condor_stderr", ".condor_creds", "tmp", "var", sandboxnames.VMLOADER_POINTER))
 # What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
 # (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
 # less under KVM. The VM of a slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd
