@@ -153,7 +153,8 @@ def running_vm(sandbox: Path) -> dict:
         raise SshToJobError(f"this job's VM is still starting ({phase or 'setting up'}); there is no shell in it yet",
                             hint="try again in a minute: condor_ssh_to_job ID (the command starts once "
                                  "the guest has booted and the input files are in)")
-    if not isinstance(info, dict) or not pid_alive(int(info.get("pid") or 0)):
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not pid_alive(pid):
         raise SshToJobError("this job's VM is gone (its vmloader process has ended)",
                             hint="the job is ending; see condor_q -l ID")
     return info
