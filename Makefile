@@ -33,3 +33,4 @@ bench: image
 	$(VENV)/bin/python bench/snapshot_times.py
 	$(VENV)/bin/python bench/shell_prompt.py
 	$(VENV)/bin/python bench/condor_throughput.py
+	$(VENV)/bin/python bench/ssh_to_job.py

@@ -29,7 +29,8 @@ SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("htcondor", "qemu-system-x86", "qemu-utils", "libvirt-daemon", "libvirt-daemon-driver-qemu",
             "libvirt-clients", "python3-libvirt", "python3-requests", "python3-psutil",
-            "python3-pyinotify", "python3-pyasyncore", "dpkg-dev", "procps")
+            "python3-pyinotify", "python3-pyasyncore", "dpkg-dev", "procps",
+            "openssh-server", "openssh-client")       # condor_ssh_to_job: the starter's sshd, the user's ssh
 USER = "vmjob"
 CACHE_GROUP = "vmloader-cache"
 IMAGES = ("debian-11", "debian-12", "debian-13")
@@ -204,6 +205,9 @@ class Pool:
         libexec = self.chroot / "usr/local/libexec"
         libexec.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / "condor/vmloader-job-wrapper", libexec / "vmloader-job-wrapper")
+        share = self.chroot / "usr/local/share/vmloader"
+        share.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / "condor/ssh_to_job_sshd_config_template", share / "ssh_to_job_sshd_config_template")
         confd = self.chroot / "etc/condor/config.d"
         for old in confd.glob("*vmloader*"):
             old.unlink()
@@ -219,7 +223,7 @@ class Pool:
         # Stand-ins for a worker's host credentials: the key readable by job users through their group.
         (etc / "hostcert.pem").write_text("-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n")
         (etc / "hostkey.pem").write_text("-----BEGIN PRIVATE KEY-----\ntest\n-----END PRIVATE KEY-----\n")
-        subprocess.run(["chmod", "-R", "a+rX", str(opt), str(etc)], check=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(opt), str(etc), str(share)], check=True)
         self.run_chroot(["sh", "-c", f"chgrp {CACHE_GROUP} /etc/vmloader/hostkey.pem && "
                                      "chmod 0640 /etc/vmloader/hostkey.pem"])
 
@@ -236,6 +240,10 @@ class Pool:
     def start(self) -> None:
         script = (f"set -e; R={self.chroot}; mount -t proc proc $R/proc; mount --rbind /dev $R/dev; "
                   "mount --rbind /sys $R/sys; "
+                  # ssh_to_job's sshd runs as the job's user and gives up on a pty it cannot chown to
+                  # group tty: new ptys in group tty, as systemd mounts devpts on a real worker.
+                  "mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=0666 devpts $R/dev/pts; "
+                  "mount --bind $R/dev/pts/ptmx $R/dev/ptmx; "
                   "for d in run tmp var/lib/condor var/log/condor var/spool/condor home; do "
                   "mkdir -p $R/$d; mount -t tmpfs -o mode=0755 tmpfs $R/$d; done; chmod 1777 $R/tmp; "
                   f"exec chroot $R sh -c '{START_IN_CHROOT}'")

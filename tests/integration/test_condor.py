@@ -375,3 +375,87 @@ def test_a_request_memory_too_small_for_a_vm_is_held_naming_both_numbers(pool):
     assert "request_memory 300 MiB is too small for a VM of debian-12" in reason, reason
     assert f"at least {need} MiB" in reason and "[job ad]" in reason, reason
     pool.run(["condor_rm", str(job.cluster)], check=True)
+
+
+# Drives a program on a pty (as a user at a terminal): waits for a prompt, types, prints what it saw.
+PTY_DRIVER = r"""
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+seen = b""
+def until(marker, timeout):
+    global seen
+    end = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < end:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return False
+            if not data:
+                return False
+            seen += data
+    return marker in seen
+started = time.monotonic()
+prompt = until(b"$ ", 300)
+print("prompt after %.2f s" % (time.monotonic() - started) if prompt else "no prompt", flush=True)
+os.write(fd, b"id -un; tty; echo DONE$((6*7))\r")
+until(b"DONE42", 60)
+os.write(fd, b"exit\r")
+until(b"\0", 30)
+os.waitpid(pid, 0)
+print(seen.decode("utf-8", "replace"))
+"""
+
+
+def ssh_to_job(pool, job, *args, timeout: float = 300):
+    return pool.run(["condor_ssh_to_job", *args], cwd=job.dir, timeout=timeout)
+
+
+def test_condor_ssh_to_job_lands_in_the_running_guest_as_the_job_with_a_shell_commands_and_sftp(pool):
+    job = Submission(pool, "sshjob", {"job.sub": (
+        "executable = /bin/sleep\narguments = 1800\ntransfer_executable = false\n"
+        'environment = "FOO=from-the-submit-file"\noutput = out\nerror = err\nlog = log\n'
+        '+VMImage = "debian-12"\nqueue\n'),
+        "plain.sub": "executable = /bin/sleep\narguments = 600\noutput = pout\nerror = perr\nlog = plog\nqueue\n",
+        "upload.txt": "from the submit side\n",
+        "sftp.batch": "put upload.txt\nget made-in-guest.txt fetched.txt\n"})
+    job.submit("job.sub")
+    vm_job = f"{job.cluster}.0"
+    try:
+        check_ssh_to_job(pool, job, vm_job)
+    finally:
+        pool.run(["condor_rm", "-all"])
+
+
+def check_ssh_to_job(pool, job, vm_job: str) -> None:
+    job.wait({RUNNING})
+    # Until the guest's command runs, the ForceCommand says why there is no shell yet (the VM boots first).
+    attempts = []
+
+    def answered():
+        done = ssh_to_job(pool, job, "-auto-retry", vm_job, "--", "cat /etc/hostname; id -un; pwd; echo $FOO; exit 3")
+        attempts.append(done)
+        return done if "still starting" not in done.stderr else None
+    done = pool.wait_for(answered, 600, "condor_ssh_to_job to reach the job's guest", 3)
+    for early in attempts[:-1]:
+        assert "this job's VM is still starting" in early.stderr and "try again" in early.stderr, early.stderr
+    assert done.returncode == 3 and len(done.stdout.split()) == 4, done.stdout + done.stderr
+    hostname, user, cwd, foo = done.stdout.split()
+    assert hostname.startswith("vm-") and user == "vmloader" and cwd == "/work" and foo == "from-the-submit-file"
+    # An interactive session: a pty and a prompt in the guest (the output's \r\n read as \n).
+    shell = pool.run(["python3", "-c", PTY_DRIVER, "condor_ssh_to_job", vm_job], cwd=job.dir, timeout=400)
+    assert shell.stdout.startswith("prompt after"), shell.stdout + shell.stderr
+    assert "vmloader@vm-" in shell.stdout and "\nvmloader\n/dev/pts/" in shell.stdout, shell.stdout
+    # sftp (and scp, which speaks sftp) through the same path, with the shipped SSH_TO_JOB_SFTP_CMD.
+    ssh_to_job(pool, job, vm_job, "--", "echo made in the guest > made-in-guest.txt")
+    sftp = ssh_to_job(pool, job, "-ssh", "sftp -b sftp.batch", vm_job)
+    assert sftp.returncode == 0, sftp.stdout + sftp.stderr
+    assert job.file("fetched.txt").read_text() == "made in the guest\n"
+    assert ssh_to_job(pool, job, vm_job, "--", "cat upload.txt").stdout == "from the submit side\n"
+    # A job without +VMImage keeps HTCondor's own session: the host sandbox.
+    plain = job.submit("plain.sub")
+    job.wait({RUNNING}, log="plog")
+    host = ssh_to_job(pool, job, "-auto-retry", f"{plain}.0", "--", "echo $_CONDOR_SCRATCH_DIR")
+    assert re.search(r"^/var/lib/condor/execute2?/dir_\d+$", host.stdout.strip()), host.stdout + host.stderr

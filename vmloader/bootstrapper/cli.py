@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     wrap = cond.add_parser("wrapper", help="USER_JOB_WRAPPER: run a job with +VMImage in a VM, others as is")
     wrap.add_argument("command", nargs=argparse.REMAINDER)
     cond.add_parser("probe", help="STARTD_CRON: advertise hypervisors, cached images, free cache space")
+    ssh = cond.add_parser("ssh-to-job", help="the ssh_to_job sshd's ForceCommand: a VM job's session goes "
+                                             "into its guest (condor/ssh_to_job_sshd_config_template)")
+    ssh.add_argument("command", nargs=argparse.REMAINDER,
+                     help="what HTCondor would force (_INSERT_FORCE_COMMAND_): run as is for other jobs")
     snap = sub.add_parser("snapshot", help="kept job states").add_subparsers(dest="snap_cmd", required=True)
     for name in ("list", "show", "rm", "logs"):
         sp = snap.add_parser(name)
@@ -415,6 +419,9 @@ def cmd_condor(args, cfg) -> int:
     from . import condor
     if args.condor_cmd == "wrapper":
         return condor.run_wrapper(_command(args))
+    if args.condor_cmd == "ssh-to-job":
+        from . import sshtojob
+        return sshtojob.run(_command(args))
     print("\n".join(condor.probe_lines(cfg)))
     return 0
 

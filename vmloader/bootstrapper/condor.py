@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import classad, config as config_mod, hypervisors
+from . import classad, config as config_mod, hypervisors, sandboxnames, sshtojob
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -36,7 +36,7 @@ SNAPSHOT_ATTR = "VMLoaderSnapshot"           # after the job: where its state wa
 POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, copied by the transform
 # Files the starter puts into the sandbox for itself: not the job's input.
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
-                           "_condor_stderr", ".condor_creds", "tmp", "var"))
+                           "_condor_stderr", ".condor_creds", "tmp", "var", sandboxnames.VMLOADER_POINTER))
 # What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
 # (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
 # less under KVM. The VM of a slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd
@@ -287,13 +287,14 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         return EXIT_INFRA
     ad_path = environ.get("_CONDOR_JOB_AD")
     ad_text = Path(ad_path).read_text(errors="replace") if ad_path and Path(ad_path).exists() else ""
-    if not classad.declares(ad_text, "VMImage"):
-        os.execvp(argv[0], argv)                  # not a VM job: run it exactly as before
+    if not classad.declares(ad_text, "VMImage") or sshtojob.is_sshd(
+            argv, Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())):
+        os.execvp(argv[0], argv)      # not a VM job (or condor_ssh_to_job's sshd): run it exactly as before
     chirp = Chirp.find(environ)
     chirp.set(HOLD_ATTR, classad.UNDEFINED)       # a failure of an earlier run is history
     machine = _machine_ad(environ)
     worker = _worker_name(machine)
-    runtime = None
+    runtime = sandbox = None
     try:
         request = vm_request(classad.parse_ad(ad_text), machine)
         if request is None:     # declares() saw a VMImage line, yet the parsed ad lacks it
@@ -303,6 +304,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
         runtime = _private_libvirt(environ)
         sandbox = Path(environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
         spec = _job_spec(request, argv, sandbox, environ, cfg)
+        sshtojob.point(sandbox, cfg.jobs_dir / str(spec.job_id))    # for condor_ssh_to_job into the VM
         runner = runners.job_runner(cfg, boot_test=False, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
         result = runner.run(spec)
     except VMLoaderError as exc:
@@ -311,6 +313,8 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
             _hold(chirp, worker, exc.phase, exc.message, exc.hint)
         return exc.exit_code
     finally:
+        if sandbox is not None:
+            sshtojob.unpoint(sandbox)
         if runtime is not None:
             _end_private_libvirt(runtime)
     if result.snapshot:

@@ -231,6 +231,17 @@ class Job:
         return self.plan.domain_name(self.job_dir)
 
 
+ATTACH_INFO = "attach.json"     # in the job dir while the command runs: how to attach beside it
+
+
+def _write_attach_info(job: Job, attached: Attached) -> None:
+    """Who the command runs as and where, for a shell attached beside it (`vmloader condor ssh-to-job`)."""
+    info = {"pid": os.getpid(), "job_id": attached.job_id, "user": attached.user, "cwd": attached.cwd,
+            "env": attached.env, "sockets": list(attached.sockets)}
+    diskfull.best_effort("the attach info", privatefiles.write_private, job.job_dir / ATTACH_INFO,
+                         json.dumps(info))
+
+
 class JobRunner:
     def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
                  choose_hypervisor: Callable[[], Hypervisor], *, stdin: Optional[BinaryIO] = None,
@@ -332,6 +343,7 @@ class JobRunner:
                 try:
                     attached = Attached(client, self._guest_env(job, image), self._guest_user(job), GUEST_WORKDIR,
                                         job.job_dir.name, tuple(str(p) for p in job.attach_sockets))
+                    _write_attach_info(job, attached)
                     result = (self.session or self._run_command(job, hypervisor))(attached, out, err)
                 except ExecTimeout:
                     raise

@@ -9,10 +9,12 @@ so collection refuses these names everywhere.
 """
 from pathlib import PurePosixPath
 
-RESERVED = frozenset((".chirp.config", ".job.ad", ".machine.ad", ".update.ad", ".condor_creds"))
+# vmloader's own: the wrapper's pointer to the job's VM, which `condor_ssh_to_job` follows (sshtojob.py).
+VMLOADER_POINTER = ".vmloader-job"
+RESERVED = frozenset((".chirp.config", ".job.ad", ".machine.ad", ".update.ad", ".condor_creds", VMLOADER_POINTER))
 RESERVED_PREFIX = "_condor_"
 REFUSAL = ("HTCondor reserves this name in a job's sandbox (.chirp.config, .job.ad, .machine.ad, .update.ad, "
-           ".condor_creds, _condor_*); not copied back")
+           ".condor_creds, _condor_*; and vmloader's .vmloader-job); not copied back")
 
 
 def reserved(output: str) -> bool:

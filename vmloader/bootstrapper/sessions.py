@@ -33,8 +33,8 @@ from .terminal import following_window_size, raw_mode, window_size
 SSH_KEYS = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
 
 
-def shell_session(stdin: Optional[BinaryIO]):
-    """The user's login shell in the guest on a pty sized like this terminal."""
+def shell_session(stdin: Optional[BinaryIO], argv: Optional[list] = None):
+    """The user's login shell (or `argv`) in the guest on a pty sized like this terminal."""
     fd = _fileno(stdin)
 
     def run(attached, out: ByteSink, err: ByteSink) -> ExecResult:
@@ -43,7 +43,7 @@ def shell_session(stdin: Optional[BinaryIO]):
         with raw_mode(fd), following_window_size(
                 fd if fd is not None else 1,
                 lambda r, c: started and attached.client.resize(started[0], r, c)):
-            return attached.client.exec(None, env=attached.env, user=attached.user, cwd=attached.cwd,
+            return attached.client.exec(argv, env=attached.env, user=attached.user, cwd=attached.cwd,
                                         stdin=stdin, stdout=out, stderr=err,
                                         pty=PtySpec(rows, cols, os.environ.get("TERM") or "xterm"),
                                         on_start=started.append)
@@ -169,8 +169,22 @@ def booted(snapshot: Snapshot) -> Optional[dict]:
 @contextmanager
 def attach(snapshot: Snapshot, info: dict, root: bool):
     """A connected agent client on a free attach port of a booted snapshot's VM."""
-    for path in info.get("sockets") or ():
-        lock = open(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+")
+    what = f"snapshot {snapshot.meta.id} is booted (pid {info['pid']})"
+    with attach_sockets(info.get("sockets") or (), dict(info.get("env") or {}), "root" if root else GUEST_USER,
+                        GUEST_WORKDIR, info.get("job_id", ""), what, SnapshotError,
+                        dead_hint="stop that boot and try again",
+                        busy_hint="close one of the other shells, or stop the boot and try again") as attached:
+        yield attached
+
+
+@contextmanager
+def attach_sockets(sockets, env: dict, user: str, cwd: str, job_id: str, what: str, error=SnapshotError, *,
+                   dead_hint: str, busy_hint: str):
+    """The job's identity in the guest (env, user, cwd) with a client connected on the first free
+    one of a running VM's attach ports (taken by holding `<socket>.lock`); `error(message, hint)`
+    when that port does not answer or all are taken."""
+    for path in sockets:
+        lock = open(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -182,21 +196,17 @@ def attach(snapshot: Snapshot, info: dict, root: bool):
         except OSError as exc:
             sock.close()
             lock.close()
-            raise SnapshotError(f"snapshot {snapshot.meta.id} is booted (pid {info['pid']}) but its agent "
-                                f"socket {path} does not answer: {exc.strerror}",
-                                hint="stop that boot and try again") from None
+            raise error(f"{what} but its agent socket {path} does not answer: {exc.strerror}",
+                        hint=dead_hint) from None
         client = AgentClient(sock)
         try:
             client.handshake(timeout=15)
-            env = dict(info.get("env") or {})
-            yield Attached(client, env, "root" if root else GUEST_USER, GUEST_WORKDIR, info.get("job_id", ""))
+            yield Attached(client, dict(env), user, cwd, job_id)
             return
         finally:
             client.close()
             lock.close()
-    raise SnapshotError(f"snapshot {snapshot.meta.id} is booted (pid {info['pid']}) and all its "
-                        f"{len(info.get('sockets') or ())} attach ports are in use",
-                        hint="close one of the other shells, or stop the boot and try again")
+    raise error(f"{what} and all its {len(sockets)} attach ports are in use", hint=busy_hint)
 
 
 def _fileno(stream: Optional[BinaryIO]) -> Optional[int]:
