@@ -231,6 +231,13 @@ class Job:
         return self.plan.kept if self.plan is not None else None
 
     @property
+    def start(self) -> str:
+        """How its VM came to life: "warm" (restored), "cold" (booted), "" (it never did)."""
+        if self.plan is None or self.machine is None:
+            return ""
+        return "warm" if self.plan.warm else "cold"
+
+    @property
     def domain_name(self) -> str:
         if self.plan is None:
             return f"vmloader-{self.job_dir.name}"
@@ -718,7 +725,7 @@ class JobRunner:
             sock.with_name(sock.name + ".lock").unlink(missing_ok=True)
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
-                "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
+                "start": job.start, "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
         privatefiles.write_private(job.job_dir / "metadata.json", json.dumps(data, indent=2) + "\n")
 
     def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
@@ -742,7 +749,7 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors),
-            start=("warm" if job.plan.warm else "cold") if job.plan is not None and job.machine is not None else "")
+            start=job.start)
 
 
 def host_credentials(config: Config, image: str, user: str) -> list:
