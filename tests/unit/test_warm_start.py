@@ -294,3 +294,33 @@ def test_a_timeout_of_a_warm_capable_job_still_saves_memory(world):
     result = rig.run("sleep", "60", timeout=1.0, snapshot="on-failure")
     assert result.exit_status == EXIT_TIMEOUT and result.start == "cold"
     assert rig.store.get(result.snapshot).meta.memory
+
+
+def test_eviction_counts_warm_states_and_drops_them_with_their_image(world):
+    from vmloader.bootstrapper.cache import ImageCache
+    rig = Rig(world, warm_start=True)
+    rig.run("true", snapshot="never")
+    [lane] = lanes_of(rig)
+    size = store_of(rig).total_bytes()
+    cache = ImageCache(rig.config.cache_dir)
+    entry = rig.cache.image.entry.artifacts["disk"]
+    (cache.artifacts_dir).mkdir(parents=True, exist_ok=True)
+    (cache.artifacts_dir / entry.sha256).write_bytes(b"x" * 10)
+    cache.index.touch(entry.sha256, 10, "fake@1")
+    assert cache.evict(max_bytes=size + 20) == []                      # image + state fit
+    assert lane.complete()
+    with store_of(rig).acquire(lane.key):                               # a job restores it right now
+        assert [e.sha256 for e in cache.evict(max_bytes=size)] == [entry.sha256]
+        assert lane.complete()                                          # the state stays while held
+    assert store_of(rig).remove_image_states(entry.sha256) == size and not lane.complete()
+
+
+def test_an_image_that_never_boots_fails_once_with_its_console_not_twice(world, capsys):
+    rig = Rig(world, warm_start=True, boot_timeout=2, boot_answers=False,
+              console_text="Kernel panic - not syncing: no init found\n")
+    result = rig.run("true")
+    assert result.exit_status == 125 and result.error["phase"] == "boot"
+    assert "Kernel panic" in result.error["message"]
+    assert rig.fake.kinds().count("create") == 1 and "save" not in rig.fake.kinds()
+    assert not lanes_of(rig) and torn_down(rig.fake)
+    assert "warm state" not in capsys.readouterr().err

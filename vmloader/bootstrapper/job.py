@@ -369,6 +369,7 @@ class JobRunner:
         if plan.warm:
             with job.timer.phase("restore"):
                 job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
+            with job.timer.phase("boot"):             # (restored: until its agent answers again)
                 try:
                     client = job.client = self._connect_agent(job, timeout=warm.AGENT_SILENCE)
                 except VMLoaderError:
@@ -440,6 +441,8 @@ class JobRunner:
                     if not self._build_lane(job, lane, parts, image, hypervisor, machines):
                         return plan
             lane.touch()
+        except GuestTimeout:
+            raise
         except (OSError, VMLoaderError) as exc:
             print(f"vmloader: cannot use warm states ({getattr(exc, 'message', exc)}); booting cold",
                   file=sys.stderr)
@@ -460,7 +463,15 @@ class JobRunner:
             privatefiles.restrict(lane.disk)
             spec = self._domain_spec(job, launch.cold_image(image.entry.ref), image, hypervisor, build=lane)
             machine = machines.create(domain_xml(spec))
-            client = self._connect_agent(job)
+            try:
+                client = self._connect_agent(job)
+            except GuestTimeout:
+                # The clean image does not boot: a cold boot would fail the same way, and the
+                # job's error is this one (its console tail included), not a warm-state problem.
+                machine.destroy()
+                machine = None
+                diskfull.best_effort("the unfinished warm state", lane.drop)
+                raise
             try:
                 sink = io.BytesIO()
                 client.exec(["/bin/sh", "-c", warm.QUIESCE], env={}, user="root", cwd="/", stdin=None,
@@ -479,6 +490,8 @@ class JobRunner:
             privatefiles.reclaim(lane.disk)
             lane.commit(parts, image.entry.ref)
             return True
+        except GuestTimeout:
+            raise
         except (OSError, VMLoaderError) as exc:
             print(f"vmloader: could not save a warm state for {image.entry.ref} "
                   f"({getattr(exc, 'message', exc)}); this job boots cold", file=sys.stderr)

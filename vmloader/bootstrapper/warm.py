@@ -247,6 +247,8 @@ class WarmStore:
         if not self.root.is_dir():
             return
         for key_dir in sorted(self.root.iterdir()):
+            if not key_dir.is_dir() or key_dir.is_symlink():
+                continue
             for path in sorted(key_dir.glob("lane-*")):
                 lane = Lane(path, key_dir.name, int(path.name[5:]) if path.name[5:].isdigit() else -1)
                 meta = lane.meta()
@@ -271,11 +273,11 @@ class WarmStore:
             row["last_used"] = max(row["last_used"], meta.get("last_used") or meta.get("built") or 0.0)
         return sorted(groups.values(), key=lambda r: (str(r["image"]), r["key"] or ""))
 
-    def remove_image_states(self, disk_sha256: str) -> int:
-        """Drop every free lane built on this image disk (evicted with it); bytes freed."""
+    def remove_image_states(self, artifact_sha256: str) -> int:
+        """Drop every free lane built on an image with this artifact (evicted with it); bytes freed."""
         freed = 0
         for state in list(self.states()):
-            if (state["meta"].get("parts") or {}).get("image_sha256") != disk_sha256:
+            if artifact_sha256 not in ((state["meta"].get("parts") or {}).get("image") or {}).values():
                 continue
             held = self._try_lock(state["lane"])
             if held is None:
