@@ -324,3 +324,30 @@ def test_an_image_that_never_boots_fails_once_with_its_console_not_twice(world, 
     assert rig.fake.kinds().count("create") == 1 and "save" not in rig.fake.kinds()
     assert not lanes_of(rig) and torn_down(rig.fake)
     assert "warm state" not in capsys.readouterr().err
+
+
+def test_images_warm_builds_one_lane_per_job_it_holds_at_once(world):
+    from vmloader.bootstrapper import runners
+    from vmloader.bootstrapper.job import JobRunner
+    rig = Rig(world, warm_start=True)
+    lines = []
+
+    def make_runner(session):
+        return JobRunner(rig.config, rig.cache, rig.store, lambda: QEMU, stdout=rig.out, stderr=rig.err,
+                         connect=rig.fake, session=session)
+    results = runners.warm_up(rig.config, "fake", lanes=2, progress=lines.append, make_runner=make_runner)
+    assert [r.start for r in results] == ["warm", "warm"] and len(lanes_of(rig)) == 2
+    assert sorted(line.split(" in ")[0] for line in lines) == ["fake: lane built", "fake: lane built"]
+    again = runners.warm_up(rig.config, "fake", lanes=2, progress=lines.append, make_runner=make_runner)
+    assert [r.start for r in again] == ["warm", "warm"] and lines[-1] == "fake: lane ready (already built)"
+
+
+def test_an_agent_without_the_identity_feature_is_never_used_warm(world, capsys, monkeypatch):
+    from vmloader import protocol as P
+    monkeypatch.setattr(P, "FEATURES", ("list", "pty", "connect"))       # an older agent's HELLO
+    rig = Rig(world, warm_start=True)
+    result = rig.run("true", snapshot="never")
+    assert result.exit_status == 0 and result.start == "cold"
+    [line] = warm_lines(capsys.readouterr().err)
+    assert "its agent is too old to take a new identity" in line
+    assert "identity" not in rig.fake.kinds() and torn_down(rig.fake)

@@ -39,8 +39,8 @@ def job_runner(cfg: Config, *, hypervisor: Optional[str] = None, boot_test: bool
 
 
 def warm_up(cfg: Config, image: str, *, cpus: Optional[int] = None, memory_mib: Optional[int] = None,
-            network: str = "user", lanes: int = 1,
-            progress: Callable[[str], None] = lambda line: None) -> List[JobResult]:
+            network: str = "user", lanes: int = 1, progress: Callable[[str], None] = lambda line: None,
+            make_runner: Optional[Callable[[Session], JobRunner]] = None) -> List[JobResult]:
     """`images warm`: `lanes` jobs of this shape at once, each holding its lane until all have one,
     so every lane is built (or found complete and checked) ahead of the first real job."""
     together = threading.Barrier(lanes, timeout=cfg.boot_timeout + 600)
@@ -54,7 +54,8 @@ def warm_up(cfg: Config, image: str, *, cpus: Optional[int] = None, memory_mib: 
         return ExecResult(0, None, None)
 
     def one(n: int) -> None:
-        result = job_runner(cfg, session=hold).run(JobSpec(image=image, command=("true",), cpus=cpus,
+        runner = make_runner(hold) if make_runner is not None else job_runner(cfg, session=hold)
+        result = runner.run(JobSpec(image=image, command=("true",), cpus=cpus,
                                                            memory_mib=memory_mib, network=network,
                                                            snapshot="never"))
         built = result.timings.get("warm build")
