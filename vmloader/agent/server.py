@@ -550,6 +550,8 @@ class Agent(object):
                                      str(req.get("machine_id", "")), int(req.get("time_ns", 0)))
         if failed:
             raise OSError("could not " + "; ".join(failed))
+        # On the console too: a restored guest prints nothing of its own boot into this job's log.
+        log("this VM is now %s" % req.get("hostname"))
         self.channel.send_json(P.OK, frame.request_id, {"hostname": socket.gethostname()})
 
     # -- shutdown -----------------------------------------------------------
