@@ -38,7 +38,7 @@ DATA_CHUNK = 64 * 1024         # data frames carry at most this much
 CHANNEL_PREFIX = "org.vmloader.agent."
 CHANNEL_NAME = CHANNEL_PREFIX + "0"
 ATTACH_PORTS = 2             # ports 1..ATTACH_PORTS beside the job's own port 0
-FEATURES = ("list", "pty", "connect")   # announced in HELLO; hosts check before asking
+FEATURES = ("list", "pty", "connect", "identity")   # announced in HELLO; hosts check before asking
 
 HELLO = 1
 HEARTBEAT = 3
@@ -58,6 +58,7 @@ GET = 23
 GET_DATA = 24
 GET_END = 25
 LIST = 26          # list a directory: reply OK {"entries": [{name, type, size, mtime_ns}]}
+IDENTITY = 27      # make this VM its own machine: {"entropy": hex, "hostname", "machine_id", "time_ns"}
 OK = 30
 ERROR = 31
 SHUTDOWN = 40

@@ -95,6 +95,11 @@ def state_dir(vm_env) -> Path:
     return Path(vm_env["VMLOADER_STATE_DIR"])
 
 
+def job_domain(job_dir: Path) -> str:
+    """The libvirt name of a job's VM: its own, or (started warm) its lane's (owner.json says which)."""
+    return json.loads((job_dir / "owner.json").read_text())["domain"]
+
+
 def libvirt_domains() -> list:
     out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                          stdout=subprocess.PIPE, text=True, check=True).stdout

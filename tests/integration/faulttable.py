@@ -45,6 +45,9 @@ FAULTS = (
     "hostile stage-out: symlinks to /etc/shadow and /dev/zero in /work, a host symlink planted in the output dir",
     "two jobs with the same job id (same job dir) at once",
     "4 concurrent jobs on {cores} cores",
+    # warm starts (a job restores a saved, booted state of its image)
+    "warm state's saved memory bit-flipped",
+    "warm state's saved memory truncated",
     # a hostile agent in a real guest
     "hostile agent (a root job replaces it in the guest): offers `../escaped`, `/etc/cron.d/evil`, "
     "`sub/../../x` as new outputs",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 
-from .conftest import libvirt_domains, world_readable_tmpdir
+from .conftest import job_domain, libvirt_domains, world_readable_tmpdir
 from .faulttable import record, record_row
 from .nginx import free_port
 
@@ -62,14 +62,14 @@ def assert_infrastructure_failure(result: dict, job_dir: Path, *words: str) -> N
     assert not (job_dir / "overlay.qcow2").exists()
 
 
-def qemu_pid(job_id: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/vmloader-{job_id}.pid").read_text())
+def qemu_pid(job_dir: Path) -> int:
+    return int(Path(f"/run/libvirt/qemu/{job_domain(job_dir)}.pid").read_text())
 
 
 def test_qemu_killed_mid_job(vm_env, state_dir, tmp_path):
     proc = start(vm_env, tmp_path, "fault-qemu-kill", "sh", "-c", "echo before-the-fault; sleep 120")
     job_dir = wait_for_exec(state_dir, "fault-qemu-kill", proc, "before-the-fault")
-    os.kill(qemu_pid("fault-qemu-kill"), signal.SIGKILL)
+    os.kill(qemu_pid(job_dir), signal.SIGKILL)
     code, result, err = finish(proc)
     assert code == 125
     assert_infrastructure_failure(result, job_dir, "the VM is gone")

@@ -21,7 +21,7 @@ import pytest
 
 from vmloader.bootstrapper import config
 
-from .conftest import as_user, ensure_user
+from .conftest import as_user, ensure_user, job_domain
 from .faulttable import record_row
 
 pytestmark = pytest.mark.integration
@@ -57,11 +57,11 @@ def attacker_tries(attacker, paths: list) -> dict:
     return json.loads(done.stdout)
 
 
-def overlay_from_ps(attacker, job_id: str) -> Path:
+def overlay_from_ps(attacker, domain: str) -> Path:
     """What any local user sees: QEMU's command line names the job's overlay."""
     listing = subprocess.run(["runuser", "-u", attacker.pw_name, "--", "ps", "-ww", "-eo", "args"],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
-    line = next(line for line in listing.splitlines() if f"guest=vmloader-{job_id}" in line)
+    line = next(line for line in listing.splitlines() if f"guest={domain}," in line or line.endswith(f"guest={domain}"))
     return Path(re.search(r'"filename":"([^"]*overlay\.qcow2)"', line).group(1))
 
 
@@ -125,7 +125,7 @@ def test_another_user_reads_none_of_a_running_or_finished_root_job(vm_env, state
     job_dir = state_dir / "jobs" / job_id
     try:
         wait_for_ready(job_dir, proc)
-        overlay = overlay_from_ps(attacker, job_id)
+        overlay = overlay_from_ps(attacker, job_domain(job_dir))
         assert overlay == job_dir / "overlay.qcow2"
         running = attacker_tries(attacker, running_paths(job_dir) + [str(old / "metadata.json")])
         assert secret_on_disk(overlay, secret.encode())
@@ -183,7 +183,7 @@ def test_another_user_reads_none_of_a_running_or_finished_unprivileged_job(reada
     job_dir = state / "jobs" / job_id
     try:
         wait_for_ready(job_dir, proc)
-        overlay = overlay_from_ps(attacker, job_id)
+        overlay = overlay_from_ps(attacker, job_domain(job_dir))
         assert overlay == job_dir / "overlay.qcow2"
         running = attacker_tries(attacker, running_paths(job_dir))
         assert secret_on_disk(overlay, secret.encode())

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import libvirt_domains
+from .conftest import job_domain, libvirt_domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -19,14 +19,15 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
     [running] = vmloader("status", "--json").json()
     assert running["job_id"] == job_dir.name and running["image"] == "debian-12"
     assert running["phase"] == "exec" and running["qemu_pid"] and running["rss_bytes"] > 0
+    domain = job_domain(job_dir)
     doomed.kill()
     doomed.wait()
-    assert f"vmloader-{job_dir.name}" in libvirt_domains()          # the VM outlived its vmloader
+    assert domain in libvirt_domains()          # the VM outlived its vmloader
 
     run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--", "true")
     assert run.returncode == 0, run.err
     assert f"cleaned up job {job_dir.name}" in run.err and "VM destroyed" in run.err
-    assert f"vmloader-{job_dir.name}" not in libvirt_domains()
+    assert domain not in libvirt_domains()
     assert not (job_dir / "overlay.qcow2").exists()
     meta = json.loads((state_dir / "snapshots" / job_dir.name / "metadata.json").read_text())
     assert meta["outcome"] == "orphaned" and meta["exit_status"] == 125
@@ -41,12 +42,13 @@ def test_sigterm_to_vmloader_stops_the_vm_keeps_its_state_and_exits_143(vm_env, 
                             "--", "sh", "-c", "echo started; sleep 1000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
     assert job.stdout.readline() == b"started\n"
+    domain = job_domain(next((state_dir / "jobs").iterdir()))
     job.terminate()
     _, err = job.communicate(timeout=120)
     assert job.returncode == 143, err
     assert b"stopped by SIGTERM" in err
     [job_dir] = list((state_dir / "jobs").iterdir())
-    assert f"vmloader-{job_dir.name}" not in libvirt_domains()
+    assert domain not in libvirt_domains()
     assert (state_dir / "snapshots" / job_dir.name / "disk.qcow2").exists()
 
 
@@ -57,7 +59,8 @@ def test_a_job_dir_removed_under_a_running_job_still_ends_its_vm(vm_env, state_d
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
     assert job.stdout.readline() == b"started\n"
     [job_dir] = list((state_dir / "jobs").iterdir())
+    domain = job_domain(job_dir)
     subprocess.run(["rm", "-rf", str(job_dir)], check=True)
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0 and out == b"done\n", err         # the command's own status
-    assert f"vmloader-{job_dir.name}" not in libvirt_domains()
+    assert domain not in libvirt_domains()

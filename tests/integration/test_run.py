@@ -54,7 +54,7 @@ def test_the_commands_exit_code_is_vmloaders_and_failure_keeps_a_snapshot(vmload
 
 
 def test_death_by_signal_exits_128_plus_the_signal_and_console_follows_the_boot(vmloader):
-    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--console", "--",
+    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--console", "--cold", "--",
                    "sh", "-c", "kill -TERM $$")
     assert run.returncode == 128 + signal.SIGTERM, run.err
     assert "vmloader-init: starting agent" in run.err

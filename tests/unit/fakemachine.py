@@ -26,8 +26,9 @@ GUEST_WORKDIR = "/work"
 class MappedAgent(Agent):
     """The real agent, with the guest's /work somewhere this test may write."""
 
-    def __init__(self, transport, workdir: Path, poweroff):
-        Agent.__init__(self, transport, workdir=str(workdir), lookup_user=lambda name: ME, poweroff=poweroff)
+    def __init__(self, transport, workdir: Path, poweroff, identity):
+        Agent.__init__(self, transport, workdir=str(workdir), lookup_user=lambda name: ME, poweroff=poweroff,
+                       identity=identity)
 
     def _map(self, path):
         if path == GUEST_WORKDIR or (path or "").startswith(GUEST_WORKDIR + "/"):
@@ -37,10 +38,28 @@ class MappedAgent(Agent):
     def _path(self, path):
         return Agent._path(self, self._map(path))
 
+    def on_shutdown(self, frame):
+        self.identity.owner.events.append(("shutdown", self.identity.name))   # the host asked for a sync
+        Agent.on_shutdown(self, frame)
+
     def on_exec(self, frame):
         req = P.Exec.from_payload(frame.payload)
         req.cwd = self._map(req.cwd or GUEST_WORKDIR)
         Agent.on_exec(self, P.Frame(frame.type, frame.request_id, req.to_payload()))
+
+
+class RecordedIdentity:
+    """Stands in for agent.server.Identity: records what the guest was told instead of changing this host."""
+
+    def __init__(self, owner: "FakeMachines", name: str):
+        self.owner = owner
+        self.name = name
+
+    def apply(self, entropy, hostname, machine_id, time_ns):
+        self.owner.events.append(("identity", self.name))
+        self.owner.identities.append({"entropy": entropy, "hostname": hostname, "machine_id": machine_id,
+                                      "time_ns": time_ns})
+        return ["set the hostname (fake: refused)"] if self.owner.identity_fails else []
 
 
 class FakeMachine:
@@ -58,13 +77,16 @@ class FakeMachine:
         if not answers:
             return                                # the guest hangs before its agent starts
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(self.socket_path):      # QEMU replaces a stale socket file too
+            os.unlink(self.socket_path)
         self.listener.bind(self.socket_path)
         self.listener.listen(1)
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
-        self.agent = MappedAgent(SocketTransport(conn), self.owner.workdir, poweroff=self._poweroff)
+        self.agent = MappedAgent(SocketTransport(conn), self.owner.workdir, poweroff=self._poweroff,
+                                 identity=RecordedIdentity(self.owner, self.name))
         self.agent.serve()
 
     def _poweroff(self) -> None:
@@ -103,10 +125,15 @@ class FakeMachines:
     their agent (their console says `console_text`)."""
 
     def __init__(self, workdir: Path, boot_answers: bool = True, save_fails: bool = False,
-                 console_text: str = "[    0.000000] Linux version 6.1 (fake)\nfake: booted\n"):
+                 console_text: str = "[    0.000000] Linux version 6.1 (fake)\nfake: booted\n",
+                 restore_fails: bool = False, restore_answers: bool = True, identity_fails: bool = False):
         self.workdir = workdir
         self.boot_answers = boot_answers
         self.save_fails = save_fails
+        self.restore_fails = restore_fails          # libvirt refuses the saved state
+        self.restore_answers = restore_answers      # False: the restored guest's agent stays silent
+        self.identity_fails = identity_fails
+        self.identities: List[dict] = []
         self.console_text = console_text
         self.events: List[tuple] = []
         self.machines: List[FakeMachine] = []
@@ -117,7 +144,7 @@ class FakeMachines:
         self.events.append(("connect", uri))
         return self
 
-    def _machine(self, xml: str) -> FakeMachine:
+    def _machine(self, xml: str, answers: Optional[bool] = None) -> FakeMachine:
         root = ET.fromstring(xml)
         name = root.findtext("name")
         channel = root.find("devices/channel/source").get("path")
@@ -125,7 +152,7 @@ class FakeMachines:
         machine = FakeMachine(self, name, channel, console)
         self.machines.append(machine)
         self.xml_of[name] = xml
-        machine.boot(self.console_text, self.boot_answers)
+        machine.boot(self.console_text, self.boot_answers if answers is None else answers)
         return machine
 
     def create(self, xml: str) -> FakeMachine:
@@ -137,7 +164,14 @@ class FakeMachines:
 
     def restore(self, state: Path, xml: str, name: str) -> FakeMachine:
         self.events.append(("restore", name))
-        return self._machine(xml)
+        if self.restore_fails:
+            raise LibvirtError("fake: the saved state is damaged")
+        if name in (m.name for m in self.machines if m.active):
+            raise LibvirtError(f"fake: domain {name} already exists")      # what libvirt says to a 2nd restore
+        return self._machine(xml, answers=self.restore_answers)
+
+    def host_identity(self) -> dict:
+        return {"libvirt": 1, "hypervisor": 1, "uri": "test:///fake"}
 
     def close(self) -> None:
         self.events.append(("close",))

@@ -62,10 +62,12 @@ def world():
 
 
 class Rig:
-    def __init__(self, root: Path, boot_timeout: int = 15, **fake_options):
+    def __init__(self, root: Path, boot_timeout: int = 15, warm_start: bool = False, warm_lanes: int = 0,
+                 **fake_options):
         self.root = root
         (root / "work").mkdir(exist_ok=True)
-        self.config = Config(cache_dir=root / "cache", state_dir=root / "state", boot_timeout=boot_timeout)
+        self.config = Config(cache_dir=root / "cache", state_dir=root / "state", boot_timeout=boot_timeout,
+                             warm_start=warm_start, warm_lanes=warm_lanes)
         self.cache = OneImageCache(root)
         self.store = SnapshotStore(self.config.snapshots_dir)
         self.fake = FakeMachines(root / "work", **fake_options)
@@ -93,7 +95,7 @@ def test_a_cold_job_runs_its_command_and_tears_down(world):
     assert result.exit_status == 0, result.error
     assert rig.out.getvalue().decode().splitlines() == ["hello from fake@1", str(world / "work")]
     # (the agent may power off before the runner destroys the VM: both are fine)
-    assert [k for k in rig.fake.kinds() if k != "poweroff"] == ["connect", "create", "destroy", "close"]
+    assert [k for k in rig.fake.kinds() if k != "poweroff"] == ["connect", "create", "identity", "destroy", "close"]
     assert rig.fake.events[1] == ("create", f"vmloader-{result.job_id}")
     assert result.snapshot is None and not Path(result.job_dir, "overlay.qcow2").exists()
 

@@ -38,6 +38,69 @@ def sysrq_poweroff():
         handle.write("o")
 
 
+RNDADDENTROPY = 0x40085203      # _IOW('R', 0x03, int[2]): credit entropy to the input pool
+RNDRESEEDCRNG = 0x5207          # _IO('R', 0x07): reseed the crng now (Linux >= 4.17)
+MACHINE_ID_FILES = ("etc/machine-id", "var/lib/dbus/machine-id")
+
+
+class Identity(object):
+    """What makes a guest its own machine; `root` and the system calls are replaceable for tests."""
+
+    def __init__(self, root="/", ioctl=fcntl.ioctl, settime=None, sethostname=socket.sethostname):
+        self.root = root
+        self.ioctl = ioctl
+        self.settime = settime if settime is not None else (
+            lambda ns: time.clock_settime(time.CLOCK_REALTIME, ns / 1e9))
+        self.sethostname = sethostname
+
+    def apply(self, entropy, hostname, machine_id, time_ns):
+        """Every step is tried; returns what failed (empty: all done)."""
+        failed = []
+        for what, step, arg in (("reseed the random generator", self.reseed, entropy),
+                                ("set the clock", self.settime, time_ns),
+                                ("set the hostname", self.set_hostname, hostname),
+                                ("set the machine-id", self.set_machine_id, machine_id)):
+            if not arg:
+                continue
+            try:
+                step(arg)
+            except (OSError, ValueError) as exc:
+                failed.append("%s (%s)" % (what, exc))
+        return failed
+
+    def reseed(self, entropy):
+        request = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+        fd = os.open(os.path.join(self.root, "dev/urandom"), os.O_WRONLY)
+        try:
+            self.ioctl(fd, RNDADDENTROPY, request)
+            self.ioctl(fd, RNDRESEEDCRNG, 0)
+        finally:
+            os.close(fd)
+
+    def set_hostname(self, hostname):
+        if not hostname.replace("-", "").isalnum() or len(hostname) > 63:
+            raise ValueError("bad hostname %r" % hostname)
+        self.sethostname(hostname)
+        self._replace("etc/hostname", hostname + "\n")
+
+    def set_machine_id(self, machine_id):
+        if len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id):
+            raise ValueError("bad machine-id")
+        for name in MACHINE_ID_FILES:
+            if name == MACHINE_ID_FILES[0] or os.path.exists(os.path.join(self.root, name)):
+                self._replace(name, machine_id + "\n")
+
+    def _replace(self, name, text):
+        path = os.path.join(self.root, name)
+        if os.path.islink(path):
+            os.unlink(path)
+        tmp = path + ".vmloader-tmp"
+        with open(tmp, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o444 if "machine-id" in name else 0o644)
+        os.rename(tmp, path)
+
+
 class Channel(object):
     """Serializes frame writes from the agent's threads."""
 
@@ -229,13 +292,14 @@ def login_shell(entry):
 
 class Agent(object):
     def __init__(self, transport, workdir="/work", lookup_user=pwd.getpwnam,
-                 poweroff=sysrq_poweroff, default_user=DEFAULT_USER):
+                 poweroff=sysrq_poweroff, default_user=DEFAULT_USER, identity=None):
         self.channel = Channel(transport)
         self.reader = P.FrameReader(transport.read)
         self.workdir = workdir
         self.lookup_user = lookup_user
         self.poweroff = poweroff
         self.default_user = default_user
+        self.identity = identity if identity is not None else Identity()
         self.execs = {}
         self.uploads = {}
         self.stdin_queues = {}
@@ -295,7 +359,7 @@ class Agent(object):
             P.EXEC: self.on_exec, P.STDIN: self.on_stdin, P.STDIN_EOF: self.on_stdin,
             P.KILL: self.on_kill, P.RESIZE: self.on_resize, P.CONNECT: self.on_connect, P.PUT: self.on_put, P.PUT_DATA: self.on_put_data,
             P.PUT_END: self.on_put_end, P.GET: self.on_get, P.LIST: self.on_list,
-            P.SHUTDOWN: self.on_shutdown,
+            P.SHUTDOWN: self.on_shutdown, P.IDENTITY: self.on_identity,
         }.get(frame.type)
         if handler is None:
             raise ValueError("unexpected %s frame" % P.name_of(frame.type))
@@ -475,6 +539,18 @@ class Agent(object):
             self.channel.reply(request_id, P.GetEnd(size))
         except OSError as exc:
             log("file download %d stopped: %s" % (request_id, exc))
+
+    # -- identity -----------------------------------------------------------
+    def on_identity(self, frame):
+        """A VM restored from a warm state is a clone: reseed, new names, the host's clock."""
+        req = frame.json()
+        failed = self.identity.apply(bytes.fromhex(str(req.get("entropy", ""))), str(req.get("hostname", "")),
+                                     str(req.get("machine_id", "")), int(req.get("time_ns", 0)))
+        if failed:
+            raise OSError("could not " + "; ".join(failed))
+        # On the console too: a restored guest prints nothing of its own boot into this job's log.
+        log("this VM is now %s" % req.get("hostname"))
+        self.channel.send_json(P.OK, frame.request_id, {"hostname": socket.gethostname()})
 
     # -- shutdown -----------------------------------------------------------
     def on_shutdown(self, frame):

@@ -390,6 +390,19 @@ class AgentClient:
         finally:
             self._done(request_id)
 
+    def identity(self, entropy: bytes, hostname: str, machine_id: str, time_ns: int,
+                 timeout: float = 20.0) -> None:
+        """Make the guest its own machine (see agent/server.py Identity); AgentError if it could not."""
+        request_id, waiter = self._new_request()
+        try:
+            self._send_json(P.IDENTITY, request_id, {"entropy": entropy.hex(), "hostname": hostname,
+                                                     "machine_id": machine_id, "time_ns": time_ns})
+            reply = self._next(waiter, time.monotonic() + timeout)
+            if reply is None:
+                raise AgentError(f"the guest agent did not confirm its new identity within {timeout:.0f} s")
+        finally:
+            self._done(request_id)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         request_id, waiter = self._new_request()
         try:

@@ -140,10 +140,13 @@ class ImageCache:
             pass        # bookkeeping only: a busy or damaged index must not stop a job
 
     def evict(self, max_bytes: Optional[int] = None, keep: Sequence[str] = ()) -> list:
-        """Delete least recently used artifacts until the cache fits; never a pinned one."""
+        """Delete least recently used artifacts until the cache fits; never a pinned one. The warm
+        states of this cache's owner count too, and go with their image (never one a job holds)."""
+        from .warm import WarmStore                        # (warm.py uses this module)
         limit = self.max_bytes if max_bytes is None else max_bytes
         entries = [e for e in self.index.entries() if (self.artifacts_dir / e.sha256).exists()]
-        total = sum(e.size for e in entries)
+        states = WarmStore(self.root / "warm", 0)
+        total = sum(e.size for e in entries) + (states.total_bytes() if limit else 0)
         removed = []
         for entry in entries:
             if total <= limit:
@@ -154,7 +157,7 @@ class ImageCache:
                 if free:
                     remove_artifact(self.artifacts_dir / entry.sha256)
                     self.index.forget(entry.sha256)
-                    total -= entry.size
+                    total -= entry.size + states.remove_image_states(entry.sha256)
                     removed.append(entry)
         return removed
 

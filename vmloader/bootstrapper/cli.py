@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
-from . import job as job_mod, runners, sessions, status, virt
+from . import job as job_mod, runners, sessions, status, virt, warm
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
 from .console import escape_log
@@ -53,6 +53,8 @@ def _add_run(sub) -> None:
     p.add_argument("--console", action="store_true", help="follow the guest console live on stderr")
     p.add_argument("--raw", action="store_true", help=RAW_CONSOLE_HELP)
     p.add_argument("--job-id", help="use this job id (default: generated)")
+    p.add_argument("--cold", action="store_true",
+                   help="boot the image even when a warm state of it could be restored (see warm_start)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON result; the command's output goes to files in the job dir")
     p.add_argument("command", nargs=argparse.REMAINDER)
@@ -75,8 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--init", choices=("fast", "systemd"), default="fast",
                    help="systemd: boot systemd with the agent as a unit (for jobs needing services)")
     b.add_argument("--force", action="store_true")
-    lst = images.add_parser("list", help="known images and whether they are cached")
+    lst = images.add_parser("list", help="known images, whether they are cached, and their warm states")
     lst.add_argument("--json", action="store_true")
+    wrm = images.add_parser("warm", help="build warm states of an image ahead of time (one per lane)")
+    wrm.add_argument("name")
+    wrm.add_argument("--cpus", type=int)
+    wrm.add_argument("--memory", type=int, metavar="MIB")
+    wrm.add_argument("--network", choices=("user", "none"), default="user")
+    wrm.add_argument("--lanes", type=int, default=1, help="how many jobs of this shape may start warm at once")
+    wrm.add_argument("--json", action="store_true")
     pull = images.add_parser("pull", help="fetch an image from the repositories into the cache")
     pull.add_argument("name")
     pull.add_argument("--json", action="store_true")
@@ -261,7 +270,8 @@ def cmd_run(args, cfg) -> int:
                    root=args.root, timeout=args.timeout, env=dict(args.env), inputs=tuple(args.input),
                    outputs=tuple(args.output), output_dir=Path(args.output_dir), collect_new=args.output_new,
                    snapshot=args.snapshot or cfg.snapshot_policy, network=args.network,
-                   console=args.console, console_raw=args.raw, capture_dir=args.json, job_id=args.job_id)
+                   console=args.console, console_raw=args.raw, capture_dir=args.json, job_id=args.job_id,
+                   cold=args.cold)
     runner = runners.job_runner(cfg, hypervisor=args.hypervisor, stdin=_stdin())
     result = runner.run(spec)
     if args.json:
@@ -302,15 +312,22 @@ def cmd_images(args, cfg) -> int:
     if args.images_cmd in IMAGE_ACTIONS:
         return IMAGE_ACTIONS[args.images_cmd](args, cfg, cache)
     rows = []
+    states = warm.WarmStore(warm.warm_root(cfg), 0).summary()
     for name in cache.known_names():
         try:
             resolved = cache.resolve(name)
             rows.append({"name": name, "version": resolved.entry.version, "cached": True,
-                         "disk": str(resolved.disk)})
+                         "disk": str(resolved.disk),
+                         "warm": [{k: s[k] for k in ("cpus", "memory_mib", "network", "lanes", "bytes")}
+                                  for s in states if s["image"] == resolved.entry.ref]})
         except VMLoaderError as exc:
-            rows.append({"name": name, "version": None, "cached": False, "note": exc.message})
-    text = "\n".join(f"{r['name']:20} {'cached ' + r['version'] if r['cached'] else 'not cached'}" for r in rows)
-    _emit(rows, args.json, text)
+            rows.append({"name": name, "version": None, "cached": False, "note": exc.message, "warm": []})
+    lines = []
+    for r in rows:
+        lines.append(f"{r['name']:20} {'cached ' + r['version'] if r['cached'] else 'not cached'}")
+        lines += [f"{'':20} warm: {w['cpus']} cpu, {w['memory_mib']} MiB, network {w['network']}: "
+                  f"{w['lanes']} lane(s), {w['bytes'] / 2**20:.0f} MiB" for w in r["warm"]]
+    _emit(rows, args.json, "\n".join(lines))
     return 0
 
 
@@ -391,7 +408,21 @@ def _images_prune(args, cfg, cache) -> int:
     return 0
 
 
-IMAGE_ACTIONS = {"pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
+def _images_warm(args, cfg, cache) -> int:
+    if args.lanes < 1:
+        raise UsageError("--lanes must be at least 1")
+    if not cfg.warm_start:
+        raise UsageError("warm_start is off in the configuration: jobs would not use the states",
+                         hint="set warm_start = true (or VMLOADER_WARM_START=true)")
+    results = runners.warm_up(cfg, args.name, cpus=args.cpus, memory_mib=args.memory, network=args.network,
+                              lanes=args.lanes, progress=lambda line: print(f"vmloader: {line}", file=sys.stderr))
+    warmed = sum(r.start == "warm" for r in results)
+    _emit({"image": args.name, "lanes": warmed, "requested": args.lanes,
+           "jobs": [r.to_dict() for r in results]}, args.json, f"{args.name}: {warmed} of {args.lanes} lane(s) warm")
+    return 0 if warmed == args.lanes else EXIT_INFRA
+
+
+IMAGE_ACTIONS = {"warm": _images_warm, "pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
                  "publish": _images_publish, "add": _images_add, "rm": _images_rm, "prune": _images_prune}
 
 

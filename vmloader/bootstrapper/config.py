@@ -69,6 +69,17 @@ def _size(value: Any) -> int:
     return number
 
 
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _positive_int(value: Any) -> int:
     number = int(value)
     if number <= 0:
@@ -119,6 +130,11 @@ SETTINGS: Sequence[Setting] = (
             "prune snapshots older than this many days (0 = never)"),
     Setting("output_max_bytes", "VMLOADER_OUTPUT_MAX_BYTES", _size,
             "largest file copied back from a guest (suffixes K M G T); a larger one is cut off and dropped"),
+    Setting("warm_start", "VMLOADER_WARM_START", _bool,
+            "start jobs from a saved, already-booted state of their image (false: boot every job cold)"),
+    Setting("warm_lanes", "VMLOADER_WARM_LANES", _non_negative(int),
+            "saved states per image and shape, one per job starting at once (default 2 x host CPUs; "
+            "0 = that default); more concurrent jobs boot cold"),
     Setting("host_cert", "VMLOADER_HOST_CERT", _path,
             "host certificate copied as /etc/grid-security/hostcert.pem into the guests host_cert_images "
             "and host_cert_users allow"),
@@ -151,6 +167,8 @@ class Config:
     snapshot_max_bytes: int = 0
     snapshot_max_age_days: float = 14
     output_max_bytes: int = 16 * 2**30
+    warm_start: bool = True
+    warm_lanes: int = 0
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
     host_cert_images: tuple = ()

@@ -5,25 +5,28 @@ Whatever fails, the finally-path runs: the domain is destroyed, the overlay
 is either preserved as a snapshot or deleted, and the job record (metadata +
 console log) stays in the job directory.
 """
+import io
 import json
 import os
 import pwd
+import re
 import secrets
 import socket
 import sys
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt
+from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt, warm
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
-from .domain import BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata, NetworkSpec
+from .domain import BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata, NetworkSpec, domain_xml
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
                      GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
                      VMLoaderError)
@@ -32,6 +35,7 @@ from .launch import LaunchPlan
 from .repository import is_url, url_image
 from .snapshots import Retention, SnapshotMeta, SnapshotStore, check_chain, should_keep
 from .timings import PhaseTimer
+from .warm import Lane, WarmUnusable
 
 GUEST_WORKDIR = "/work"
 GUEST_USER = "vmloader"
@@ -70,6 +74,7 @@ class JobSpec:
     console_raw: bool = False      # --console --raw: the console's bytes unescaped
     capture_dir: bool = False      # --json: command output goes to files in the job dir
     job_id: Optional[str] = None
+    cold: bool = False             # --cold: boot the image even when a warm state could be restored
 
 
 @dataclass
@@ -87,6 +92,7 @@ class JobResult:
     stderr_path: Optional[str] = None
     error: Optional[dict] = None
     output_errors: list = field(default_factory=list)   # outputs that could not be copied back, and why
+    start: str = ""                # "warm": restored from a warm state; "cold": booted
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -225,6 +231,13 @@ class Job:
         return self.plan.kept if self.plan is not None else None
 
     @property
+    def start(self) -> str:
+        """How its VM came to life: "warm" (restored), "cold" (booted), "" (it never did)."""
+        if self.plan is None or self.machine is None:
+            return ""
+        return "warm" if self.plan.warm else "cold"
+
+    @property
     def domain_name(self) -> str:
         if self.plan is None:
             return f"vmloader-{self.job_dir.name}"
@@ -324,18 +337,19 @@ class JobRunner:
                 image = job.image = self.cache.resolve(plan.image_ref)
         with job.timer.phase("hypervisor"):
             hypervisor = job.hypervisor = self.choose_hypervisor()
-        with job.timer.phase("overlay"):
-            if job.kept is not None:
-                check_chain(job.kept, image.disk, phase="overlay")
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(plan.overlay_backing(image.disk)), str(job.overlay)], phase="overlay")
-            privatefiles.restrict(job.overlay)
         with job.timer.phase("define"):
-            self._start_domain(job, plan, image, hypervisor)
+            machines = job.machines = self.connect(self.config.libvirt_uri or hypervisor.uri)
+        if self._may_start_warm(job, image, hypervisor):
+            plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
-            with job.timer.phase("boot"):
-                client = job.client = self._connect_agent(job)
+            try:
+                client = self._bring_up(job, plan, image, hypervisor)
+            except WarmUnusable as why:
+                self._abandon_warm(job, image, why)
+                plan = job.plan = launch.cold_image(plan.image_ref)
+                _write_owner(job)
+                client = self._bring_up(job, plan, image, hypervisor)
             with job.timer.phase("stage-in"):
                 self._stage_in(job, image, client)
             with job.timer.phase("exec"):
@@ -354,6 +368,163 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _bring_up(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> AgentClient:
+        """Overlay, VM, agent, identity: the job's VM ready for its command."""
+        with job.timer.phase("overlay"):
+            if job.kept is not None:
+                check_chain(job.kept, image.disk, phase="overlay")
+            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                      "-b", str(plan.overlay_backing(image.disk)), str(job.overlay)], phase="overlay")
+            privatefiles.restrict(job.overlay)
+        spec = self._domain_spec(job, plan, image, hypervisor)
+        if plan.warm:
+            with job.timer.phase("restore"):
+                job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
+            with job.timer.phase("boot"):             # (restored: until its agent answers again)
+                try:
+                    client = job.client = self._connect_agent(job, timeout=warm.AGENT_SILENCE)
+                except VMLoaderError:
+                    raise WarmUnusable(f"its agent did not answer within {warm.AGENT_SILENCE:.0f} s "
+                                       "after restore") from None
+        else:
+            with job.timer.phase("define"):
+                job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
+            with job.timer.phase("boot"):
+                client = job.client = self._connect_agent(job)
+        with job.timer.phase("identity"):
+            self._personalize(job, client, plan.warm)
+        return client
+
+    def _personalize(self, job: Job, client: AgentClient, warm_started: bool) -> None:
+        """Each job its own machine: fresh entropy, hostname, machine-id, the host's clock (a restored
+        guest is a clone of the one saved; a cold one gets the same, one code path)."""
+        if not client.supports("identity"):
+            if warm_started:
+                raise WarmUnusable("its agent is too old to take a new identity")
+            return
+        try:
+            client.identity(secrets.token_bytes(64), _hostname(job), uuid.uuid4().hex, time.time_ns())
+        except AgentError as exc:
+            if warm_started:
+                raise WarmUnusable(f"the guest could not take a new identity: {exc.message}") from None
+            raise
+
+    def _may_start_warm(self, job: Job, image: ResolvedImage, hypervisor: Hypervisor) -> bool:
+        """Warm unless told not to, or the job is not a fresh boot of our image under QEMU. A job that
+        may be frozen with its memory on timeout boots cold: a state saved from a lane keeps the
+        lane's name and uuid, and resuming it later would collide with the lane."""
+        spec = job.spec
+        return (self.config.warm_start and not spec.cold and job.plan is not None and job.plan.kind == launch.COLD_IMAGE
+                and hypervisor.domain_type in ("kvm", "qemu") and image.kernel is not None
+                and not (spec.timeout is not None and should_keep(spec.snapshot, True)))
+
+    def _warm_parts(self, job: Job, image: ResolvedImage, hypervisor: Hypervisor, machines: virt.Machines) -> dict:
+        """Everything that makes restoring a saved state unsafe when it changes: the state's key."""
+        entry, spec = image.entry, job.spec
+        return {"image": {kind: art.sha256 for kind, art in sorted(entry.artifacts.items())},
+                "image_sha256": entry.artifacts["disk"].sha256, "agent": warm.agent_version(),
+                "cpus": spec.cpus or entry.cpus or self.config.cpus,
+                "memory_mib": spec.memory_mib or entry.memory_mib or self.config.memory_mib,
+                "network": spec.network, "cmdline": _cmdline(image, spec.network, None),
+                "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
+                **machines.host_identity()}
+
+    def _warm_plan(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor,
+                   machines: virt.Machines) -> LaunchPlan:
+        """A lane of this image's warm state for the job (built first if need be), or `plan` (cold)."""
+        try:
+            parts = self._warm_parts(job, image, hypervisor, machines)
+            store = warm.WarmStore(warm.warm_root(self.config), self.config.warm_lanes or warm.default_lanes())
+            held = store.acquire(warm.state_key(parts))
+            if held is None:
+                return plan                         # every lane busy and no room for another: cold
+            job.pins.enter_context(held)            # the lane is this job's until teardown ends
+            lane = held.lane
+            if lane.complete():
+                try:
+                    lane.check()
+                except WarmUnusable as why:
+                    _say_unusable(image, why)
+                    lane.drop()
+                    return plan
+            else:
+                with job.timer.phase("warm build"):
+                    if not self._build_lane(job, lane, parts, image, hypervisor, machines):
+                        return plan
+            lane.touch()
+        except GuestTimeout:
+            raise
+        except (OSError, VMLoaderError) as exc:
+            print(f"vmloader: cannot use warm states ({getattr(exc, 'message', exc)}); booting cold",
+                  file=sys.stderr)
+            return plan
+        warm_plan = launch.warm_state(plan.image_ref, lane)
+        job.plan = warm_plan
+        _write_owner(job)                           # a later vmloader must find the VM by its lane name
+        return warm_plan
+
+    def _build_lane(self, job: Job, lane: Lane, parts: dict, image: ResolvedImage, hypervisor: Hypervisor,
+                    machines: virt.Machines) -> bool:
+        """Boot the clean image on the lane's disk to agent-ready, quiesce, save with memory, mark
+        complete. False (and nothing left behind) if that failed: the job then boots cold."""
+        machine = None
+        try:
+            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                      "-b", str(image.disk), str(lane.disk)], phase="warm build")
+            privatefiles.restrict(lane.disk)
+            spec = self._domain_spec(job, launch.cold_image(image.entry.ref), image, hypervisor, build=lane)
+            machine = machines.create(domain_xml(spec))
+            try:
+                client = self._connect_agent(job)
+            except GuestTimeout:
+                # The clean image does not boot: a cold boot would fail the same way, and the
+                # job's error is this one (its console tail included), not a warm-state problem.
+                machine.destroy()
+                machine = None
+                diskfull.best_effort("the unfinished warm state", lane.drop)
+                raise
+            try:
+                sink = io.BytesIO()
+                client.exec(["/bin/sh", "-c", warm.QUIESCE], env={}, user="root", cwd="/", stdin=None,
+                            stdout=sink, stderr=sink)
+                partial = lane.dir / "memory.save.tmp"
+                try:
+                    machine.save(partial)
+                except VMLoaderError:
+                    partial.unlink(missing_ok=True)
+                    raise
+            finally:
+                client.close()
+            machine = None                          # saved: it no longer runs
+            privatefiles.restrict(partial)
+            os.rename(partial, lane.memory)
+            privatefiles.reclaim(lane.disk)
+            lane.commit(parts, image.entry.ref)
+            return True
+        except GuestTimeout:
+            raise
+        except (OSError, VMLoaderError) as exc:
+            print(f"vmloader: could not save a warm state for {image.entry.ref} "
+                  f"({getattr(exc, 'message', exc)}); this job boots cold", file=sys.stderr)
+            if machine is not None:
+                machine.destroy()
+            diskfull.best_effort("the partial warm state", lane.drop)
+            return False
+
+    def _abandon_warm(self, job: Job, image: ResolvedImage, why: WarmUnusable) -> None:
+        """The warm state failed this job after all: stop what runs, drop the state; the caller boots cold."""
+        _say_unusable(image, why)
+        lane = _known(job.plan, "plan").lane
+        if job.client is not None:
+            job.client.close()
+            job.client = None
+        if job.machine is not None:
+            job.machine.destroy()
+            job.machine = None
+        job.overlay.unlink(missing_ok=True)
+        if lane is not None:
+            diskfull.best_effort("the unusable warm state", lane.drop)
 
     def _plan(self, job: Job) -> LaunchPlan:
         spec = job.spec
@@ -411,16 +582,20 @@ class JobRunner:
         env.update(job.spec.env)
         return env
 
-    def _domain_spec(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> DomainSpec:
+    def _domain_spec(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor,
+                     build: Optional[Lane] = None) -> DomainSpec:
+        """The job's VM; with `build`, the VM a warm state is saved from (no per-job parts: those come
+        with the identity request after restore)."""
         entry, spec = image.entry, job.spec
-        cmdline = (f"{entry.cmdline} panic=1 vmloader.hostname=vm-{job.job_dir.name[-6:]} "
-                   f"vmloader.net={spec.network}")
+        cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
+        disk = (DiskSpec(str(build.disk), backing=str(image.disk)) if build is not None else
+                DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()))
         return DomainSpec(
-            name=job.domain_name, hypervisor=hypervisor.domain_type,
+            name=build.domain_name if build is not None else job.domain_name, hypervisor=hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
             boot=_boot_spec(image, cmdline),
-            disks=(DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),),
+            disks=(disk,),
             channel=ChannelSpec(str(job.socket_path)),
             attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
                                   for n, path in enumerate(job.attach_sockets, 1)),
@@ -429,13 +604,8 @@ class JobRunner:
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
-    def _start_domain(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> None:
-        machines = job.machines = self.connect(self.config.libvirt_uri or hypervisor.uri)
-        job.machine = launch.start(plan, machines, self._domain_spec(job, plan, image, hypervisor),
-                                   job.job_dir / "domain.xml")
-
-    def _connect_agent(self, job: Job) -> AgentClient:
-        deadline = time.monotonic() + self.config.boot_timeout
+    def _connect_agent(self, job: Job, timeout: Optional[float] = None) -> AgentClient:
+        deadline = time.monotonic() + (timeout or self.config.boot_timeout)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
             try:
@@ -486,6 +656,8 @@ class JobRunner:
                 self._stop_domain(job)
                 if job.kept is not None:
                     diskfull.best_effort("the kept disk's owner", privatefiles.reclaim, job.kept.disk)
+                if job.plan is not None and job.plan.lane is not None:
+                    diskfull.best_effort("the warm state's owner", privatefiles.reclaim, job.plan.lane.disk)
         with job.timer.phase("snapshot"):
             snapshot_id = self._keep_or_drop(job)
         diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)
@@ -533,12 +705,14 @@ class JobRunner:
             _known(job.client, "agent client").close()     # keep_memory is only set by a command it ran
             job.client = None
         if job.client is not None:
-            try:
-                # The agent acknowledges only after sync(): the overlay is consistent,
-                # so the VM can be destroyed at once instead of waiting for power-off.
-                job.client.shutdown()
-            except VMLoaderError:
-                pass
+            if job.exec_started and should_keep(job.spec.snapshot, job.status != 0):
+                try:
+                    # The agent acknowledges only after sync(): the overlay is consistent,
+                    # so the VM can be destroyed at once instead of waiting for power-off.
+                    job.client.shutdown()
+                except VMLoaderError:
+                    pass
+            # else nothing of the disk is kept (outputs are already copied back): destroy at once
             job.client.close()
         if job.machine is not None:
             job.machine.destroy()
@@ -557,6 +731,11 @@ class JobRunner:
                 error=job.error.message if job.error else None, env=dict(job.spec.env), root=job.spec.root,
                 memory=job.memory_state.exists())
             try:
+                if job.plan is not None and job.plan.lane is not None:
+                    # Independent of the lane's layer (reused and dropped by later jobs): what the
+                    # overlay reads from it is copied in, its backing becomes the image itself.
+                    proc.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk),
+                              str(job.overlay)], phase="snapshot")
                 return self.store.preserve(meta, job.overlay, job.console_log, job.memory_state).meta.id
             except VMLoaderError as exc:
                 job.error = job.error or exc
@@ -571,7 +750,7 @@ class JobRunner:
             sock.with_name(sock.name + ".lock").unlink(missing_ok=True)
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
-                "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
+                "start": job.start, "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
         privatefiles.write_private(job.job_dir / "metadata.json", json.dumps(data, indent=2) + "\n")
 
     def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
@@ -594,7 +773,8 @@ class JobRunner:
             console_log=str(job.console_log),
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
-            error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors))
+            error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors),
+            start=job.start)
 
 
 def host_credentials(config: Config, image: str, user: str) -> list:
@@ -645,6 +825,20 @@ def _write_owner(job: Job) -> None:
         {"pid": os.getpid(), "domain": job.domain_name, "snapshot": job.spec.snapshot,
          "command": list(job.spec.command),
          "image": job.spec.image, "started": time.time()}) + "\n")
+
+
+def _hostname(job: Job) -> str:
+    return "vm-" + re.sub(r"[^A-Za-z0-9-]", "-", job.job_dir.name[-6:])
+
+
+def _cmdline(image: ResolvedImage, network: str, hostname: Optional[str]) -> str:
+    named = f" vmloader.hostname={hostname}" if hostname else ""
+    return f"{image.entry.cmdline} panic=1{named} vmloader.net={network}"
+
+
+def _say_unusable(image: ResolvedImage, why: WarmUnusable) -> None:
+    print(f"vmloader: warm state for {image.entry.ref} unusable ({why.message}); booting cold and rebuilding it",
+          file=sys.stderr)
 
 
 def _boot_spec(image: ResolvedImage, cmdline: str) -> BootSpec:

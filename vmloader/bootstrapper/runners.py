@@ -1,13 +1,15 @@
 """The one place a job runner is wired up: config -> image cache, snapshot store,
 hypervisor choice, machine connection. The CLI (`run`, `snapshot exec/shell/boot`) and
 the HTCondor wrapper all call `job_runner`."""
-from typing import BinaryIO, Optional
+import threading
+from typing import BinaryIO, Callable, List, Optional
 
 from . import hypervisors, virt
 from .cache import ImageCache
 from .config import Config
 from .errors import VMLoaderError
-from .job import JobRunner, Session
+from .agentclient import ExecResult
+from .job import JobResult, JobRunner, JobSpec, Session
 from .snapshots import SnapshotStore
 
 
@@ -34,3 +36,38 @@ def job_runner(cfg: Config, *, hypervisor: Optional[str] = None, boot_test: bool
         return hypervisors.choose(hypervisors.detect(host_probes(cfg, boot_test)), hypervisor)
     return JobRunner(cfg, cache or ImageCache.configured(cfg), store or SnapshotStore(cfg.snapshots_dir),
                      choose, stdin=stdin, stdout=stdout, stderr=stderr, session=session, connect=connect)
+
+
+def warm_up(cfg: Config, image: str, *, cpus: Optional[int] = None, memory_mib: Optional[int] = None,
+            network: str = "user", lanes: int = 1, progress: Callable[[str], None] = lambda line: None,
+            make_runner: Optional[Callable[[Session], JobRunner]] = None) -> List[JobResult]:
+    """`images warm`: `lanes` jobs of this shape at once, each holding its lane until all have one,
+    so every lane is built (or found complete and checked) ahead of the first real job."""
+    together = threading.Barrier(lanes, timeout=cfg.boot_timeout + 600)
+    results: List[JobResult] = []
+
+    def hold(_attached, _out, _err) -> ExecResult:
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            pass                                 # another lane failed: this one is ready all the same
+        return ExecResult(0, None, None)
+
+    def one(n: int) -> None:
+        runner = make_runner(hold) if make_runner is not None else job_runner(cfg, session=hold)
+        result = runner.run(JobSpec(image=image, command=("true",), cpus=cpus,
+                                                           memory_mib=memory_mib, network=network,
+                                                           snapshot="never"))
+        built = result.timings.get("warm build")
+        if result.start == "warm":
+            progress(f"{image}: lane {'built in %.1f s' % built if built else 'ready (already built)'}")
+        else:
+            progress(f"{image}: no warm state ({(result.error or {}).get('message') or 'booted cold'})")
+        results.append(result)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(lanes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

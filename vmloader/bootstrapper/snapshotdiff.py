@@ -12,7 +12,8 @@ userspace, so any write the guest made moves it: no content hashing is needed.
 A directory is changed only by its own mode or owner: its mtime, ctime and size
 follow from the entries added or removed, which are listed themselves.
 Hidden unless asked for (`--all`): what vmloader's own boot writes in every job,
-/etc/hostname (the VM's name, by guest-setup) and the agent's __pycache__ under
+/etc/hostname (the VM's name, by guest-setup and the agent), the machine-id the agent
+gives each VM (/etc/machine-id, /var/lib/dbus/machine-id) and the agent's __pycache__ under
 /usr/lib/vmloader. Nothing else is filtered: /proc, /sys, /dev and /run are mount
 points in the guest (empty or static on disk), and a job's files in /tmp are its own.
 """
@@ -79,7 +80,8 @@ def differences(old: Entry, new: Entry) -> tuple:
 
 def is_boot_noise(path: str) -> bool:
     """Written by every boot, whatever the job: see the module docstring."""
-    return path == "/etc/hostname" or (path.startswith("/usr/lib/vmloader/") and "/__pycache__" in path)
+    return (path in ("/etc/hostname", "/etc/machine-id", "/var/lib/dbus/machine-id")
+            or (path.startswith("/usr/lib/vmloader/") and "/__pycache__" in path))
 
 
 def compare(base: Mapping[str, Entry], snap: Mapping[str, Entry],

@@ -84,6 +84,9 @@ class Machines(Protocol):
     def restore(self, state: Path, xml: str, name: str) -> Machine:
         """Start a VM from its saved memory, running, with `xml` for its host-side files."""
 
+    def host_identity(self) -> dict:
+        """What a saved state depends on besides the guest: libvirt's and the hypervisor's versions, URI."""
+
     def close(self) -> None:
         """Let go of the connection (never raises)."""
 
@@ -171,6 +174,12 @@ class LibvirtMachines:
         try:
             self.conn.restoreFlags(str(state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
             return LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, "define") from None
+
+    def host_identity(self) -> dict:
+        try:
+            return {"libvirt": self.conn.getLibVersion(), "hypervisor": self.conn.getVersion(), "uri": self.uri}
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
 
