@@ -29,7 +29,7 @@ SHAPE = ("--network", "none")
 
 
 def cli(state: Path, *args: str) -> tuple:
-    env = {"VMLOADER_STATE_DIR": str(state), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = {"VMLOADER_STATE_DIR": str(state), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "VMLOADER_WARM_START": "true"}
     if "VMLOADER_CACHE_DIR" in os.environ:
         env["VMLOADER_CACHE_DIR"] = os.environ["VMLOADER_CACHE_DIR"]
     started = time.monotonic()

@@ -772,6 +772,54 @@ class ShutdownDone(_Empty):
         return cls()
 
 
+class Identity(Message):
+    """Host -> agent: make this VM its own machine (a warm start is a clone of a saved one)."""
+    __slots__ = ("entropy", "hostname", "machine_id", "time_ns")
+    TYPE = IDENTITY
+
+    def __init__(self, entropy, hostname, machine_id, time_ns):
+        # type: (bytes, str, str, int) -> None
+        self.entropy = entropy
+        self.hostname = hostname
+        self.machine_id = machine_id
+        self.time_ns = time_ns
+
+    def to_payload(self):
+        # type: () -> bytes
+        return _dump({"entropy": self.entropy.hex(), "hostname": self.hostname,
+                      "machine_id": self.machine_id, "time_ns": self.time_ns})
+
+    @classmethod
+    def from_payload(cls, payload):
+        # type: (bytes) -> Identity
+        f = _json_object("IDENTITY", payload)
+        entropy = f.req_str("entropy")
+        try:
+            raw = bytes.fromhex(entropy)
+        except ValueError:
+            raise ProtocolError("IDENTITY field entropy is not hex")
+        return cls(raw, f.req_str("hostname"), f.req_str("machine_id"), f.req_int("time_ns"))
+
+
+class IdentityDone(Message):
+    """Agent -> host (OK): the guest's hostname now."""
+    __slots__ = ("hostname",)
+    TYPE = OK
+
+    def __init__(self, hostname):
+        # type: (str) -> None
+        self.hostname = hostname
+
+    def to_payload(self):
+        # type: () -> bytes
+        return _dump({"hostname": self.hostname})
+
+    @classmethod
+    def from_payload(cls, payload):
+        # type: (bytes) -> IdentityDone
+        return cls(_json_object("OK", payload).req_str("hostname"))
+
+
 class StdinEof(_Bare):
     """Host -> agent: the command's input ended."""
     __slots__ = ()

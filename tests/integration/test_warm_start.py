@@ -19,7 +19,13 @@ from vmloader.bootstrapper import config, warm
 from .conftest import libvirt_domains
 from .faulttable import record
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
+
+
+@pytest.fixture
+def warm_start_on(vm_env):
+    """Warm start is opt-in (config `warm_start`): these tests turn it on for their jobs."""
+    vm_env["VMLOADER_WARM_START"] = "true"
 
 # The guest's clock just before and just after the host says what time it is (on stdin): a guest
 # whose clock is right has the host's time between the two; then what makes a machine itself.

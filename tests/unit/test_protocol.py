@@ -185,14 +185,14 @@ def test_a_host_from_before_shells_asks_for_argv_without_a_shell():
 def test_every_control_message_has_a_class_and_every_class_round_trips():
     assert {P.name_of(cls.TYPE) for cls in MESSAGES} == {
         "HELLO", "HEARTBEAT", "EXEC", "STDIN_EOF", "EXIT", "KILL", "RESIZE", "CONNECT", "PUT", "PUT_END",
-        "GET", "GET_END", "LIST", "OK", "ERROR", "SHUTDOWN"}
+        "GET", "GET_END", "LIST", "IDENTITY", "OK", "ERROR", "SHUTDOWN"}
     samples = [P.HelloRequest(), P.Hello(1, "0.1", "3.6.8", "5.10", "h", 7, ("pty",), (3,)), P.Heartbeat(),
                P.Exec(None, {"A": "b"}, "root", "/work", True, P.Terminal(30, 100, "vt100")),
                P.Exec(["true"], {}, None), P.StdinEof(), P.Exit(code=0), P.Exit(signal=9),
                P.Exit(error="not_found", message="x: gone"), P.Kill(15), P.Resize(40, 120), P.Connect(8080),
                P.Put("a/b", 0o600, 12, "vmloader"), P.PutEnd(), P.PutDone(12), P.Get("out.txt"), P.GetEnd(3),
                P.ListDir("/work"), P.Listing([P.DirEntry("f", "file", 1, 2)]), P.Error("ValueError: no"),
-               P.Shutdown(), P.ShutdownDone()]
+               P.Shutdown(), P.ShutdownDone(), P.Identity(b"\x01\x02", "vm-1", "a" * 32, 5), P.IdentityDone("vm-1")]
     assert {type(m) for m in samples} == set(MESSAGES)
     for message in samples:
         frame = reader_over(message.encode(5)).read_frame()
@@ -277,3 +277,13 @@ def test_any_json_object_parses_into_a_typed_message_or_a_protocol_error(cls, ob
     except P.ProtocolError:
         return
     assert cls.from_payload(message.to_payload()) == message
+
+
+def test_the_identity_request_round_trips_and_refuses_entropy_that_is_not_hex():
+    message = P.Identity(b"\x00\xffab", "vm-0c3b04", "0" * 32, 1764111111000000000)
+    assert P.Identity.from_payload(message.to_payload()) == message
+    with pytest.raises(P.ProtocolError, match="entropy"):
+        P.Identity.from_payload(b'{"entropy": "zz", "hostname": "h", "machine_id": "m", "time_ns": 1}')
+    with pytest.raises(P.ProtocolError, match="time_ns"):
+        P.Identity.from_payload(b'{"entropy": "00", "hostname": "h", "machine_id": "m"}')
+    assert P.IdentityDone.from_payload(P.IdentityDone("vm-1").to_payload()).hostname == "vm-1"

@@ -543,14 +543,13 @@ class Agent(object):
     # -- identity -----------------------------------------------------------
     def on_identity(self, frame):
         """A VM restored from a warm state is a clone: reseed, new names, the host's clock."""
-        req = frame.json()
-        failed = self.identity.apply(bytes.fromhex(str(req.get("entropy", ""))), str(req.get("hostname", "")),
-                                     str(req.get("machine_id", "")), int(req.get("time_ns", 0)))
+        req = P.Identity.from_payload(frame.payload)
+        failed = self.identity.apply(req.entropy, req.hostname, req.machine_id, req.time_ns)
         if failed:
             raise OSError("could not " + "; ".join(failed))
         # On the console too: a restored guest prints nothing of its own boot into this job's log.
-        log("this VM is now %s" % req.get("hostname"))
-        self.channel.send_json(P.OK, frame.request_id, {"hostname": socket.gethostname()})
+        log("this VM is now %s" % req.hostname)
+        self.channel.reply(frame.request_id, P.IdentityDone(socket.gethostname()))
 
     # -- shutdown -----------------------------------------------------------
     def on_shutdown(self, frame):

@@ -395,8 +395,7 @@ class AgentClient:
         """Make the guest its own machine (see agent/server.py Identity); AgentError if it could not."""
         request_id, waiter = self._new_request()
         try:
-            self._send_json(P.IDENTITY, request_id, {"entropy": entropy.hex(), "hostname": hostname,
-                                                     "machine_id": machine_id, "time_ns": time_ns})
+            self._send_message(request_id, P.Identity(entropy, hostname, machine_id, time_ns))
             reply = self._next(waiter, time.monotonic() + timeout)
             if reply is None:
                 raise AgentError(f"the guest agent did not confirm its new identity within {timeout:.0f} s")
