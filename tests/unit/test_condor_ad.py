@@ -199,3 +199,38 @@ def test_the_walltime_limit_times_the_vm_out_just_before_htcondor_does():
     explicit = 'VMImage = "debian-12"\nAllowedJobDuration = 3600\nVMLoaderTimeout = 10'
     assert vm_request(classad.parse_ad(explicit)).timeout == 10
     assert vm_request(classad.parse_ad('VMImage = "debian-12"')).timeout is None
+
+
+def test_request_disk_less_the_sandbox_bounds_the_vms_overlay():
+    from vmloader.bootstrapper.condor import disk_limit
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = 2 * 1024 * 1024"))
+    assert req.disk_kib == 2 * 1024 * 1024
+    limit = disk_limit(req, sandbox_bytes=3 * 1024 * 1024)
+    assert limit.limit_bytes == (2048 - 3) * 2 ** 20
+    assert limit.origin == "request_disk 2097152 KiB less the sandbox's 3072 KiB"
+    assert disk_limit(request('VMImage = "debian-12"'), 1000) is None      # no request: no bound
+
+
+def test_request_disk_never_exceeds_the_slots_disk():
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = 99999999"))
+    assert req.disk_kib == 10000000                            # the slot's Disk
+
+
+def test_htcondors_default_request_disk_is_too_small_for_a_vm_and_held_with_the_numbers():
+    """condor_submit's default request_disk is the sandbox's size (DiskUsage, a few MiB): the
+    schedd transform replaces it for VM jobs; a job that still carries it is held."""
+    from vmloader.bootstrapper.condor import MIN_OVERLAY_MIB, disk_limit
+    req = request(DEFAULT_REQUESTS_AD.replace("RequestMemory = ifthenelse", "RequestMemory = 1216\nOld = ifthenelse"))
+    assert req.disk_kib == 2500
+    with pytest.raises(JobAdError) as err:
+        disk_limit(req, sandbox_bytes=2500 * 1024)
+    assert "request_disk 2500 KiB is too small for a VM of debian-12" in err.value.message
+    assert f"at least {MIN_OVERLAY_MIB} MiB" in err.value.message and "the sandbox's 2500 KiB" in err.value.message
+    assert f"({MIN_OVERLAY_MIB * 1024 + 2500} KiB in all)" in err.value.message and err.value.exit_code == 125
+    just = request(f'VMImage = "debian-12"\nRequestDisk = {MIN_OVERLAY_MIB * 1024 + 2500}')
+    assert disk_limit(just, 2500 * 1024).limit_bytes == MIN_OVERLAY_MIB * 2 ** 20
+
+
+def test_a_request_disk_expression_is_evaluated_against_the_machine():
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = DiskUsage + TARGET.Disk / 10"))
+    assert req.disk_kib == 5000 + 1000000

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import classad, config as config_mod, hypervisors
+from . import classad, config as config_mod, disklimit, hypervisors
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -43,6 +43,10 @@ STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.a
 # transform's default request (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses it too.
 QEMU_OVERHEAD_MIB = 192
 MIN_GUEST_MEMORY_MIB = 256                   # the smallest guest our images boot and run a job in
+# request_disk (KiB) bounds the job's disk: the sandbox's files plus what the VM writes into its
+# overlay. A boot and a small job write ~10 MiB there (journal, logs, the job's files); below this
+# the job would stop at its limit before it started, so the request is held up front.
+MIN_OVERLAY_MIB = 64
 CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
@@ -62,7 +66,7 @@ class VMRequest:
     timeout: Optional[float] = None
     cpus: Optional[int] = None
     memory_mib: Optional[int] = None         # the guest's RAM: the slot's request less QEMU_OVERHEAD_MIB
-    disk_kib: Optional[int] = None           # RequestDisk, evaluated (not applied yet)
+    disk_kib: Optional[int] = None           # RequestDisk, evaluated: bounds sandbox + the VM's overlay
     outputs: Optional[tuple] = None          # TransferOutput; None: every new or changed file
     env_names: tuple = ()
     label: str = ""
@@ -95,7 +99,7 @@ def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional
         timeout=float(timeout) if timeout else _within_walltime(value("AllowedJobDuration")),
         cpus=_vm_cpus(_request(ad, machine, "RequestCpus"), machine),
         memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine),
-        disk_kib=_request(ad, machine, "RequestDisk"),
+        disk_kib=_vm_disk(_request(ad, machine, "RequestDisk"), machine),
         outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
         env_names=_env_names(value("Environment")),
         label=f"{_defined(value('ClusterId'), 0)}.{_defined(value('ProcId'), 0)}")
@@ -166,6 +170,31 @@ def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad]
                          hint=f"request_memory = {need} or more, or leave request_memory out for the "
                               "image's default VM size")
     return budget - QEMU_OVERHEAD_MIB
+
+
+def _vm_disk(request: Optional[int], machine: Optional[classad.Ad]) -> Optional[int]:
+    """The job's disk in KiB: its request_disk, at most the slot's `Disk`."""
+    if request is None:
+        return None
+    slot = _slot(machine, "Disk")
+    return min(request, slot) if slot else request
+
+
+def disk_limit(request: VMRequest, sandbox_bytes: int) -> Optional[disklimit.DiskLimit]:
+    """What the VM's overlay may hold: request_disk less what the sandbox's files take there.
+    JobAdError when that leaves less than a VM needs to boot and run a job (MIN_OVERLAY_MIB)."""
+    if request.disk_kib is None:
+        return None
+    sandbox_kib = math.ceil(sandbox_bytes / 1024)
+    room = request.disk_kib * 1024 - sandbox_bytes
+    need_kib = MIN_OVERLAY_MIB * 1024 + sandbox_kib
+    if room < MIN_OVERLAY_MIB * disklimit.MIB:
+        raise JobAdError(f"request_disk {request.disk_kib} KiB is too small for a VM of {request.image}: its disk "
+                         f"needs at least {MIN_OVERLAY_MIB} MiB for what the VM writes, beside the sandbox's "
+                         f"{sandbox_kib} KiB ({need_kib} KiB in all)",
+                         hint=f"request_disk = {math.ceil(need_kib / 1024)}MB or more (a job that writes much "
+                              "needs more), or leave request_disk out for the image's default")
+    return disklimit.DiskLimit(room, f"request_disk {request.disk_kib} KiB less the sandbox's {sandbox_kib} KiB")
 
 
 def _env_names(environment: Any) -> tuple:
@@ -332,10 +361,12 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
         guest_files = (GuestFile(proxy, "/etc/grid-security/x509_proxy", 0o644),)
         env["X509_USER_PROXY"] = "/etc/grid-security/x509_proxy"
     env["_CONDOR_JOB_LABEL"] = request.label
+    inputs = sandbox_inputs(sandbox)
+    limit = disk_limit(request, sum(disklimit.allocated(Path(host)) for host, _ in inputs))
     return JobSpec(
         image=request.image, command=tuple(guest_command(argv, sandbox)), cpus=request.cpus,
         memory_mib=request.memory_mib, root=request.root, timeout=request.timeout, env=env,
-        inputs=tuple(sandbox_inputs(sandbox)), outputs=request.outputs or (),
+        inputs=tuple(inputs), outputs=request.outputs or (), disk_limit=limit,
         output_dir=sandbox, collect_new=request.outputs is None, guest_files=guest_files,
         snapshot=request.snapshot or cfg.snapshot_policy,
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt
+from . import diskfull, disklimit, guesttext, launch, privatefiles, proc, sandboxnames, virt
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
@@ -70,6 +70,7 @@ class JobSpec:
     console_raw: bool = False      # --console --raw: the console's bytes unescaped
     capture_dir: bool = False      # --json: command output goes to files in the job dir
     job_id: Optional[str] = None
+    disk_limit: Optional[disklimit.DiskLimit] = None   # the overlay's bound (HTCondor's request_disk)
 
 
 @dataclass
@@ -184,6 +185,7 @@ class Job:
         self.machines: Optional[virt.Machines] = None
         self.machine: Optional[virt.Machine] = None
         self.client: Optional[AgentClient] = None
+        self.watch: Optional[disklimit.OverlayWatch] = None
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
         self.pins = ExitStack()                 # entered by JobRunner.run, closed after teardown
@@ -258,6 +260,8 @@ class JobRunner:
             except ExecTimeout:
                 job.status = EXIT_TIMEOUT
             except VMLoaderError as exc:
+                if job.watch is not None and job.watch.breach is not None:
+                    exc = job.watch.breach          # what made the guest stop answering
                 exc.phase = exc.phase or job.timer.current
                 job.error, job.status = exc, exc.exit_code
             except OSError as exc:          # e.g. the job dir's disk filled up under the command's output
@@ -321,6 +325,7 @@ class JobRunner:
             privatefiles.restrict(job.overlay)
         with job.timer.phase("define"):
             self._start_domain(job, plan, image, hypervisor)
+            self._watch_disk(job)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
             with job.timer.phase("boot"):
@@ -337,11 +342,26 @@ class JobRunner:
                     raise
                 except AgentError as exc:
                     raise self._explain_guest_death(job, exc) from None
+            if job.watch is not None and job.watch.check():
+                raise _known(job.watch.breach, "disk limit breach")
             job.status = exit_status(result)
             _raise_for_spawn_error(result)
         finally:
             if follower:
                 follower.stop()
+
+    def _watch_disk(self, job: Job) -> None:
+        """Past its disk limit the VM is paused at once and the command's wait ends."""
+        limit = job.spec.disk_limit
+        if limit is None:
+            return
+
+        def stop_writing(used: int) -> None:
+            if job.machine is not None:
+                job.machine.pause()
+            if job.client is not None:
+                job.client.abort(f"the job's disk limit was reached ({used // disklimit.MIB} MiB written)")
+        job.watch = disklimit.OverlayWatch(job.overlay, limit, stop_writing).start()
 
     def _plan(self, job: Job) -> LaunchPlan:
         spec = job.spec
@@ -471,6 +491,8 @@ class JobRunner:
                     self._collect_outputs(job, job.client)
         finally:                                  # whatever collecting did, the VM is stopped
             with job.timer.phase("teardown"):
+                if job.watch is not None:
+                    job.watch.stop()
                 self._stop_domain(job)
                 if job.kept is not None:
                     diskfull.best_effort("the kept disk's owner", privatefiles.reclaim, job.kept.disk)
