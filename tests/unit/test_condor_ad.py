@@ -234,3 +234,32 @@ def test_htcondors_default_request_disk_is_too_small_for_a_vm_and_held_with_the_
 def test_a_request_disk_expression_is_evaluated_against_the_machine():
     req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = DiskUsage + TARGET.Disk / 10"))
     assert req.disk_kib == 5000 + 1000000
+
+
+def test_the_vm_stays_within_the_jobs_cgroup_memory_limit_and_says_so_when_that_is_too_small():
+    """QEMU runs in the job's cgroup: the guest is sized within its memory limit as within the slot."""
+    ad = JOB_AD                                                  # RequestMemory = 2048
+    assert vm_request(classad.parse_ad(ad), classad.parse_ad(MACHINE_AD), 1024 * 2 ** 20).memory_mib == \
+        1024 - QEMU_OVERHEAD_MIB
+    with pytest.raises(JobAdError) as err:
+        vm_request(classad.parse_ad(ad), classad.parse_ad(MACHINE_AD), 300 * 2 ** 20)
+    assert "request_memory 2048 MiB (the job's cgroup memory limit 300 MiB) is too small" in err.value.message
+
+
+def test_the_cgroup_memory_limit_is_read_for_v1_and_v2(tmp_path):
+    from vmloader.bootstrapper.cgroups import memory_limit_bytes
+    v1 = tmp_path / "v1"
+    (v1 / "memory/htcondor/job").mkdir(parents=True)
+    (v1 / "memory/htcondor/job/memory.limit_in_bytes").write_text("3221225472\n")
+    (tmp_path / "cg1").write_text("5:cpu,cpuacct:/htcondor/job\n4:memory:/htcondor/job\n")
+    assert memory_limit_bytes(tmp_path / "cg1", v1) == 3 * 2 ** 30
+    (v1 / "memory/htcondor/job/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit_bytes(tmp_path / "cg1", v1) is None          # v1's "unlimited"
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice/job").mkdir(parents=True)
+    (v2 / "system.slice/job/memory.max").write_text("max\n")
+    (tmp_path / "cg2").write_text("0::/system.slice/job\n")
+    assert memory_limit_bytes(tmp_path / "cg2", v2) is None
+    (v2 / "system.slice/job/memory.max").write_text("1073741824\n")
+    assert memory_limit_bytes(tmp_path / "cg2", v2) == 2 ** 30
+    assert memory_limit_bytes(tmp_path / "missing", v2) is None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import classad, config as config_mod, disklimit, hypervisors
+from . import cgroups, classad, config as config_mod, disklimit, hypervisors
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -72,9 +72,11 @@ class VMRequest:
     label: str = ""
 
 
-def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional[VMRequest]:
+def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None,
+               cgroup_limit: Optional[int] = None) -> Optional[VMRequest]:
     """None for an ordinary job (no VMImage); JobAdError for a malformed VMLoader attribute.
-    Values are evaluated as the starter does: in the job ad, with the machine ad as TARGET."""
+    Values are evaluated as the starter does: in the job ad, with the machine ad as TARGET.
+    `cgroup_limit`: the job's cgroup memory limit in bytes (HTCondor's cgroup limits), if any."""
     value = lambda name: ad.evaluate(name, machine)
     image = value("VMImage")
     if image is classad.UNDEFINED and "VMImage" not in ad:
@@ -98,7 +100,7 @@ def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional
         image=image, root=root, snapshot=_snapshot_policy(ad, value),
         timeout=float(timeout) if timeout else _within_walltime(value("AllowedJobDuration")),
         cpus=_vm_cpus(_request(ad, machine, "RequestCpus"), machine),
-        memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine),
+        memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine, cgroup_limit),
         disk_kib=_vm_disk(_request(ad, machine, "RequestDisk"), machine),
         outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
         env_names=_env_names(value("Environment")),
@@ -155,16 +157,23 @@ def _vm_cpus(cpus: Optional[int], machine: Optional[classad.Ad]) -> Optional[int
     return max(1, min(cpus, slot) if slot else cpus)
 
 
-def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad]) -> Optional[int]:
+def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad],
+               cgroup_limit: Optional[int] = None) -> Optional[int]:
     """The guest's RAM: the slot's request_memory less what QEMU itself holds beside it
-    (QEMU_OVERHEAD_MIB), so the whole VM stays within the slot. No request: the image's default."""
+    (QEMU_OVERHEAD_MIB), so the whole VM stays within the slot (its Memory, and the job's cgroup
+    memory limit where HTCondor sets one: QEMU runs in the job's cgroup). No request: the image's default."""
     if request is None:
         return None
+    bounds = [(request, "")]
     slot = _slot(machine, "Memory")
-    budget = min(request, slot) if slot else request
+    if slot:
+        bounds.append((slot, f" (slot memory {slot} MiB)"))
+    if cgroup_limit:
+        bounds.append((cgroup_limit // 2 ** 20, f" (the job's cgroup memory limit {cgroup_limit // 2 ** 20} MiB)"))
+    budget, bound = min(bounds, key=lambda b: b[0])
     if budget - QEMU_OVERHEAD_MIB < MIN_GUEST_MEMORY_MIB:
         need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
-        what = f"request_memory {request} MiB" + (f" (slot memory {slot} MiB)" if budget != request else "")
+        what = f"request_memory {request} MiB" + (bound if budget != request else "")
         raise JobAdError(f"{what} is too small for a VM of {image}: a VM needs at least {need} MiB "
                          f"({MIN_GUEST_MEMORY_MIB} MiB for the guest + {QEMU_OVERHEAD_MIB} MiB for QEMU)",
                          hint=f"request_memory = {need} or more, or leave request_memory out for the "
@@ -324,7 +333,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
     worker = _worker_name(machine)
     runtime = None
     try:
-        request = vm_request(classad.parse_ad(ad_text), machine)
+        request = vm_request(classad.parse_ad(ad_text), machine, cgroups.memory_limit_bytes())
         if request is None:     # declares() saw a VMImage line, yet the parsed ad lacks it
             raise JobAdError("the job ad has a VMImage line, but it is not in the ad as parsed",
                              hint="check the +VMImage line of the submit file")
