@@ -263,3 +263,30 @@ def test_the_cgroup_memory_limit_is_read_for_v1_and_v2(tmp_path):
     (v2 / "system.slice/job/memory.max").write_text("1073741824\n")
     assert memory_limit_bytes(tmp_path / "cg2", v2) == 2 ** 30
     assert memory_limit_bytes(tmp_path / "missing", v2) is None
+
+
+def test_oom_kills_are_counted_from_the_memory_cgroup(tmp_path):
+    from vmloader.bootstrapper.cgroups import oom_kills
+    (tmp_path / "memory/job").mkdir(parents=True)
+    (tmp_path / "memory/job/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (tmp_path / "cg").write_text("4:memory:/job\n")
+    assert oom_kills(tmp_path / "cg", tmp_path) == 2
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job/memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (tmp_path / "cg2").write_text("0::/job\n")
+    assert oom_kills(tmp_path / "cg2", tmp_path) == 1
+    assert oom_kills(tmp_path / "nothing", tmp_path) is None
+
+
+def test_a_limit_set_on_an_ancestor_cgroup_applies(tmp_path):
+    from vmloader.bootstrapper.cgroups import memory_limit_bytes
+    (tmp_path / "memory/base/job").mkdir(parents=True)
+    (tmp_path / "memory/base/job/memory.limit_in_bytes").write_text("3221225472\n")
+    (tmp_path / "memory/base/job/memory.stat").write_text("cache 0\nhierarchical_memory_limit 419430400\n")
+    (tmp_path / "cg").write_text("4:memory:/base/job\n")
+    assert memory_limit_bytes(tmp_path / "cg", tmp_path) == 400 * 2 ** 20
+    (tmp_path / "base/job").mkdir(parents=True)
+    (tmp_path / "base/memory.max").write_text("419430400\n")
+    (tmp_path / "base/job/memory.max").write_text("max\n")
+    (tmp_path / "cg2").write_text("0::/base/job\n")
+    assert memory_limit_bytes(tmp_path / "cg2", tmp_path) == 400 * 2 ** 20

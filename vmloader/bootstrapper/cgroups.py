@@ -12,8 +12,9 @@ UNLIMITED_V1 = 2 ** 62          # cgroup v1 says "no limit" with a number near 2
 
 def memory_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
                        mount: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
-    """The limit on this process's memory cgroup (v1 `memory.limit_in_bytes`, v2 `memory.max`);
-    None when there is none or it cannot be read."""
+    """The memory limit that applies to this process's cgroup, its ancestors' included (v1:
+    `hierarchical_memory_limit` in memory.stat, else `memory.limit_in_bytes`; v2: the smallest
+    `memory.max` up the tree); None when there is none or it cannot be read."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -21,10 +22,16 @@ def memory_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if "memory" in controllers.split(","):
-            return _read_limit(mount / controllers / path.lstrip("/") / "memory.limit_in_bytes")
+            leaf = mount / controllers / path.lstrip("/")
+            hierarchical = _counter(leaf / "memory.stat", "hierarchical_memory_limit")
+            if hierarchical is not None:
+                return hierarchical if 0 < hierarchical < UNLIMITED_V1 else None
+            return _read_limit(leaf / "memory.limit_in_bytes")
     for line in lines:
         if line.startswith("0::"):
-            return _read_limit(mount / line[3:].lstrip("/") / "memory.max")
+            parts = [p for p in line[3:].split("/") if p]
+            limits = [_read_limit(mount.joinpath(*parts[:n]) / "memory.max") for n in range(1, len(parts) + 1)]
+            return min((limit for limit in limits if limit is not None), default=None)
     return None
 
 
@@ -37,3 +44,42 @@ def _read_limit(path: Path) -> Optional[int]:
         return None
     value = int(text)
     return value if 0 < value < UNLIMITED_V1 else None
+
+
+def oom_kills(proc_cgroup: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """How many processes the kernel's OOM killer ended in this process's memory cgroup (v1
+    `memory.oom_control`, v2 `memory.events`: `oom_kill N`); None when it cannot tell."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            return _counter(mount / controllers / path.lstrip("/") / "memory.oom_control", "oom_kill")
+    for line in lines:
+        if line.startswith("0::"):
+            return _counter(mount / line[3:].lstrip("/") / "memory.events", "oom_kill")
+    return None
+
+
+def _counter(path: Path, name: str) -> Optional[int]:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return None
+
+
+def oom_note(before: Optional[int]) -> Optional[str]:
+    """What to say when the VM vanished and the job's memory cgroup counted a new OOM kill since `before`."""
+    after = oom_kills()
+    if before is None or after is None or after <= before:
+        return None
+    limit = memory_limit_bytes()
+    at = f" of {limit // 2 ** 20} MiB" if limit else ""
+    return (f"; the kernel's OOM killer ended QEMU at the job's memory limit{at} (its cgroup): the VM "
+            "and QEMU's own memory did not fit")

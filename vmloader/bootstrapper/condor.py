@@ -44,7 +44,7 @@ STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.a
 QEMU_OVERHEAD_MIB = 192
 MIN_GUEST_MEMORY_MIB = 256                   # the smallest guest our images boot and run a job in
 # request_disk (KiB) bounds the job's disk: the sandbox's files plus what the VM writes into its
-# overlay. A boot and a small job write ~10 MiB there (journal, logs, the job's files); below this
+# overlay. A boot and a small command write ~2.5 MiB there (journal, logs; measured on the pool); below this
 # the job would stop at its limit before it started, so the request is held up front.
 MIN_OVERLAY_MIB = 64
 CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import diskfull, disklimit, guesttext, launch, privatefiles, proc, sandboxnames, virt
+from . import cgroups, diskfull, disklimit, guesttext, launch, privatefiles, proc, sandboxnames, virt
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
@@ -186,6 +186,7 @@ class Job:
         self.machine: Optional[virt.Machine] = None
         self.client: Optional[AgentClient] = None
         self.watch: Optional[disklimit.OverlayWatch] = None
+        self.oom_kills = cgroups.oom_kills()    # the job's memory cgroup's count before its VM started
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
         self.pins = ExitStack()                 # entered by JobRunner.run, closed after teardown
@@ -471,7 +472,8 @@ class JobRunner:
         elif note := diskfull.io_pause_note(job.machine, job.overlay):
             exc.message += note
         elif not _domain_alive(job):
-            exc.message += "; the VM is gone (its QEMU process exited or was killed on the host)"
+            exc.message += (cgroups.oom_note(job.oom_kills)
+                            or "; the VM is gone (its QEMU process exited or was killed on the host)")
         exc.hint = (f"this is not the command's own exit status; console log {job.console_log}"
                     + (f"; the job's state is kept per --snapshot ({job.spec.snapshot})"))
         return exc
