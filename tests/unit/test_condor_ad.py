@@ -290,3 +290,29 @@ def test_a_limit_set_on_an_ancestor_cgroup_applies(tmp_path):
     (tmp_path / "base/job/memory.max").write_text("max\n")
     (tmp_path / "cg2").write_text("0::/base/job\n")
     assert memory_limit_bytes(tmp_path / "cg2", tmp_path) == 400 * 2 ** 20
+
+
+def test_ending_the_private_libvirt_waits_for_its_daemons_and_removes_their_dir(tmp_path):
+    """A daemon that keeps writing into the runtime dir while it exits (as libvirtd does) does not
+    leave the dir behind: the wrapper waits for it before removing the dir."""
+    import subprocess
+    import sys
+    from vmloader.bootstrapper.condor import _end_private_libvirt
+    runtime = tmp_path / "vml-test"
+    (runtime / "libvirt").mkdir(parents=True)
+    daemon = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, time\n"
+        "def bye(*_):\n"
+        "    time.sleep(0.5); os.makedirs(%r, exist_ok=True); os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "open(%r, 'w').write('ready')\n"
+        "while True: time.sleep(1)\n") % (str(runtime / "libvirt/common"), str(runtime / "ready"))])
+    try:
+        while not (runtime / "ready").exists():
+            assert daemon.poll() is None
+        (runtime / "libvirt/libvirtd.pid").write_text(f"{daemon.pid}\n")
+        _end_private_libvirt(runtime)
+        assert daemon.wait(timeout=5) == 0
+        assert not runtime.exists()
+    finally:
+        daemon.kill()

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -308,14 +309,40 @@ def _private_libvirt(environ: dict) -> Optional[Path]:
     return runtime
 
 
-def _end_private_libvirt(runtime: Path) -> None:
-    """Stop the session daemons our connection started (their pid files are in our runtime dir)."""
+def _end_private_libvirt(runtime: Path, grace: float = 10.0) -> None:
+    """Stop the session daemons our connection started (their pid files are in our runtime dir),
+    wait until they are gone (SIGKILL after `grace` seconds), then remove the dir: a daemon still
+    exiting writes into it again (50 pool jobs left 14 empty runtime dirs behind before the wait)."""
+    pids = []
     for pidfile in sorted((runtime / "libvirt").glob("*.pid")):
         try:
-            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
         except (OSError, ValueError):
             pass
-    shutil.rmtree(runtime, ignore_errors=True)
+    deadline = time.monotonic() + grace
+    while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _ in range(3):              # a last write of a dying daemon may race the first removal
+        shutil.rmtree(runtime, ignore_errors=True)
+        if not runtime.exists():
+            break
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie awaiting its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
