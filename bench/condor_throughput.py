@@ -3,8 +3,10 @@
 
 Starts the same HTCondor pool the tests use (trixie chroot, two startds with one
 slot each), times one VM job alone, then submits N jobs at once and reports
-their makespan against the ideal N x single / slots. Not a test: no thresholds,
-just figures for the README.
+their makespan against the ideal N x single / slots. With --compare-cgroups it
+does so twice: with HTCondor's cgroup accounting and limits (the pool's default)
+and without them (jobs tracked by process tree), for the cost of the accounting.
+Not a test: no thresholds, just figures for the README.
 """
 import argparse
 import re
@@ -40,18 +42,22 @@ def run_cluster(pool, name: str, count: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--compare-cgroups", action="store_true",
+                        help="also run without HTCondor's cgroup accounting and limits")
     args = parser.parse_args()
-    pool = start_pool()
-    try:
-        run_cluster(pool, "warmup", 2)               # images into both workers' caches
-        single = run_cluster(pool, "single", 1)
-        makespan = run_cluster(pool, "batch", args.jobs)
-    finally:
-        pool.stop()
-    ideal = args.jobs * single / 2
-    print(f"one VM job alone (submit to done): {single:.1f} s")
-    print(f"{args.jobs} VM jobs on 2 slots: makespan {makespan:.1f} s; "
-          f"{args.jobs} x single / 2 = {ideal:.1f} s; ratio {makespan / ideal:.2f}")
+    for cgroups in ((True, False) if args.compare_cgroups else (True,)):
+        pool = start_pool(cgroups=cgroups)
+        try:
+            run_cluster(pool, "warmup", 2)               # images into both workers' caches
+            single = run_cluster(pool, "single", 1)
+            makespan = run_cluster(pool, "batch", args.jobs)
+        finally:
+            pool.stop()
+        ideal = args.jobs * single / 2
+        what = "with cgroup limits" if cgroups else "without cgroups"
+        print(f"{what}: one VM job alone (submit to done): {single:.1f} s")
+        print(f"{what}: {args.jobs} VM jobs on 2 slots: makespan {makespan:.1f} s; "
+              f"{args.jobs} x single / 2 = {ideal:.1f} s; ratio {makespan / ideal:.2f}", flush=True)
 
 
 if __name__ == "__main__":

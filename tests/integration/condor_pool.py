@@ -61,6 +61,27 @@ exec /usr/sbin/condor_master -f
 """
 
 
+# HTCondor 23.9 finds cgroup v1 controllers at /sys/fs/cgroup/{memory,cpu,cpuacct,freezer,devices}
+# (its names, as systemd mounts them: cpu and cpuacct in one hierarchy). This host mounts cpu and
+# cpuacct apart, so the starter would say "Cgroup cpu,cpuacct// is not writeable, cannot use
+# cgroups" and track jobs by process tree only. In the pool's own mount namespace the controllers
+# are bound in again under a fresh tmpfs, cpuacct also as `cpu,cpuacct`: HTCondor reads a job's CPU
+# from cpuacct.stat there (its cpu.shares write fails, logged; each slot has one core anyway).
+# Nothing of this reaches the host's /sys/fs/cgroup. A host with cgroup v2 is left as it is.
+CGROUP_CONTROLLERS = ("memory", "cpuacct", "freezer", "devices", "cpu", "pids", "blkio", "cpuset")
+CGROUPS_V1 = (
+    "if [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpuacct ] && [ ! -e /sys/fs/cgroup/cpu,cpuacct ]; "
+    "then mount -t tmpfs -o mode=0755 cgroup $R/sys/fs/cgroup; "
+    f"for c in {' '.join(CGROUP_CONTROLLERS)}; do if [ -d /sys/fs/cgroup/$c ]; then "
+    "mkdir $R/sys/fs/cgroup/$c; mount --bind /sys/fs/cgroup/$c $R/sys/fs/cgroup/$c; fi; done; "
+    "mkdir $R/sys/fs/cgroup/cpu,cpuacct; mount --bind /sys/fs/cgroup/cpuacct $R/sys/fs/cgroup/cpu,cpuacct; fi;")
+
+
+def base_cgroup(port: int) -> str:
+    """The pool's own cgroup under each controller: pools of parallel test runs never share one."""
+    return f"htcondor-vmloader-test-{port}"
+
+
 def recipe_key() -> str:
     return hashlib.sha256(json.dumps([SUITE, MIRROR, PACKAGES, SETUP_IN_CHROOT]).encode()).hexdigest()[:16]
 
@@ -98,7 +119,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pool_config(port: int) -> str:
+def pool_config(port: int, cgroups: bool = True) -> str:
     return f"""
 # Written by the vmloader test fixture: a two-startd personal pool on loopback.
 CONDOR_HOST = 127.0.0.1
@@ -154,14 +175,19 @@ STARTD2.STARTD_ADDRESS_FILE = $(LOG)/.startd2_address
 STARTD2.EXECUTE = $(LOCAL_DIR)/lib/condor/execute2
 STARTD2.STARTD_CRON_VMLOADER_ENV = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2"
 RunBenchmarks = False
+# cgroup-based accounting and limits (see CGROUPS_V1): each job in its own cgroup under this
+# pool's base; its memory limit is its slot's Memory, enforced (hard).
+BASE_CGROUP = {base_cgroup(port) if cgroups else ""}
+CGROUP_MEMORY_LIMIT_POLICY = hard
 EXECUTE = $(LOCAL_DIR)/lib/condor/execute
 """
 
 
 class Pool:
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, cgroups: bool = True):
         self.chroot = root
         self.port = port
+        self.cgroups = cgroups          # False: HTCondor tracks jobs by process tree (bench/)
         self.proc: Optional[subprocess.Popen] = None
         self.mnt_ns = ""
 
@@ -213,7 +239,7 @@ class Pool:
             old.unlink()
         for conf in (REPO / "condor/config.d").glob("*.conf"):
             shutil.copy2(conf, confd / conf.name)
-        (confd / "90-vmloader-test-pool.conf").write_text(pool_config(self.port))
+        (confd / "90-vmloader-test-pool.conf").write_text(pool_config(self.port, self.cgroups))
         etc = self.chroot / "etc/vmloader"
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "config.toml").write_text(
@@ -239,7 +265,7 @@ class Pool:
 
     def start(self) -> None:
         script = (f"set -e; R={self.chroot}; mount -t proc proc $R/proc; mount --rbind /dev $R/dev; "
-                  "mount --rbind /sys $R/sys; "
+                  f"mount --rbind /sys $R/sys; {CGROUPS_V1 if self.cgroups else ''} "
                   # ssh_to_job's sshd runs as the job's user and gives up on a pty it cannot chown to
                   # group tty: new ptys in group tty, as systemd mounts devpts on a real worker.
                   "mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=0666 devpts $R/dev/pts; "
@@ -300,14 +326,28 @@ class Pool:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.remove_cgroups()
         self.log.close()
         if self.proc.returncode == 0:
             Path(self.log.name).unlink(missing_ok=True)
 
 
-def start_pool() -> Pool:
+    def remove_cgroups(self) -> None:
+        """The pool's base cgroup in each host controller, once its jobs are gone (empty dirs only)."""
+        for controller in CGROUP_CONTROLLERS:
+            base = Path("/sys/fs/cgroup", controller, base_cgroup(self.port))
+            if not base.is_dir():
+                continue
+            for dirpath, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass
+
+
+def start_pool(cgroups: bool = True) -> Pool:
     root = build_chroot()
-    pool = Pool(root, free_port())
+    pool = Pool(root, free_port(), cgroups)
     pool.install()
     pool.publish_images()
     pool.start()

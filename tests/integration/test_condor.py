@@ -275,6 +275,10 @@ def test_stopping_a_running_vm_job_keeps_the_snapshot_and_leaves_nothing_behind(
              if job_dir.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
     assert qemus == []
     pool.run(["condor_rm", str(job.cluster)])
+    pool.wait_for(lambda: str(job.cluster) not in pool.run(["condor_q", "-allusers", "-af", "ClusterId"],
+                                                            user=None).stdout.split(), 120, "the job to leave the queue")
+    # the job's private libvirt session daemon and its sockets went with it
+    wait_for_no_leftovers(pool)
 
 
 def test_a_job_submitted_through_the_htcondor2_python_api_runs_in_a_vm(pool):
@@ -459,3 +463,131 @@ def check_ssh_to_job(pool, job, vm_job: str) -> None:
     job.wait({RUNNING}, log="plog")
     host = ssh_to_job(pool, job, "-auto-retry", f"{plain}.0", "--", "echo $_CONDOR_SCRATCH_DIR")
     assert re.search(r"^/var/lib/condor/execute2?/dir_\d+$", host.stdout.strip()), host.stdout + host.stderr
+
+
+def test_a_job_writing_past_its_request_disk_is_held_naming_the_limit_and_a_too_small_one_up_front(pool):
+    """request_disk bounds what the VM writes (its overlay): past it the VM is paused and the job
+    held (subcode 125) with the limit in the reason, not reported as a crashed guest. A request_disk
+    that leaves no room for a VM at all is held before any VM starts."""
+    from vmloader.bootstrapper.condor import MIN_OVERLAY_MIB
+    small, small_reason = held_true_job(pool, "disktoosmall", "request_disk = 1MB\n")
+    assert "request_disk 1024 KiB is too small for a VM of debian-12" in small_reason, small_reason
+    assert f"at least {MIN_OVERLAY_MIB} MiB" in small_reason and "[job ad]" in small_reason, small_reason
+    pool.run(["condor_rm", str(small.cluster)], check=True)
+    record_row("job ad with a request_disk too small for any VM (`request_disk = 1MB`)", 125,
+               "held (HoldReason, subcode 125)", "job ad", small_reason, "the job (on hold); no VM started")
+    fill = Submission(pool, "diskfill", {"job.sub": (
+        "executable = /bin/sh\narguments = \"-c 'dd if=/dev/zero of=big bs=1M count=400 oflag=direct; "
+        "echo dd exited $?; sleep 600'\"\ntransfer_executable = false\nshould_transfer_files = YES\n"
+        "output = out\nerror = err\nlog = log\nrequest_disk = 200MB\n"
+        '+VMImage = "debian-12"\n+VMLoaderSnapshot = "never"\nqueue\n')})
+    fill.submit("job.sub")
+    fill.wait({HELD}, timeout=900)
+    shown = pool.run(["condor_q", "-allusers", str(fill.cluster), "-af", "HoldReason", "HoldReasonSubCode"],
+                     user=None, timeout=60).stdout
+    reason, _, subcode = shown.rstrip("\n").rpartition(" ")
+    assert subcode == "125", shown
+    assert "[exec]: the job reached its disk limit" in reason, reason
+    assert "request_disk 204800 KiB less the sandbox's" in reason, reason
+    assert "dd exited" not in fill.file("out").read_text()        # paused mid-write, never resumed
+    pool.run(["condor_rm", str(fill.cluster)], check=True)
+    record_row("an HTCondor VM job writes past its request_disk (`request_disk = 200MB`, 400 MiB written)",
+               125, "held (HoldReason, subcode 125)", "exec", reason,
+               "the job (on hold); the VM paused at the limit, then destroyed; the state per policy")
+
+
+def job_user_leftovers(pool) -> dict:
+    """What a VM job of USER may leave on a worker once no job of it runs: its processes (a libvirt
+    session daemon, QEMU), its private libvirt runtime dirs (/tmp/vml-*, the daemons' sockets)."""
+    uid = pool.run(["id", "-u", USER], user=None, check=True).stdout.strip()
+    procs = []
+    for pid in pool.namespace_pids():
+        try:
+            if str(Path(f"/proc/{pid}").stat().st_uid) == uid:
+                procs.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return {"processes": procs, "runtime dirs": sorted(p.name for p in pool.path("/tmp").glob("vml-*"))}
+
+
+def wait_for_no_leftovers(pool, timeout: float = 120) -> None:
+    last = {}
+
+    def gone():
+        last.update(job_user_leftovers(pool))
+        return last == {"processes": [], "runtime dirs": []}
+    try:
+        pool.wait_for(gone, timeout, "the job user's processes and runtime dirs to be gone")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left: {last}") from None
+
+
+def test_a_vm_jobs_memory_and_cpu_are_accounted_to_it_through_its_cgroup(pool):
+    """QEMU, started by the job's private libvirt session daemon, runs in the job's cgroup: the
+    guest filling 600 MiB of its RAM shows in MemoryUsage, its CPU in RemoteUserCpu."""
+    from .condor_pool import base_cgroup
+    job = Submission(pool, "accounting", {
+        "fill.sh": "#!/bin/sh\npython3 -c 'import time; b = b\"x\" * (600 << 20); print(\"filled\", flush=True); "
+                   "time.sleep(30)'\n",
+        "job.sub": ("executable = fill.sh\nshould_transfer_files = YES\noutput = out\nerror = err\nlog = log\n"
+                    '+VMImage = "debian-12"\n+VMLoaderSnapshot = "never"\nqueue\n')})
+    job.file("fill.sh").chmod(0o755)
+    job.submit("job.sub")
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    running = lambda: [d for d in jobs_dir.glob(f"condor-{job.cluster}.0-*")
+                       if (d / "phase").exists() and (d / "phase").read_text().strip() == "exec"]
+    job_dir = pool.wait_for(running, 600, "the VM job to reach its exec phase")[0]
+    qemus = [pid for pid in pool.namespace_pids()
+             if job_dir.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+             and "qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(qemus) == 1, qemus
+    cgroup = Path(f"/proc/{qemus[0]}/cgroup").read_text()
+    memory_line = next(line for line in cgroup.splitlines() if ":memory:" in line)
+    assert f"/{base_cgroup(pool.port)}/" in memory_line, cgroup        # the job's, not the daemon's own
+    done = job.wait({COMPLETED}, timeout=900)[0]
+    assert done["ExitCode"] == "0", job.file("err").read_text()
+    assert job.file("out").read_text() == "filled\n"
+    usage = pool.run(["condor_history", str(job.cluster), "-af", "MemoryUsage", "RemoteUserCpu"], user=None,
+                     check=True).stdout.split()
+    memory_mib, user_cpu = int(usage[0]), float(usage[1])
+    assert memory_mib >= 600, usage
+    assert user_cpu > 0, usage
+
+
+def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retention(pool):
+    """The per-job libvirt session daemons and their sockets go with each job; job records and
+    snapshots stay within the retention settings (snapshot_max_count, 20 by default)."""
+    from vmloader.bootstrapper.config import Config
+    job = Submission(pool, "fifty", {"job.sub": (
+        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
+        '+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue 50\n')})
+    job.submit("job.sub")
+    done = job.wait({COMPLETED}, count=50, timeout=3600)
+    assert sorted(j["ExitCode"] for j in done.values()) == ["0"] * 50
+    wait_for_no_leftovers(pool)
+    state = pool.path(f"/home/{USER}/.local/share/vmloader")
+    keep = Config().snapshot_max_count
+    # (a job prunes the records of finished jobs other than its own: the last one's stays till the next)
+    assert len(list((state / "jobs").iterdir())) <= keep + 1
+    assert len(list((state / "snapshots").iterdir())) <= keep
+
+
+def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_numbers(pool):
+    """QEMU runs in the job's cgroup, so its memory limit (here set on the pool's base cgroup,
+    an ancestor of every job's) bounds the VM as the slot does: a limit no VM fits in is a hold
+    naming it, never a VM the kernel OOM-kills."""
+    from .condor_pool import base_cgroup
+    base = Path("/sys/fs/cgroup/memory", base_cgroup(pool.port))
+    if not base.is_dir():
+        pytest.skip("no cgroup v1 memory controller for the pool")
+    limit = base / "memory.limit_in_bytes"
+    limit.write_text(str(400 * 2 ** 20))
+    try:
+        job, reason = held_true_job(pool, "cgrouplimit", "")
+    finally:
+        limit.write_text("-1")
+    assert "request_memory 1216 MiB (the job's cgroup memory limit 400 MiB) is too small for a VM of debian-12" \
+        in reason, reason
+    pool.run(["condor_rm", str(job.cluster)], check=True)
+    record_row("an HTCondor job's cgroup memory limit below its VM (400 MiB on the pool's base cgroup)", 125,
+               "held (HoldReason, subcode 125)", "job ad", reason, "the job (on hold); no VM started")

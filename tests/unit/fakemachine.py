@@ -108,6 +108,13 @@ class FakeMachine:
     def paused_on_io_error(self) -> bool:
         return False
 
+    def pause(self) -> None:
+        """What pausing QEMU does: the guest's processes stop where they are."""
+        self.owner.events.append(("pause", self.name))
+        if self.agent is not None:
+            for execution in list(self.agent.execs.values()):
+                execution.kill(signal.SIGSTOP)
+
     def save(self, path: Path) -> None:
         self.owner.events.append(("save", self.name))
         if self.owner.save_fails:

@@ -199,3 +199,120 @@ def test_the_walltime_limit_times_the_vm_out_just_before_htcondor_does():
     explicit = 'VMImage = "debian-12"\nAllowedJobDuration = 3600\nVMLoaderTimeout = 10'
     assert vm_request(classad.parse_ad(explicit)).timeout == 10
     assert vm_request(classad.parse_ad('VMImage = "debian-12"')).timeout is None
+
+
+def test_request_disk_less_the_sandbox_bounds_the_vms_overlay():
+    from vmloader.bootstrapper.condor import disk_limit
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = 2 * 1024 * 1024"))
+    assert req.disk_kib == 2 * 1024 * 1024
+    limit = disk_limit(req, sandbox_bytes=3 * 1024 * 1024)
+    assert limit.limit_bytes == (2048 - 3) * 2 ** 20
+    assert limit.origin == "request_disk 2097152 KiB less the sandbox's 3072 KiB"
+    assert disk_limit(request('VMImage = "debian-12"'), 1000) is None      # no request: no bound
+
+
+def test_request_disk_never_exceeds_the_slots_disk():
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = 99999999"))
+    assert req.disk_kib == 10000000                            # the slot's Disk
+
+
+def test_htcondors_default_request_disk_is_too_small_for_a_vm_and_held_with_the_numbers():
+    """condor_submit's default request_disk is the sandbox's size (DiskUsage, a few MiB): the
+    schedd transform replaces it for VM jobs; a job that still carries it is held."""
+    from vmloader.bootstrapper.condor import MIN_OVERLAY_MIB, disk_limit
+    req = request(DEFAULT_REQUESTS_AD.replace("RequestMemory = ifthenelse", "RequestMemory = 1216\nOld = ifthenelse"))
+    assert req.disk_kib == 2500
+    with pytest.raises(JobAdError) as err:
+        disk_limit(req, sandbox_bytes=2500 * 1024)
+    assert "request_disk 2500 KiB is too small for a VM of debian-12" in err.value.message
+    assert f"at least {MIN_OVERLAY_MIB} MiB" in err.value.message and "the sandbox's 2500 KiB" in err.value.message
+    assert f"({MIN_OVERLAY_MIB * 1024 + 2500} KiB in all)" in err.value.message and err.value.exit_code == 125
+    just = request(f'VMImage = "debian-12"\nRequestDisk = {MIN_OVERLAY_MIB * 1024 + 2500}')
+    assert disk_limit(just, 2500 * 1024).limit_bytes == MIN_OVERLAY_MIB * 2 ** 20
+
+
+def test_a_request_disk_expression_is_evaluated_against_the_machine():
+    req = request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = DiskUsage + TARGET.Disk / 10"))
+    assert req.disk_kib == 5000 + 1000000
+
+
+def test_the_vm_stays_within_the_jobs_cgroup_memory_limit_and_says_so_when_that_is_too_small():
+    """QEMU runs in the job's cgroup: the guest is sized within its memory limit as within the slot."""
+    ad = JOB_AD                                                  # RequestMemory = 2048
+    assert vm_request(classad.parse_ad(ad), classad.parse_ad(MACHINE_AD), 1024 * 2 ** 20).memory_mib == \
+        1024 - QEMU_OVERHEAD_MIB
+    with pytest.raises(JobAdError) as err:
+        vm_request(classad.parse_ad(ad), classad.parse_ad(MACHINE_AD), 300 * 2 ** 20)
+    assert "request_memory 2048 MiB (the job's cgroup memory limit 300 MiB) is too small" in err.value.message
+
+
+def test_the_cgroup_memory_limit_is_read_for_v1_and_v2(tmp_path):
+    from vmloader.bootstrapper.cgroups import memory_limit_bytes
+    v1 = tmp_path / "v1"
+    (v1 / "memory/htcondor/job").mkdir(parents=True)
+    (v1 / "memory/htcondor/job/memory.limit_in_bytes").write_text("3221225472\n")
+    (tmp_path / "cg1").write_text("5:cpu,cpuacct:/htcondor/job\n4:memory:/htcondor/job\n")
+    assert memory_limit_bytes(tmp_path / "cg1", v1) == 3 * 2 ** 30
+    (v1 / "memory/htcondor/job/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory_limit_bytes(tmp_path / "cg1", v1) is None          # v1's "unlimited"
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice/job").mkdir(parents=True)
+    (v2 / "system.slice/job/memory.max").write_text("max\n")
+    (tmp_path / "cg2").write_text("0::/system.slice/job\n")
+    assert memory_limit_bytes(tmp_path / "cg2", v2) is None
+    (v2 / "system.slice/job/memory.max").write_text("1073741824\n")
+    assert memory_limit_bytes(tmp_path / "cg2", v2) == 2 ** 30
+    assert memory_limit_bytes(tmp_path / "missing", v2) is None
+
+
+def test_oom_kills_are_counted_from_the_memory_cgroup(tmp_path):
+    from vmloader.bootstrapper.cgroups import oom_kills
+    (tmp_path / "memory/job").mkdir(parents=True)
+    (tmp_path / "memory/job/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (tmp_path / "cg").write_text("4:memory:/job\n")
+    assert oom_kills(tmp_path / "cg", tmp_path) == 2
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job/memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (tmp_path / "cg2").write_text("0::/job\n")
+    assert oom_kills(tmp_path / "cg2", tmp_path) == 1
+    assert oom_kills(tmp_path / "nothing", tmp_path) is None
+
+
+def test_a_limit_set_on_an_ancestor_cgroup_applies(tmp_path):
+    from vmloader.bootstrapper.cgroups import memory_limit_bytes
+    (tmp_path / "memory/base/job").mkdir(parents=True)
+    (tmp_path / "memory/base/job/memory.limit_in_bytes").write_text("3221225472\n")
+    (tmp_path / "memory/base/job/memory.stat").write_text("cache 0\nhierarchical_memory_limit 419430400\n")
+    (tmp_path / "cg").write_text("4:memory:/base/job\n")
+    assert memory_limit_bytes(tmp_path / "cg", tmp_path) == 400 * 2 ** 20
+    (tmp_path / "base/job").mkdir(parents=True)
+    (tmp_path / "base/memory.max").write_text("419430400\n")
+    (tmp_path / "base/job/memory.max").write_text("max\n")
+    (tmp_path / "cg2").write_text("0::/base/job\n")
+    assert memory_limit_bytes(tmp_path / "cg2", tmp_path) == 400 * 2 ** 20
+
+
+def test_ending_the_private_libvirt_waits_for_its_daemons_and_removes_their_dir(tmp_path):
+    """A daemon that keeps writing into the runtime dir while it exits (as libvirtd does) does not
+    leave the dir behind: the wrapper waits for it before removing the dir."""
+    import subprocess
+    import sys
+    from vmloader.bootstrapper.condor import _end_private_libvirt
+    runtime = tmp_path / "vml-test"
+    (runtime / "libvirt").mkdir(parents=True)
+    daemon = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, time\n"
+        "def bye(*_):\n"
+        "    time.sleep(0.5); os.makedirs(%r, exist_ok=True); os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "open(%r, 'w').write('ready')\n"
+        "while True: time.sleep(1)\n") % (str(runtime / "libvirt/common"), str(runtime / "ready"))])
+    try:
+        while not (runtime / "ready").exists():
+            assert daemon.poll() is None
+        (runtime / "libvirt/libvirtd.pid").write_text(f"{daemon.pid}\n")
+        _end_private_libvirt(runtime)
+        assert daemon.wait(timeout=5) == 0
+        assert not runtime.exists()
+    finally:
+        daemon.kill()

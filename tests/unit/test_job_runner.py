@@ -215,3 +215,26 @@ def test_one_function_wires_a_runner_from_the_config(world):
     assert runner.cache.root == config.cache_dir and runner.store.root == config.snapshots_dir
     assert runner.connect is fake
     assert runners.job_runner(config).connect is virt.LibvirtMachines
+
+
+def test_a_job_writing_past_its_disk_limit_is_paused_and_fails_naming_the_limit(world):
+    """The command grows the overlay (as a guest's writes do) and would then sleep for a minute:
+    the VM is paused at the limit and the job ends at once with exit 125, not a guest crash."""
+    from vmloader.bootstrapper.disklimit import MIB, DiskLimit
+    rig = Rig(world)
+    grow = (f"head -c {4 * MIB} /dev/urandom >> {world}/state/jobs/$VMLOADER_JOB_ID/overlay.qcow2; "
+            "echo grown; sleep 60")
+    result = rig.run("sh", "-c", grow, snapshot="never", disk_limit=DiskLimit(2 * MIB, "request_disk test"))
+    assert result.exit_status == EXIT_INFRA, result.error
+    assert "disk limit" in result.error["message"] and "2 MiB allowed (request_disk test)" in result.error["message"]
+    assert result.error["phase"] == "exec" and "request_disk" in result.error["hint"]
+    assert "pause" in rig.fake.kinds() and torn_down(rig.fake)
+    assert result.outcome == "infrastructure-error"
+
+
+def test_a_job_within_its_disk_limit_runs_as_before(world):
+    from vmloader.bootstrapper.disklimit import MIB, DiskLimit
+    rig = Rig(world)
+    result = rig.run("true", snapshot="never", disk_limit=DiskLimit(64 * MIB))
+    assert result.exit_status == 0, result.error
+    assert "pause" not in rig.fake.kinds()

@@ -214,6 +214,10 @@ class AgentClient:
             return item
 
     # -- API -----------------------------------------------------------------
+    def abort(self, why: str) -> None:
+        """Fail every request waiting on the guest (and every later one) with AgentError(why)."""
+        self._fail(why)
+
     def check_alive(self) -> None:
         """AgentError when the channel failed or the guest stopped sending heartbeats."""
         self._check_alive()

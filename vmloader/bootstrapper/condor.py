@@ -20,11 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import classad, config as config_mod, hypervisors, sandboxnames, sshtojob
+from . import cgroups, classad, config as config_mod, disklimit, hypervisors, sandboxnames, sshtojob
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -43,6 +44,10 @@ STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.a
 # transform's default request (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses it too.
 QEMU_OVERHEAD_MIB = 192
 MIN_GUEST_MEMORY_MIB = 256                   # the smallest guest our images boot and run a job in
+# request_disk (KiB) bounds the job's disk: the sandbox's files plus what the VM writes into its
+# overlay. A boot and a small command write ~2.5 MiB there (journal, logs; measured on the pool); below this
+# the job would stop at its limit before it started, so the request is held up front.
+MIN_OVERLAY_MIB = 64
 CHIRP_PATHS = ("/usr/libexec/condor/condor_chirp", "/usr/lib/condor/libexec/condor_chirp")
 
 
@@ -62,15 +67,17 @@ class VMRequest:
     timeout: Optional[float] = None
     cpus: Optional[int] = None
     memory_mib: Optional[int] = None         # the guest's RAM: the slot's request less QEMU_OVERHEAD_MIB
-    disk_kib: Optional[int] = None           # RequestDisk, evaluated (not applied yet)
+    disk_kib: Optional[int] = None           # RequestDisk, evaluated: bounds sandbox + the VM's overlay
     outputs: Optional[tuple] = None          # TransferOutput; None: every new or changed file
     env_names: tuple = ()
     label: str = ""
 
 
-def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional[VMRequest]:
+def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None,
+               cgroup_limit: Optional[int] = None) -> Optional[VMRequest]:
     """None for an ordinary job (no VMImage); JobAdError for a malformed VMLoader attribute.
-    Values are evaluated as the starter does: in the job ad, with the machine ad as TARGET."""
+    Values are evaluated as the starter does: in the job ad, with the machine ad as TARGET.
+    `cgroup_limit`: the job's cgroup memory limit in bytes (HTCondor's cgroup limits), if any."""
     value = lambda name: ad.evaluate(name, machine)
     image = value("VMImage")
     if image is classad.UNDEFINED and "VMImage" not in ad:
@@ -94,8 +101,8 @@ def vm_request(ad: classad.Ad, machine: Optional[classad.Ad] = None) -> Optional
         image=image, root=root, snapshot=_snapshot_policy(ad, value),
         timeout=float(timeout) if timeout else _within_walltime(value("AllowedJobDuration")),
         cpus=_vm_cpus(_request(ad, machine, "RequestCpus"), machine),
-        memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine),
-        disk_kib=_request(ad, machine, "RequestDisk"),
+        memory_mib=_vm_memory(_request(ad, machine, "RequestMemory"), image, machine, cgroup_limit),
+        disk_kib=_vm_disk(_request(ad, machine, "RequestDisk"), machine),
         outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()) if isinstance(outputs, str) else None,
         env_names=_env_names(value("Environment")),
         label=f"{_defined(value('ClusterId'), 0)}.{_defined(value('ProcId'), 0)}")
@@ -151,21 +158,53 @@ def _vm_cpus(cpus: Optional[int], machine: Optional[classad.Ad]) -> Optional[int
     return max(1, min(cpus, slot) if slot else cpus)
 
 
-def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad]) -> Optional[int]:
+def _vm_memory(request: Optional[int], image: str, machine: Optional[classad.Ad],
+               cgroup_limit: Optional[int] = None) -> Optional[int]:
     """The guest's RAM: the slot's request_memory less what QEMU itself holds beside it
-    (QEMU_OVERHEAD_MIB), so the whole VM stays within the slot. No request: the image's default."""
+    (QEMU_OVERHEAD_MIB), so the whole VM stays within the slot (its Memory, and the job's cgroup
+    memory limit where HTCondor sets one: QEMU runs in the job's cgroup). No request: the image's default."""
     if request is None:
         return None
+    bounds = [(request, "")]
     slot = _slot(machine, "Memory")
-    budget = min(request, slot) if slot else request
+    if slot:
+        bounds.append((slot, f" (slot memory {slot} MiB)"))
+    if cgroup_limit:
+        bounds.append((cgroup_limit // 2 ** 20, f" (the job's cgroup memory limit {cgroup_limit // 2 ** 20} MiB)"))
+    budget, bound = min(bounds, key=lambda b: b[0])
     if budget - QEMU_OVERHEAD_MIB < MIN_GUEST_MEMORY_MIB:
         need = MIN_GUEST_MEMORY_MIB + QEMU_OVERHEAD_MIB
-        what = f"request_memory {request} MiB" + (f" (slot memory {slot} MiB)" if budget != request else "")
+        what = f"request_memory {request} MiB" + (bound if budget != request else "")
         raise JobAdError(f"{what} is too small for a VM of {image}: a VM needs at least {need} MiB "
                          f"({MIN_GUEST_MEMORY_MIB} MiB for the guest + {QEMU_OVERHEAD_MIB} MiB for QEMU)",
                          hint=f"request_memory = {need} or more, or leave request_memory out for the "
                               "image's default VM size")
     return budget - QEMU_OVERHEAD_MIB
+
+
+def _vm_disk(request: Optional[int], machine: Optional[classad.Ad]) -> Optional[int]:
+    """The job's disk in KiB: its request_disk, at most the slot's `Disk`."""
+    if request is None:
+        return None
+    slot = _slot(machine, "Disk")
+    return min(request, slot) if slot else request
+
+
+def disk_limit(request: VMRequest, sandbox_bytes: int) -> Optional[disklimit.DiskLimit]:
+    """What the VM's overlay may hold: request_disk less what the sandbox's files take there.
+    JobAdError when that leaves less than a VM needs to boot and run a job (MIN_OVERLAY_MIB)."""
+    if request.disk_kib is None:
+        return None
+    sandbox_kib = math.ceil(sandbox_bytes / 1024)
+    room = request.disk_kib * 1024 - sandbox_bytes
+    need_kib = MIN_OVERLAY_MIB * 1024 + sandbox_kib
+    if room < MIN_OVERLAY_MIB * disklimit.MIB:
+        raise JobAdError(f"request_disk {request.disk_kib} KiB is too small for a VM of {request.image}: its disk "
+                         f"needs at least {MIN_OVERLAY_MIB} MiB for what the VM writes, beside the sandbox's "
+                         f"{sandbox_kib} KiB ({need_kib} KiB in all)",
+                         hint=f"request_disk = {math.ceil(need_kib / 1024)}MB or more (a job that writes much "
+                              "needs more), or leave request_disk out for the image's default")
+    return disklimit.DiskLimit(room, f"request_disk {request.disk_kib} KiB less the sandbox's {sandbox_kib} KiB")
 
 
 def _env_names(environment: Any) -> tuple:
@@ -270,14 +309,40 @@ def _private_libvirt(environ: dict) -> Optional[Path]:
     return runtime
 
 
-def _end_private_libvirt(runtime: Path) -> None:
-    """Stop the session daemons our connection started (their pid files are in our runtime dir)."""
+def _end_private_libvirt(runtime: Path, grace: float = 10.0) -> None:
+    """Stop the session daemons our connection started (their pid files are in our runtime dir),
+    wait until they are gone (SIGKILL after `grace` seconds), then remove the dir: a daemon still
+    exiting writes into it again (50 pool jobs left 14 empty runtime dirs behind before the wait)."""
+    pids = []
     for pidfile in sorted((runtime / "libvirt").glob("*.pid")):
         try:
-            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
         except (OSError, ValueError):
             pass
-    shutil.rmtree(runtime, ignore_errors=True)
+    deadline = time.monotonic() + grace
+    while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for _ in range(3):              # a last write of a dying daemon may race the first removal
+        shutil.rmtree(runtime, ignore_errors=True)
+        if not runtime.exists():
+            break
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie awaiting its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
@@ -296,7 +361,7 @@ def run_wrapper(argv: list, environ: Optional[dict] = None) -> int:
     worker = _worker_name(machine)
     runtime = sandbox = None
     try:
-        request = vm_request(classad.parse_ad(ad_text), machine)
+        request = vm_request(classad.parse_ad(ad_text), machine, cgroups.memory_limit_bytes())
         if request is None:     # declares() saw a VMImage line, yet the parsed ad lacks it
             raise JobAdError("the job ad has a VMImage line, but it is not in the ad as parsed",
                              hint="check the +VMImage line of the submit file")
@@ -336,10 +401,12 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
         guest_files = (GuestFile(proxy, "/etc/grid-security/x509_proxy", 0o644),)
         env["X509_USER_PROXY"] = "/etc/grid-security/x509_proxy"
     env["_CONDOR_JOB_LABEL"] = request.label
+    inputs = sandbox_inputs(sandbox)
+    limit = disk_limit(request, sum(disklimit.allocated(Path(host)) for host, _ in inputs))
     return JobSpec(
         image=request.image, command=tuple(guest_command(argv, sandbox)), cpus=request.cpus,
         memory_mib=request.memory_mib, root=request.root, timeout=request.timeout, env=env,
-        inputs=tuple(sandbox_inputs(sandbox)), outputs=request.outputs or (),
+        inputs=tuple(inputs), outputs=request.outputs or (), disk_limit=limit,
         output_dir=sandbox, collect_new=request.outputs is None, guest_files=guest_files,
         snapshot=request.snapshot or cfg.snapshot_policy,
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import diskfull, guesttext, launch, privatefiles, proc, sandboxnames, virt, warm
+from . import cgroups, diskfull, disklimit, guesttext, launch, privatefiles, proc, sandboxnames, virt, warm
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
@@ -75,6 +75,7 @@ class JobSpec:
     capture_dir: bool = False      # --json: command output goes to files in the job dir
     job_id: Optional[str] = None
     cold: bool = False             # --cold: boot the image even when a warm state could be restored
+    disk_limit: Optional[disklimit.DiskLimit] = None   # the overlay's bound (HTCondor's request_disk)
 
 
 @dataclass
@@ -190,6 +191,8 @@ class Job:
         self.machines: Optional[virt.Machines] = None
         self.machine: Optional[virt.Machine] = None
         self.client: Optional[AgentClient] = None
+        self.watch: Optional[disklimit.OverlayWatch] = None
+        self.oom_kills = cgroups.oom_kills()    # the job's memory cgroup's count before its VM started
         self.exec_started = False
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
         self.pins = ExitStack()                 # entered by JobRunner.run, closed after teardown
@@ -282,6 +285,8 @@ class JobRunner:
             except ExecTimeout:
                 job.status = EXIT_TIMEOUT
             except VMLoaderError as exc:
+                if job.watch is not None and job.watch.breach is not None:
+                    exc = job.watch.breach          # what made the guest stop answering
                 exc.phase = exc.phase or job.timer.current
                 job.error, job.status = exc, exc.exit_code
             except OSError as exc:          # e.g. the job dir's disk filled up under the command's output
@@ -350,6 +355,7 @@ class JobRunner:
                 plan = job.plan = launch.cold_image(plan.image_ref)
                 _write_owner(job)
                 client = self._bring_up(job, plan, image, hypervisor)
+            self._watch_disk(job)                   # (a boot writes little: watched from here on)
             with job.timer.phase("stage-in"):
                 self._stage_in(job, image, client)
             with job.timer.phase("exec"):
@@ -363,6 +369,8 @@ class JobRunner:
                     raise
                 except AgentError as exc:
                     raise self._explain_guest_death(job, exc) from None
+            if job.watch is not None and job.watch.check():
+                raise _known(job.watch.breach, "disk limit breach")
             job.status = exit_status(result)
             _raise_for_spawn_error(result)
         finally:
@@ -526,6 +534,19 @@ class JobRunner:
         if lane is not None:
             diskfull.best_effort("the unusable warm state", lane.drop)
 
+    def _watch_disk(self, job: Job) -> None:
+        """Past its disk limit the VM is paused at once and the command's wait ends."""
+        limit = job.spec.disk_limit
+        if limit is None:
+            return
+
+        def stop_writing(used: int) -> None:
+            if job.machine is not None:
+                job.machine.pause()
+            if job.client is not None:
+                job.client.abort(f"the job's disk limit was reached ({used // disklimit.MIB} MiB written)")
+        job.watch = disklimit.OverlayWatch(job.overlay, limit, stop_writing).start()
+
     def _plan(self, job: Job) -> LaunchPlan:
         spec = job.spec
         if spec.from_snapshot:
@@ -633,7 +654,8 @@ class JobRunner:
         elif note := diskfull.io_pause_note(job.machine, job.overlay):
             exc.message += note
         elif not _domain_alive(job):
-            exc.message += "; the VM is gone (its QEMU process exited or was killed on the host)"
+            exc.message += (cgroups.oom_note(job.oom_kills)
+                            or "; the VM is gone (its QEMU process exited or was killed on the host)")
         exc.hint = (f"this is not the command's own exit status; console log {job.console_log}"
                     + (f"; the job's state is kept per --snapshot ({job.spec.snapshot})"))
         return exc
@@ -653,6 +675,8 @@ class JobRunner:
                     self._collect_outputs(job, job.client)
         finally:                                  # whatever collecting did, the VM is stopped
             with job.timer.phase("teardown"):
+                if job.watch is not None:
+                    job.watch.stop()
                 self._stop_domain(job)
                 if job.kept is not None:
                     diskfull.best_effort("the kept disk's owner", privatefiles.reclaim, job.kept.disk)

@@ -65,6 +65,9 @@ class Machine(Protocol):
     def paused_on_io_error(self) -> bool:
         """Whether QEMU paused the VM because a disk write failed (a full host filesystem)."""
 
+    def pause(self) -> None:
+        """Freeze the VM's vCPUs where they are (its disk stops changing); never raises."""
+
     def save(self, path: Path) -> None:
         """Stop the VM by writing its memory to `path`; LibvirtError if that failed."""
 
@@ -112,6 +115,12 @@ class LibvirtMachine:
         except libvirt.libvirtError:
             return False
         return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+
+    def pause(self) -> None:
+        try:
+            self.domain.suspend()
+        except libvirt.libvirtError:
+            pass                         # gone already: nothing writes any more
 
     def save(self, path: Path) -> None:
         try:
