@@ -248,7 +248,9 @@ class Agent(object):
         return {"protocol": P.PROTOCOL_VERSION, "agent": __version__,
                 "python": platform.python_version(), "kernel": platform.release(),
                 "hostname": socket.gethostname(), "pid": os.getpid(),
-                "features": list(P.FEATURES), "busy": busy}
+                "features": list(P.FEATURES), "busy": busy,
+                # how a stock image got this agent (adopt.sh says): qemu-guest-agent, cloud-init
+                "delivery": os.environ.get("VMLOADER_AGENT_DELIVERY", "")}
 
     def serve(self):
         threading.Thread(target=self._heartbeat, daemon=True).start()
