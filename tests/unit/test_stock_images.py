@@ -231,3 +231,42 @@ def test_a_stock_domain_reads_the_seed_read_only_and_tells_cloud_init_to_look_no
         result = subprocess.run(["virt-xml-validate", str(tmp_path / "d.xml"), "domain"],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+def _silent_guest(tmp_path):
+    """An agent channel nobody answers on (the guest has no agent yet), no QGA socket at all."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "agent.sock"))
+    server.listen(1)
+    return server
+
+
+def _reach(tmp_path, deadline_s):
+    import time
+    from vmloader.bootstrapper.agentclient import AgentClient
+    from vmloader.bootstrapper.errors import GuestTimeout
+    return delivery.reach_agent(tmp_path / "agent.sock", tmp_path / "qga.sock", tmp_path / "console.log",
+                                time.monotonic() + deadline_s, lambda sock: AgentClient(sock),
+                                lambda why, hint: GuestTimeout(why, hint=hint))
+
+
+def test_no_boot_loader_on_the_console_fails_at_once_naming_it(tmp_path):
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("SeaBIOS\nBoot failed: not a bootable disk\nNo bootable device.\n")
+    with pytest.raises(delivery.GuestTimeout, match="nothing to boot") as caught:
+        _reach(tmp_path, 60)
+    assert "--boot" in caught.value.hint
+    server.close()
+
+
+def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 1.0)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: ")
+    with pytest.raises(delivery.GuestTimeout) as caught:
+        _reach(tmp_path, 60)
+    message = str(caught.value)
+    assert "login prompt" in message and "vmloader's agent" in message
+    assert "org.qemu.guest_agent.0" in message and "cidata" in message
+    assert "boot_timeout" not in message and "cloud-init" in caught.value.hint
+    server.close()
