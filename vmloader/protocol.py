@@ -373,13 +373,14 @@ class HelloRequest(Message):
 
 class Hello(Message):
     """Agent -> host: who answers. `features` and `busy` came later (empty from older agents);
-    `busy`: requests still running from an earlier host connection (a VM resumed from memory)."""
-    __slots__ = ("protocol", "agent", "python", "kernel", "hostname", "pid", "features", "busy")
+    `busy`: requests still running from an earlier host connection (a VM resumed from memory);
+    `delivery`: how a stock image got this agent (qemu-guest-agent, cloud-init), unset for our own."""
+    __slots__ = ("protocol", "agent", "python", "kernel", "hostname", "pid", "features", "busy", "delivery")
     TYPE = HELLO
 
     def __init__(self, protocol, agent=None, python=None, kernel=None, hostname=None, pid=None,
-                 features=(), busy=()):
-        # type: (int, Optional[str], Optional[str], Optional[str], Optional[str], Optional[int], Sequence[str], Sequence[int]) -> None
+                 features=(), busy=(), delivery=None):
+        # type: (int, Optional[str], Optional[str], Optional[str], Optional[str], Optional[int], Sequence[str], Sequence[int], Optional[str]) -> None
         self.protocol = protocol
         self.agent = agent
         self.python = python
@@ -388,12 +389,15 @@ class Hello(Message):
         self.pid = pid
         self.features = tuple(features)
         self.busy = tuple(busy)
+        self.delivery = delivery
 
     def to_payload(self):
         # type: () -> bytes
         obj = _without_unset([("protocol", self.protocol), ("agent", self.agent), ("python", self.python),
                               ("kernel", self.kernel), ("hostname", self.hostname), ("pid", self.pid)])
         obj.update(features=list(self.features), busy=list(self.busy))
+        if self.delivery:
+            obj["delivery"] = self.delivery
         return _dump(obj)
 
     @classmethod
@@ -402,7 +406,7 @@ class Hello(Message):
         f = _json_object("HELLO", payload)
         return cls(f.req_int("protocol"), f.opt_str("agent"), f.opt_str("python"), f.opt_str("kernel"),
                    f.opt_str("hostname"), f.opt_int("pid"), f.opt_list("features", str) or (),
-                   f.opt_list("busy", int) or ())
+                   f.opt_list("busy", int) or (), f.opt_str("delivery"))
 
 
 class Heartbeat(_Bare):

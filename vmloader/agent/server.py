@@ -311,7 +311,9 @@ class Agent(object):
         busy = sorted(rid for rid, e in list(self.execs.items()) if not e.closed.is_set())
         return P.Hello(P.PROTOCOL_VERSION, agent=__version__, python=platform.python_version(),
                        kernel=platform.release(), hostname=socket.gethostname(), pid=os.getpid(),
-                       features=P.FEATURES, busy=busy)
+                       features=P.FEATURES, busy=busy,
+                       # how a stock image got this agent (adopt.sh says): qemu-guest-agent, cloud-init
+                       delivery=os.environ.get("VMLOADER_AGENT_DELIVERY") or None)
 
     def serve(self):
         threading.Thread(target=self._heartbeat, daemon=True).start()

@@ -16,6 +16,9 @@ from .errors import ImageError
 
 SCHEMA_VERSION = 1
 ARTIFACT_KINDS = ("disk", "kernel", "initrd")
+# direct-kernel: ours, kernel and initrd beside the disk; bios (SeaBIOS) and uefi (OVMF): the
+# disk's own boot loader. "firmware" is what older catalogues called bios.
+BOOT_MODES = ("direct-kernel", "bios", "uefi", "firmware")
 EMBEDDED_MANIFEST = Path(__file__).resolve().parents[2] / "images" / "manifest.json"
 
 
@@ -58,6 +61,13 @@ class ImageEntry:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def firmware(self) -> Optional[str]:
+        """"bios" or "uefi" for an image with its own boot loader; None for direct kernel boot."""
+        if self.boot == "direct-kernel":
+            return None
+        return "uefi" if self.boot == "uefi" else "bios"
 
     @property
     def buildable(self) -> bool:
@@ -144,6 +154,8 @@ def _entry(data, source: str, where: str) -> ImageEntry:
     for key in ("name", "version"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise _bad(source, f"{where}.{key}", "expected a non-empty string")
+    if data.get("boot", "direct-kernel") not in BOOT_MODES:
+        raise _bad(source, where + ".boot", f"unknown boot mode {data.get('boot')!r}; known: {', '.join(BOOT_MODES)}")
     osinfo = data.get("os") or {}
     defaults = data.get("defaults") or {}
     recipe = None

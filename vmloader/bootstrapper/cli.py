@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
+from . import bootmode, build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
 from . import job as job_mod, runners, sessions, status, virt, warm
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--disk", required=True, help="a qcow2 disk image")
     add.add_argument("--kernel", help="kernel for direct boot (without it: the disk's own boot loader)")
     add.add_argument("--initrd")
+    add.add_argument("--boot", choices=bootmode.BOOT_MODES,
+                     help="the disk's own boot: bios (SeaBIOS) or uefi (OVMF); default: read from the disk "
+                          "(GPT with an EFI system partition: uefi; boot code in the MBR: bios)")
     add.add_argument("--cmdline", default="root=/dev/vda rw console=ttyS0",
                      help="kernel command line for direct boot")
     add.add_argument("--json", action="store_true")
@@ -368,7 +371,16 @@ def _images_add(args, cfg, cache) -> int:
         if not path.is_file():
             raise UsageError(f"--{kind} {path}: no such file")
     _check_standalone_qcow2(files["disk"])
-    entry = catalog.ImageEntry(name=args.name, version="custom", boot="direct-kernel" if args.kernel else "firmware",
+    if args.kernel and args.boot:
+        raise UsageError("--boot is for disks with their own boot loader, --kernel for direct kernel boot",
+                         hint="give one of them")
+    boot = "direct-kernel" if args.kernel else (args.boot or bootmode.detect_disk(files["disk"]))
+    if boot is None:
+        raise ImageError(f"--disk {files['disk']}: no boot loader found (no EFI system partition in a GPT, "
+                         "no boot code in the MBR)",
+                         hint="give --kernel and --initrd to boot its kernel directly, or --boot bios|uefi "
+                              "if the disk boots in a way vmloader does not recognise")
+    entry = catalog.ImageEntry(name=args.name, version="custom", boot=boot,
                                cmdline=args.cmdline if args.kernel else "")
     added = cache.add_custom(entry, files)
     _emit(added.to_dict(), args.json, f"added {added.ref} ({added.boot} boot)")

@@ -12,6 +12,9 @@ from .errors import SnapshotError
 
 JOB_NS = "https://vmloader.org/xmlns/job/1"
 ET.register_namespace("vmloader", JOB_NS)
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+ET.register_namespace("qemu", QEMU_NS)
+QGA_CHANNEL = "org.qemu.guest_agent.0"
 # The translation cache of a TCG (hypervisor "qemu") VM. QEMU 7.2's default is 1 GiB, and a
 # job running many programs fills it (1270 MiB of QEMU beside the guest's RAM, measured); with
 # 64 MiB QEMU held at most 146 MiB beside it. The memory a slot must hold for QEMU
@@ -102,6 +105,17 @@ class ConsoleSpec:
 @dataclass(frozen=True)
 class NetworkSpec:
     mode: str = "user"          # "user": QEMU user-mode NAT; "none": no NIC at all
+    # --network none for an image with its own boot: a NIC that reaches nothing (QEMU user
+    # networking with restrict=on: DHCP answers, nothing beyond the VM), so the guest's
+    # network-online wait ends at once instead of timing out after minutes.
+    isolated_nic: bool = False
+
+    def qemu_args(self, hypervisor: str) -> list:
+        """QEMU arguments libvirt's XML cannot say (user networking's restrict=on)."""
+        if self.mode != "none" or not self.isolated_nic or hypervisor == "xen":
+            return []
+        return ["-netdev", "user,id=vmlnone,restrict=on",
+                "-device", "virtio-net-pci,netdev=vmlnone,romfile=,bus=pci.0,addr=0x1e"]   # a slot libvirt leaves free
 
     def to_element(self, hypervisor: str) -> Optional[ET.Element]:
         if self.mode == "none":
@@ -117,11 +131,16 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class BootSpec:
-    """Direct kernel boot, or (kernel None) the disk's own boot loader via firmware."""
+    """Direct kernel boot, or (kernel None) the disk's own boot loader via firmware:
+    SeaBIOS ("bios"), or OVMF ("uefi": `loader` read-only code, `nvram` the job's own
+    copy of the variable store)."""
 
     kernel: Optional[str]
     initrd: Optional[str]
     cmdline: str = ""
+    firmware: str = "bios"
+    loader: Optional[str] = None
+    nvram: Optional[str] = None
 
     def to_element(self, hypervisor: str) -> ET.Element:
         os_el = ET.Element("os")
@@ -129,6 +148,11 @@ class BootSpec:
             _sub(os_el, "type", "linux")
         else:
             _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+        if self.kernel is None and self.firmware == "uefi" and hypervisor != "xen":
+            if not self.loader or not self.nvram:
+                raise ValueError("UEFI boot needs the OVMF code and the job's variable store")
+            _sub(os_el, "loader", self.loader, readonly="yes", type="pflash")
+            _sub(os_el, "nvram", self.nvram)
         if self.kernel is None:
             if hypervisor != "xen":          # xen: DomainSpec adds a <bootloader> instead
                 _sub(os_el, "boot", dev="hd")
@@ -170,10 +194,12 @@ class DomainSpec:
     metadata: Optional[JobMetadata] = None
     uuid: Optional[str] = None
     attach_channels: Sequence[ChannelSpec] = ()   # more agent ports: a shell can attach beside the job
+    qga_channel: Optional[ChannelSpec] = None      # the QEMU guest agent's port (images with their own boot)
+    smbios_serial: Optional[str] = None            # "ds=nocloud": cloud-init reads the seed disk only
     tb_cache_mib: Optional[int] = TCG_TB_CACHE_MIB  # qemu (TCG) only
 
     def channels(self) -> list:
-        return [self.channel, *self.attach_channels]
+        return [self.channel, *self.attach_channels] + ([self.qga_channel] if self.qga_channel else [])
 
     def to_element(self) -> ET.Element:
         hv = self.hypervisor
@@ -187,7 +213,13 @@ class DomainSpec:
         _sub(root, "vcpu", str(self.vcpus))
         if hv == "xen" and self.boot.kernel is None:
             _sub(root, "bootloader", "/usr/lib/xen/bin/pygrub")
-        root.append(self.boot.to_element(hv))
+        if self.smbios_serial and hv != "xen":
+            system = _sub(_sub(root, "sysinfo", type="smbios"), "system")
+            _sub(system, "entry", self.smbios_serial, name="serial")
+        os_el = self.boot.to_element(hv)
+        if self.smbios_serial and hv != "xen":
+            _sub(os_el, "smbios", mode="sysinfo")
+        root.append(os_el)
         if hv != "xen":
             features = _sub(root, "features")
             _sub(features, "acpi")                    # without ACPI, poweroff only halts
@@ -198,6 +230,11 @@ class DomainSpec:
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             _sub(root, event, "destroy")
         root.append(self._devices())
+        args = self.network.qemu_args(hv)
+        if args:
+            line = _sub(root, f"{{{QEMU_NS}}}commandline")
+            for arg in args:
+                _sub(line, f"{{{QEMU_NS}}}arg", value=arg)
         return root
 
     def _devices(self) -> ET.Element:

@@ -21,12 +21,14 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import cgroups, diskfull, disklimit, guesttext, launch, privatefiles, proc, sandboxnames, virt, warm
+from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles, proc,
+               sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, tail
 from .config import Config
-from .domain import BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata, NetworkSpec, domain_xml
+from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
+                     NetworkSpec, domain_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
                      GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
                      VMLoaderError)
@@ -94,6 +96,7 @@ class JobResult:
     error: Optional[dict] = None
     output_errors: list = field(default_factory=list)   # outputs that could not be copied back, and why
     start: str = ""                # "warm": restored from a warm state; "cold": booted
+    agent_delivery: Optional[str] = None   # how the agent was reached: builtin, qemu-guest-agent, cloud-init
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -200,6 +203,7 @@ class Job:
         self.error: Optional[VMLoaderError] = None
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
         self.output_errors: list = []
+        self.agent_delivery: Optional[str] = None   # delivery.BUILTIN, QEMU_GUEST_AGENT, ...
 
     def _record_phase(self, name: str) -> None:
         """For `vmloader status`; never worth failing a job (or its teardown) over."""
@@ -223,6 +227,18 @@ class Job:
     @property
     def attach_sockets(self) -> tuple:
         return tuple(self.job_dir / f"attach-{n}.sock" for n in range(1, P.ATTACH_PORTS + 1))
+
+    @property
+    def qga_socket(self) -> Path:
+        return self.job_dir / "qga.sock"
+
+    @property
+    def seed(self) -> Path:
+        return self.job_dir / "cidata.img"
+
+    @property
+    def nvram(self) -> Path:
+        return self.job_dir / "uefi-vars.fd"
 
     @property
     def memory_state(self) -> Path:
@@ -608,25 +624,39 @@ class JobRunner:
         """The job's VM; with `build`, the VM a warm state is saved from (no per-job parts: those come
         with the identity request after restore)."""
         entry, spec = image.entry, job.spec
+        own_boot = entry.firmware is not None and image.kernel is None
         cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
-        disk = (DiskSpec(str(build.disk), backing=str(image.disk)) if build is not None else
-                DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()))
+        disks: tuple = ((DiskSpec(str(build.disk), backing=str(image.disk)),) if build is not None else
+                        (DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),))
+        if own_boot:           # cloud-init's way in: a per-job NoCloud seed
+            cidata.make_seed(job.seed, job.job_dir.name, _hostname(job))
+            disks += (DiskSpec(str(job.seed), target="vdb", fmt="raw", readonly=True),)
         return DomainSpec(
             name=build.domain_name if build is not None else job.domain_name, hypervisor=hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
-            boot=_boot_spec(image, cmdline),
-            disks=(disk,),
+            boot=_boot_spec(image, cmdline, job.nvram),
+            disks=disks, smbios_serial=cidata.SMBIOS_SERIAL if own_boot else None,
             channel=ChannelSpec(str(job.socket_path)),
             attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
                                   for n, path in enumerate(job.attach_sockets, 1)),
+            qga_channel=ChannelSpec(str(job.qga_socket), name=QGA_CHANNEL) if own_boot else None,
             console=ConsoleSpec(str(job.console_log)),
-            network=NetworkSpec(spec.network),
+            network=NetworkSpec(spec.network, isolated_nic=own_boot),
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
     def _connect_agent(self, job: Job, timeout: Optional[float] = None) -> AgentClient:
         deadline = time.monotonic() + (timeout or self.config.boot_timeout)
+        image = _known(job.image, "image")
+        if image.entry.firmware is not None and image.kernel is None:
+            reached = delivery.reach_agent(
+                job.socket_path, job.qga_socket, job.console_log, deadline,
+                lambda sock: AgentClient(sock, max_file_bytes=self.config.output_max_bytes),
+                lambda why, hint: self._boot_failure(job, why, hint))
+            job.agent_delivery = reached.delivery
+            return reached.client
+        job.agent_delivery = delivery.BUILTIN
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
             try:
@@ -660,13 +690,13 @@ class JobRunner:
                     + (f"; the job's state is kept per --snapshot ({job.spec.snapshot})"))
         return exc
 
-    def _boot_failure(self, job: Job, why: str) -> GuestTimeout:
+    def _boot_failure(self, job: Job, why: str, hint: Optional[str] = None) -> GuestTimeout:
         time.sleep(0.5)   # let virtlogd flush the last console lines
         console = "\n".join(guest_text(line) for line in tail(job.console_log).split("\n"))
         return GuestTimeout(
             f"the guest never reached the agent ({why}); console log {job.console_log}, last lines:\n{console}",
-            hint="check the image boots (vmloader run --console shows the boot live); "
-                 "a slow host may need a larger boot_timeout", phase="boot")
+            hint=hint or ("check the image boots (vmloader run --console shows the boot live); "
+                          "a slow host may need a larger boot_timeout"), phase="boot")
 
     def _finish(self, job: Job) -> Optional[str]:
         try:
@@ -766,6 +796,8 @@ class JobRunner:
                 return None
         job.overlay.unlink(missing_ok=True)
         job.memory_state.unlink(missing_ok=True)
+        job.nvram.unlink(missing_ok=True)
+        job.seed.unlink(missing_ok=True)
         return None
 
     def _write_metadata(self, job: Job, snapshot_id: Optional[str]) -> None:
@@ -774,7 +806,8 @@ class JobRunner:
             sock.with_name(sock.name + ".lock").unlink(missing_ok=True)
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
-                "start": job.start, "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None}
+                "start": job.start, "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None,
+                "agent_delivery": job.agent_delivery}
         privatefiles.write_private(job.job_dir / "metadata.json", json.dumps(data, indent=2) + "\n")
 
     def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
@@ -798,7 +831,7 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors),
-            start=job.start)
+            start=job.start, agent_delivery=job.agent_delivery)
 
 
 def host_credentials(config: Config, image: str, user: str) -> list:
@@ -865,9 +898,12 @@ def _say_unusable(image: ResolvedImage, why: WarmUnusable) -> None:
           file=sys.stderr)
 
 
-def _boot_spec(image: ResolvedImage, cmdline: str) -> BootSpec:
-    if image.kernel is None:
-        return BootSpec(None, None)          # firmware boot: the disk's own boot loader
+def _boot_spec(image: ResolvedImage, cmdline: str, nvram: Path) -> BootSpec:
+    if image.kernel is None:                 # firmware boot: the disk's own boot loader
+        if image.entry.firmware == "uefi":
+            code = firmware.uefi_vars_copy(nvram)
+            return BootSpec(None, None, firmware="uefi", loader=str(code), nvram=str(nvram))
+        return BootSpec(None, None)
     return BootSpec(str(image.kernel), str(image.initrd) if image.initrd else None, cmdline)
 
 

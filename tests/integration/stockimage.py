@@ -1,0 +1,199 @@
+"""A stand-in for a distribution's published cloud image, built here from Debian packages.
+
+Nothing can be downloaded from outside, so the tests build what Debian's
+genericcloud image is: a partitioned (MBR) disk whose first sector holds grub's
+boot code, an ext4 root with systemd, linux-image-cloud-amd64, cloud-init,
+qemu-guest-agent, python3 and openssh-server, and no vmloader file inside.
+
+Built once (several minutes) into the test cache under a hash of the recipe
+below and reused until the recipe changes. Needs root (debootstrap, loop
+devices, no mounts).
+
+    sudo python3 -m tests.integration.stockimage      # build (or find) it, print its path
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+CACHE = Path(os.environ.get("VMLOADER_TEST_CACHE", "/var/cache/vmloader-test")) / "stock-images"
+
+BOOKWORM_BIOS = {
+    "name": "bookworm-bios",
+    "suite": "bookworm",
+    "packages": ["systemd", "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
+                 "grub-pc", "cloud-init", "qemu-guest-agent",
+                 "python3-cffi-backend",     # provides a virtual package debootstrap cannot resolve
+ "python3", "openssh-server", "sudo",
+                 "ifupdown", "isc-dhcp-client", "netbase", "e2fsprogs"],
+    "disk_gib": 3,
+    "layout": "mbr",
+    "version": "3",
+}
+
+# What a distribution configures on top of the packages (Debian's cloud image does the same things).
+GRUB_DEFAULTS = """\
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=0
+GRUB_DISTRIBUTOR=Debian
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200 earlyprintk=ttyS0,115200"
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --speed=115200"
+GRUB_DISABLE_OS_PROBER=true
+"""
+NETWORK_INTERFACES = """\
+auto lo
+iface lo inet loopback
+source /etc/network/interfaces.d/*
+"""
+
+
+def _say(message: str) -> None:
+    print(f"stockimage: {message}", file=sys.stderr, flush=True)
+
+
+def tree_hash(recipe: dict) -> str:
+    """The debootstrap tree: changes only with the suite and packages."""
+    text = json.dumps({"suite": recipe["suite"], "packages": recipe["packages"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe_hash(recipe: dict) -> str:
+    """The finished image: the tree plus everything this module configures and how it lays out the disk."""
+    return hashlib.sha256(Path(__file__).read_bytes() + tree_hash(recipe).encode()).hexdigest()[:16]
+
+
+def _run(args: list, **kwargs) -> str:
+    result = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result.stdout
+
+
+def _debootstrap(recipe: dict, tree: Path) -> None:
+    marker = tree / ".stock-complete"
+    if marker.exists():
+        _say(f"reusing debootstrap tree {tree}")
+        return
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    _say(f"debootstrap {recipe['suite']} with {len(recipe['packages'])} packages (several minutes)")
+    started = time.monotonic()
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    debs = CACHE / "debs"            # downloaded packages, kept for the next recipe
+    debs.mkdir(parents=True, exist_ok=True)
+    _run(["debootstrap", "--variant=minbase", f"--cache-dir={debs}", "--include=" + ",".join(recipe["packages"]),
+          recipe["suite"], str(tree)], env=env)
+    marker.write_text("ok\n")
+    _say(f"debootstrap done in {time.monotonic() - started:.0f} s")
+
+
+def _configure(root: Path, uuid: str) -> None:
+    (root / ".stock-complete").unlink(missing_ok=True)
+    (root / "etc/fstab").write_text(f"UUID={uuid} / ext4 errors=remount-ro 0 1\n")
+    (root / "etc/hostname").write_text("localhost\n")
+    (root / "etc/default/grub").write_text(GRUB_DEFAULTS)
+    (root / "etc/network/interfaces").write_text(NETWORK_INTERFACES)
+    (root / "etc/machine-id").write_text("")            # first boot makes one, as in a published image
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for path in (root / junk).glob("*"):
+            if path.is_file():
+                path.unlink()
+    kernel = sorted((root / "boot").glob("vmlinuz-*"))[-1].name
+    initrd = sorted((root / "boot").glob("initrd.img-*"))[-1].name
+    (root / "boot/grub").mkdir(parents=True, exist_ok=True)
+    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=uuid, kernel=kernel, initrd=initrd))
+
+
+# What update-grub writes for one kernel, reduced: serial console, no menu.
+GRUB_CFG = """\
+serial --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=0
+insmod part_msdos
+insmod ext2
+search --no-floppy --fs-uuid --set=root {uuid}
+linux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200
+initrd /boot/{initrd}
+boot
+"""
+BOOT_DRIVE_CHECK = 0x66      # grub-setup replaces this jump with two NOPs for hard disks
+
+
+def _grub_mbr(root: Path, work: Path) -> tuple:
+    """grub's boot.img (first 440 bytes) and a core.img for sector 1 onwards, as grub-install makes them."""
+    lib = root / "usr/lib/grub/i386-pc"
+    _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img",
+          "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2", "search_fs_uuid"])
+    modules = root / "boot/grub/i386-pc"            # what grub-install copies beside grub.cfg
+    modules.mkdir(parents=True, exist_ok=True)
+    for path in lib.iterdir():
+        if path.suffix in (".mod", ".lst", ".img"):
+            shutil.copyfile(path, modules / path.name)
+    core = (root / "core.img").read_bytes()
+    (root / "core.img").unlink()
+    boot = bytearray((lib / "boot.img").read_bytes()[:440])
+    boot[BOOT_DRIVE_CHECK:BOOT_DRIVE_CHECK + 2] = b"\x90\x90"
+    if len(core) > (2048 - 1) * 512:
+        raise RuntimeError("grub's core.img does not fit before the first partition")
+    return bytes(boot), core
+
+
+def build(recipe: dict = BOOKWORM_BIOS) -> Path:
+    """The image's qcow2 in the test cache, built now if absent. Root only (debootstrap, chroot).
+
+    No loop devices or mounts: the root filesystem is made with `mke2fs -d`, the partition
+    table with sfdisk, grub's boot code and core image written where grub-install puts them
+    (MBR, then the gap before the first partition at 1 MiB)."""
+    key = recipe_hash(recipe)
+    out = CACHE / f"{recipe['name']}-{key}.qcow2"
+    if out.exists():
+        return out
+    if os.geteuid() != 0:
+        raise RuntimeError("building the stock test image needs root")
+    tree = CACHE / f"tree-{tree_hash(recipe)}"
+    _debootstrap(recipe, tree)
+    work = Path(tempfile.mkdtemp(prefix="stock-build-", dir=str(CACHE)))
+    try:
+        root = work / "root"
+        _say("copying the tree")
+        _run(["cp", "-a", str(tree), str(root)])
+        uuid = str(uuidlib.uuid4())
+        _configure(root, uuid)
+        boot, core = _grub_mbr(root, work)
+        size = recipe["disk_gib"] * 2 ** 30
+        part = work / "part.raw"
+        _say("writing the ext4 root filesystem")
+        _run(["mke2fs", "-q", "-t", "ext4", "-U", uuid, "-L", "cloudimg-rootfs", "-d", str(root), str(part),
+              f"{(size - 2 ** 20) // 1024}k"])
+        raw = work / "disk.raw"
+        _run(["truncate", "-s", str(size), str(raw)])
+        _run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83, bootable\n")
+        with open(raw, "r+b") as disk:
+            disk.write(boot)
+            disk.seek(512)
+            disk.write(core)
+        _run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        _say("converting to qcow2")
+        tmp = work / "disk.qcow2"
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(tmp)])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _say(f"built {out}")
+    return out
+
+
+if __name__ == "__main__":
+    print(build())

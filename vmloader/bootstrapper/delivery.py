@@ -1,0 +1,164 @@
+"""Reaching an agent in an image with its own boot: ours if baked in, else delivered at boot.
+
+Tried together until the boot deadline, the first that answers wins:
+- "builtin": the image already runs vmloader's agent (a site baked it in);
+- "qemu-guest-agent": the image runs qemu-ga on org.qemu.guest_agent.0; our stdlib
+  agent (a zip of vmloader/agent + protocol.py) and adopt.sh are written into
+  /run/vmloader-agent with guest-file-*, and adopt.sh started with guest-exec;
+- "cloud-init": the image's cloud-init read the job's cidata seed (cidata.py), whose
+  bootcmd does the same. Whichever comes first starts the agent (adopt.sh takes a
+  lock), and the agent says which it was.
+Neither: GuestTimeout (exit 125) naming what was looked for, soon after the guest
+reaches its login prompt instead of at the end of the boot timeout.
+"""
+import io
+import socket
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import build
+from .agentclient import AgentClient
+from .console import tail
+from .errors import AgentError, GuestTimeout
+from .qga import QGAClient, QGAError
+
+BUILTIN = "builtin"
+QEMU_GUEST_AGENT = "qemu-guest-agent"
+CLOUD_INIT = "cloud-init"
+GUEST_DIR = "/run/vmloader-agent"
+LOGIN_MARKS = ("login:",)
+NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
+AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
+
+
+def agent_bundle() -> bytes:
+    """vmloader's agent as one zip python3 runs from (`PYTHONPATH=zip python3 -m vmloader.agent`)."""
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in build._agent_sources():
+            if path.suffix == ".py":
+                info = zipfile.ZipInfo(str(Path("vmloader") / path.relative_to(build.PACKAGE_ROOT)),
+                                       (2000, 1, 1, 0, 0, 0))     # the same bytes every time
+                info.compress_type = zipfile.ZIP_DEFLATED
+                bundle.writestr(info, path.read_bytes())
+    return data.getvalue()
+
+
+def adopt_script() -> bytes:
+    return (build.PACKAGE_ROOT / "agent" / "adopt.sh").read_bytes()
+
+
+@dataclass
+class Reached:
+    client: AgentClient
+    delivery: str
+
+
+def deliver_via_qga(qga: QGAClient) -> None:
+    """Write the agent into the guest and start it; AgentError with the guest's words if that fails."""
+    code, _, err = qga.exec("/bin/sh", ["-c", f"umask 077; mkdir -p {GUEST_DIR}"], timeout=30)
+    if code != 0:
+        raise AgentError(f"the QEMU guest agent could not make {GUEST_DIR}: {_text(err)}")
+    qga.write_file(f"{GUEST_DIR}/vmloader-agent.zip", agent_bundle())
+    qga.write_file(f"{GUEST_DIR}/adopt.sh", adopt_script())
+    code, out, err = qga.exec("/bin/sh", [f"{GUEST_DIR}/adopt.sh", GUEST_DIR, QEMU_GUEST_AGENT], timeout=60)
+    if code != 0:
+        raise AgentError(f"starting vmloader's agent through the QEMU guest agent failed (exit {code}): "
+                         f"{_text(err or out)}",
+                         hint="the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)")
+
+
+def _delivery_of(client: AgentClient) -> str:
+    """What the agent says brought it (adopt.sh tells it); an agent that does not say is baked in."""
+    said = client.info.delivery if client.info is not None else None
+    return said if said in (QEMU_GUEST_AGENT, CLOUD_INIT) else BUILTIN
+
+
+def _text(data: bytes) -> str:
+    from .agentclient import guest_text
+    return guest_text(data[-500:].decode("utf-8", "replace").strip())
+
+
+def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadline: float,
+                make_client: Callable[[socket.socket], AgentClient],
+                failure: Callable[[str, str], GuestTimeout]) -> Reached:
+    """Wait for ours or deliver it; `failure(why, hint)` builds the error for no way in."""
+    sock = _connect(agent_socket, deadline, failure)
+    client = make_client(sock)
+    qga: Optional[QGAClient] = None
+    login_seen: Optional[float] = None
+    qga_problem = ""
+    try:
+        while True:
+            try:
+                client.handshake(timeout=1.0)
+                return Reached(client, _delivery_of(client))
+            except GuestTimeout:
+                pass
+            if qga is None and not qga_problem:
+                try:
+                    qga = QGAClient.connect(str(qga_socket))
+                except OSError:
+                    qga = None
+            if qga is not None:
+                try:
+                    qga.sync(timeout=1.0)
+                except QGAError:
+                    pass
+                else:
+                    try:
+                        deliver_via_qga(qga)
+                    except AgentError as exc:
+                        qga_problem = exc.message
+                        qga.close()
+                        qga = None
+                    else:
+                        client.handshake(timeout=max(5.0, deadline - time.monotonic()))
+                        return Reached(client, _delivery_of(client))
+            console = tail(console_log, 5)
+            if any(mark in console for mark in NO_BOOT_MARKS):
+                raise failure("the firmware found nothing to boot on the disk",
+                              "the disk has no boot loader for its boot mode: check `images add --boot`, "
+                              "or give --kernel and --initrd to boot its kernel directly")
+            if login_seen is None and any(mark in console for mark in LOGIN_MARKS):
+                login_seen = time.monotonic()
+            gave_up = login_seen is not None and time.monotonic() - login_seen > AFTER_LOGIN_GRACE
+            if gave_up or time.monotonic() > deadline:
+                raise failure(_nothing_found(qga_problem, gave_up), NO_WAY_IN_HINT)
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        if qga is not None:
+            qga.close()
+
+
+NO_WAY_IN_HINT = ("make the image reachable in one of these ways: run vmloader's agent in it "
+                  "(docs/stock-images.md says how to bake it in), install qemu-guest-agent "
+                  "(with guest-exec and guest-file-* allowed), or install cloud-init with its NoCloud "
+                  "datasource; the guest needs python3 >= 3.6")
+
+
+def _nothing_found(qga_problem: str, after_login: bool) -> str:
+    when = (f"the guest reached its login prompt and nothing answered within {AFTER_LOGIN_GRACE:.0f} s"
+            if after_login else "nothing answered within the boot timeout")
+    qga = (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
+           else "no QEMU guest agent on org.qemu.guest_agent.0")
+    return (f"{when}: looked for vmloader's agent (no answer on its channel), {qga}, and cloud-init "
+            f"starting the agent from the job's cidata seed (it did not: no cloud-init, or it ignored the seed)")
+
+
+def _connect(path: Path, deadline: float, failure: Callable[[str, str], GuestTimeout]) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                sock.close()
+                raise failure("the agent channel never appeared", "check the VM started (virsh list)") from None
+            time.sleep(0.1)
