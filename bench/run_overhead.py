@@ -9,6 +9,7 @@ thresholds, just figures (write them into the README).
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from vmloader.bootstrapper import config
 from vmloader.bootstrapper.cache import ImageCache
 
+PASSED_ENV = ("PYTHONPATH", "VMLOADER_CACHE_DIR", "VMLOADER_CONFIG")   # which vmloader, which cache
 POWEROFF = 'init=/bin/sh -- -c "mount -t proc proc /proc; echo o > /proc/sysrq-trigger; sleep 30"'
 
 
@@ -35,6 +37,7 @@ def bare_boot(image, accel: str) -> float:
 
 def vmloader_run(state: Path) -> tuple:
     env = {"VMLOADER_STATE_DIR": str(state), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env.update({k: v for k, v in os.environ.items() if k in PASSED_ENV})
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                           "--snapshot", "never", "--json", "--", "true"],
