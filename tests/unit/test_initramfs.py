@@ -55,7 +55,8 @@ def test_the_archive_holds_klibc_the_modules_in_dependency_order_and_an_init(tmp
     assert initramfs.build(fake_tree(tmp_path / "root"), KVER, out)
     found = entries(out.read_bytes())
     assert stat.S_ISCHR(found["dev/console"][0]) and found["dev/console"][2] == (5, 1)
-    assert found["lib/klibc-ABC.so"][1] == b"klibc" and found["bin/run-init"][1] == b"tool run-init"
+    assert found["lib/klibc-ABC.so"][1] == found["usr/lib/klibc-ABC.so"][1] == b"klibc"
+    assert found["bin/run-init"][1] == b"tool run-init"
     init = found["init"][1].decode()
     assert found["init"][0] & 0o111
     loads = [line.split("/")[-1] for line in init.splitlines() if line.startswith("insmod ")]

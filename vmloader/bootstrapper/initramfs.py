@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-VERSION = "1"           # part of the image key: a change here rebuilds images
+VERSION = "2"           # part of the image key: a change here rebuilds images
 # Loaded in this order (dependencies first, built-in ones skipped): the disk and its filesystem,
 # then what guest-setup would otherwise modprobe one by one in the booted system.
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_net", "virtio_rng")
@@ -144,10 +144,11 @@ def build(root: Path, kernel_version: str, out: Path) -> bool:
     if order is None:
         return False
     archive = _Cpio()
-    for name in ("bin", "dev", "proc", "root", "lib", "lib/modules"):
+    for name in ("bin", "dev", "proc", "root", "lib", "lib/modules", "usr", "usr/lib"):
         archive.directory(name)
     archive.char_device("dev/console", 5, 1)
-    archive.file("lib/" + klibc[-1].name, klibc[-1].read_bytes(), 0o755)
+    for where in ("lib/", "usr/lib/"):      # the tools' ELF interpreter: /lib/klibc-* or, merged, /usr/lib/
+        archive.file(where + klibc[-1].name, klibc[-1].read_bytes(), 0o755)
     for tool in TOOLS:
         archive.file("bin/" + tool, (tools / tool).read_bytes(), 0o755)
     insmods = []
