@@ -9,6 +9,7 @@ thresholds, just figures (write them into the README).
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,14 +20,15 @@ from pathlib import Path
 from vmloader.bootstrapper import config
 from vmloader.bootstrapper.cache import ImageCache
 
+PASSED_ENV = ("PYTHONPATH", "VMLOADER_CACHE_DIR", "VMLOADER_CONFIG")   # which vmloader, which cache
 POWEROFF = 'init=/bin/sh -- -c "mount -t proc proc /proc; echo o > /proc/sysrq-trigger; sleep 30"'
 
 
-def bare_boot(image, accel: str) -> float:
+def bare_boot(image, accel: str, initrd=None) -> float:
     cmdline = image.entry.cmdline.replace("init=/sbin/vmloader-init", "").strip() + " " + POWEROFF
     argv = ["qemu-system-x86_64", "-accel", accel, "-m", str(image.entry.memory_mib), "-nographic",
             "-no-reboot", "-nodefaults", "-serial", "null", "-kernel", str(image.kernel),
-            "-initrd", str(image.initrd), "-append", cmdline,
+            "-initrd", str(initrd or image.initrd), "-append", cmdline,
             "-drive", f"file={image.disk},if=virtio,format=qcow2,snapshot=on,readonly=off"]
     started = time.monotonic()
     subprocess.run(argv, check=True, timeout=300, stdout=subprocess.DEVNULL)
@@ -35,6 +37,7 @@ def bare_boot(image, accel: str) -> float:
 
 def vmloader_run(state: Path) -> tuple:
     env = {"VMLOADER_STATE_DIR": str(state), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env.update({k: v for k, v in os.environ.items() if k in PASSED_ENV})
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                           "--snapshot", "never", "--json", "--", "true"],
@@ -46,17 +49,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--accel", default="tcg", help="accelerator for the bare boot (tcg here: KVM is PVM)")
+    parser.add_argument("--bare-initrd", type=Path,
+                        help="initrd for the bare boot instead of the image's (e.g. the distribution's "
+                             "initramfs-tools one from the image tree's /boot: the issue-11 baseline)")
     args = parser.parse_args()
     image = ImageCache(config.load().cache_dir).resolve("debian-12")
     bare, wrapped, phases = [], [], []
     with tempfile.TemporaryDirectory() as state:
         for _ in range(args.rounds):
-            bare.append(bare_boot(image, args.accel))
+            bare.append(bare_boot(image, args.accel, args.bare_initrd))
             seconds, timings = vmloader_run(Path(state))
             wrapped.append(seconds)
             phases.append(timings)
     print(f"image {image.entry.ref}, {args.rounds} rounds, medians:")
-    print(f"  bare qemu boot-to-poweroff : {statistics.median(bare):6.2f} s")
+    print(f"  bare qemu boot-to-poweroff : {statistics.median(bare):6.2f} s"
+          f"  (initrd {args.bare_initrd or 'of the image'})")
     print(f"  vmloader run -- true       : {statistics.median(wrapped):6.2f} s")
     print(f"  ratio                      : {statistics.median(wrapped) / statistics.median(bare):6.2f}x")
     print("  phases (median s):")

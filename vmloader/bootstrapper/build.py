@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from . import proc
+from . import initramfs, proc
 from .cache import ImageCache, sha256_file
 from .catalog import Artifact, ImageEntry, Recipe
 from .errors import ImageBuildError
@@ -51,7 +51,7 @@ def recipe_key(recipe: Recipe) -> str:
 def image_key(entry: ImageEntry) -> str:
     """Identifies the finished image: recipe + agent + init + sizes."""
     digest = hashlib.sha256(recipe_key(_recipe(entry)).encode())
-    digest.update(f"{entry.disk_gib}:{entry.cmdline}".encode())
+    digest.update(f"{entry.disk_gib}:{entry.cmdline}:initramfs-{initramfs.VERSION}".encode())
     for path in _agent_sources():
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
         digest.update(path.read_bytes())
@@ -191,6 +191,10 @@ def _assemble(entry: ImageEntry, recipe: Recipe, version: str, tree: Path, work:
         key.unlink()          # every VM makes its own (`snapshot boot --ssh`), none ships in the image
     _install_agent(root, recipe)
     kernel, initrd = _boot_files(root)
+    small = work / f"{initrd.name}-vmloader"
+    if initramfs.build(root, kernel.name.removeprefix("vmlinuz-"), small):
+        progress(f"own initramfs ({small.stat().st_size // 1024} KiB) instead of {initrd.name}")
+        initrd = small
     progress(f"writing a {entry.disk_gib} GiB ext4 filesystem")
     raw = work / "disk.raw"
     proc.run(["mke2fs", "-q", "-t", "ext4", "-L", "vmroot", "-d", str(root), str(raw),
