@@ -101,3 +101,18 @@ def test_snapshot_logs_json_raw_keeps_every_byte(kept, capsysbinary):
     assert cli.main(["snapshot", "logs", "job-1", "--json", "--raw"]) == 0
     logs = json.loads(capsysbinary.readouterr().out)
     assert logs["console_tail"].encode("utf-8", "surrogateescape") == HOSTILE
+
+
+def test_a_failed_boots_tail_keeps_what_the_guest_said_before_its_panic(tmp_path):
+    from vmloader.bootstrapper.console import failure_tail
+    log = tmp_path / "console.log"
+    trace = [f"[    3.78] trace line {n}" for n in range(40)]
+    log.write_text("\r\n".join(["[    3.71] EXT4-fs (vda): mounted", "run-init: /no/such/init: No such file or directory",
+                                "[    3.77] Kernel panic - not syncing: Attempted to kill init!"] + trace) + "\r\n")
+    shown = failure_tail(log).split("\n")
+    assert shown[:3] == ["[    3.71] EXT4-fs (vda): mounted", "run-init: /no/such/init: No such file or directory",
+                         "[    3.77] Kernel panic - not syncing: Attempted to kill init!"]
+    assert shown[3] == "[...]" and shown[-1] == "[    3.78] trace line 39" and len(shown) <= 3 + 1 + 30
+    quiet = tmp_path / "quiet.log"
+    quiet.write_text("".join(f"line {n}\r\n" for n in range(50)))
+    assert failure_tail(quiet).split("\n") == [f"line {n}" for n in range(20, 50)]

@@ -48,6 +48,22 @@ def crash_line(path: Path) -> Optional[str]:
     return None
 
 
+def failure_tail(path: Path, lines: int = 30, before: int = 5) -> str:
+    """What a failed boot's error shows: the last `lines` lines, and when the guest crashed (a
+    panic's stack trace fills the tail) also the `before` lines that led to the crash, where the
+    guest usually says why (e.g. `run-init: /sbin/init: No such file or directory`)."""
+    recent = tail(path, 200).split("\n")
+    last = recent[-lines:]
+    for index, line in enumerate(recent):
+        if any(mark in line for mark in CRASH_MARKS):
+            start = max(0, index - before)
+            if start >= len(recent) - lines:
+                return "\n".join(last)
+            gap = ["[...]"] if index + 1 < len(recent) - lines else []
+            return "\n".join(recent[start:index + 1] + gap + recent[max(index + 1, len(recent) - lines):])
+    return "\n".join(last)
+
+
 def escape_log(text: str) -> str:
     """A log as a terminal may show it: newlines and tabs kept, the CRs before a newline (a serial
     console's CRLF) dropped, every other control or format character a visible escape."""

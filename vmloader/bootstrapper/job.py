@@ -25,7 +25,7 @@ from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guestte
                sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
-from .console import ConsoleFollower, crash_line, tail
+from .console import ConsoleFollower, crash_line, failure_tail, tail
 from .config import Config
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
@@ -692,7 +692,7 @@ class JobRunner:
 
     def _boot_failure(self, job: Job, why: str, hint: Optional[str] = None) -> GuestTimeout:
         time.sleep(0.5)   # let virtlogd flush the last console lines
-        console = "\n".join(guest_text(line) for line in tail(job.console_log).split("\n"))
+        console = "\n".join(guest_text(line) for line in failure_tail(job.console_log).split("\n"))
         return GuestTimeout(
             f"the guest never reached the agent ({why}); console log {job.console_log}, last lines:\n{console}",
             hint=hint or ("check the image boots (vmloader run --console shows the boot live); "
