@@ -5,16 +5,13 @@ job) is in that cgroup too: a guest sized past the limit would be OOM-killed by 
 wrapper sizes the guest within it, as within the slot's Memory.
 """
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 UNLIMITED_V1 = 2 ** 62          # cgroup v1 says "no limit" with a number near 2**63
 
 
-def memory_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
-                       mount: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
-    """The memory limit that applies to this process's cgroup, its ancestors' included (v1:
-    `hierarchical_memory_limit` in memory.stat, else `memory.limit_in_bytes`; v2: the smallest
-    `memory.max` up the tree); None when there is none or it cannot be read."""
+def _memory_cgroup(proc_cgroup: Path, mount: Path) -> Optional[Tuple[int, Path]]:
+    """(1, dir) of this process's v1 memory cgroup, or (2, dir) of its v2 cgroup; None if neither."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -22,17 +19,30 @@ def memory_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if "memory" in controllers.split(","):
-            leaf = mount / controllers / path.lstrip("/")
-            hierarchical = _counter(leaf / "memory.stat", "hierarchical_memory_limit")
-            if hierarchical is not None:
-                return hierarchical if 0 < hierarchical < UNLIMITED_V1 else None
-            return _read_limit(leaf / "memory.limit_in_bytes")
+            return 1, mount / controllers / path.lstrip("/")
     for line in lines:
         if line.startswith("0::"):
-            parts = [p for p in line[3:].split("/") if p]
-            limits = [_read_limit(mount.joinpath(*parts[:n]) / "memory.max") for n in range(1, len(parts) + 1)]
-            return min((limit for limit in limits if limit is not None), default=None)
+            return 2, mount / line[3:].lstrip("/")
     return None
+
+
+def memory_limit_bytes(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                       mount: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """The memory limit that applies to this process's cgroup, its ancestors' included (v1:
+    `hierarchical_memory_limit` in memory.stat, else `memory.limit_in_bytes`; v2: the smallest
+    `memory.max` up the tree); None when there is none or it cannot be read."""
+    found = _memory_cgroup(proc_cgroup, mount)
+    if found is None:
+        return None
+    version, leaf = found
+    if version == 1:
+        hierarchical = _counter(leaf / "memory.stat", "hierarchical_memory_limit")
+        if hierarchical is not None:
+            return hierarchical if 0 < hierarchical < UNLIMITED_V1 else None
+        return _read_limit(leaf / "memory.limit_in_bytes")
+    parts = leaf.relative_to(mount).parts
+    limits = [_read_limit(mount.joinpath(*parts[:n]) / "memory.max") for n in range(1, len(parts) + 1)]
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 def _read_limit(path: Path) -> Optional[int]:
@@ -49,18 +59,11 @@ def _read_limit(path: Path) -> Optional[int]:
 def oom_kills(proc_cgroup: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
     """How many processes the kernel's OOM killer ended in this process's memory cgroup (v1
     `memory.oom_control`, v2 `memory.events`: `oom_kill N`); None when it cannot tell."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
+    found = _memory_cgroup(proc_cgroup, mount)
+    if found is None:
         return None
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if "memory" in controllers.split(","):
-            return _counter(mount / controllers / path.lstrip("/") / "memory.oom_control", "oom_kill")
-    for line in lines:
-        if line.startswith("0::"):
-            return _counter(mount / line[3:].lstrip("/") / "memory.events", "oom_kill")
-    return None
+    version, leaf = found
+    return _counter(leaf / ("memory.oom_control" if version == 1 else "memory.events"), "oom_kill")
 
 
 def _counter(path: Path, name: str) -> Optional[int]:
