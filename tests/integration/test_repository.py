@@ -290,7 +290,7 @@ def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, rea
         own = world_readable_tmpdir("vmloader-own-")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(own / "evil.qcow2"), "64M"], check=True)
         add = as_user(users[0], readable_checkout, ["images", "add", "debian-12", "--disk", str(own / "evil.qcow2"),
-                                                    "--json"], env)
+                                                    "--boot", "bios", "--json"], env)   # (blank: no loader to detect)
         _, err = add.communicate(timeout=120)
         assert add.returncode == 0, err
         evil_sha = _sha_of(_pull(users[0], readable_checkout, env))
