@@ -13,7 +13,8 @@ A directory is changed only by its own mode or owner: its mtime, ctime and size
 follow from the entries added or removed, which are listed themselves.
 Hidden unless asked for (`--all`): what vmloader's own boot writes in every job,
 /etc/hostname (the VM's name, by guest-setup and the agent), the machine-id the agent
-gives each VM (/etc/machine-id, /var/lib/dbus/machine-id) and the agent's __pycache__ under
+gives each VM (/etc/machine-id, /var/lib/dbus/machine-id), /etc/resolv.conf (guest-setup
+names QEMU's DNS there when the job has user networking) and the agent's __pycache__ under
 /usr/lib/vmloader. Nothing else is filtered: /proc, /sys, /dev and /run are mount
 points in the guest (empty or static on disk), and a job's files in /tmp are its own.
 """
@@ -80,7 +81,7 @@ def differences(old: Entry, new: Entry) -> tuple:
 
 def is_boot_noise(path: str) -> bool:
     """Written by every boot, whatever the job: see the module docstring."""
-    return (path in ("/etc/hostname", "/etc/machine-id", "/var/lib/dbus/machine-id")
+    return (path in ("/etc/hostname", "/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/resolv.conf")
             or (path.startswith("/usr/lib/vmloader/") and "/__pycache__" in path))
 
 
