@@ -25,7 +25,7 @@ from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guestte
                sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
-from .console import ConsoleFollower, crash_line, failure_tail, tail
+from .console import ConsoleFollower, crash_line, failure_tail
 from .config import Config
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
@@ -398,9 +398,7 @@ class JobRunner:
         with job.timer.phase("overlay"):
             if job.kept is not None:
                 check_chain(job.kept, image.disk, phase="overlay")
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(plan.overlay_backing(image.disk)), str(job.overlay)], phase="overlay")
-            privatefiles.restrict(job.overlay)
+            _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
         spec = self._domain_spec(job, plan, image, hypervisor)
         if plan.warm:
             with job.timer.phase("restore"):
@@ -494,9 +492,7 @@ class JobRunner:
         complete. False (and nothing left behind) if that failed: the job then boots cold."""
         machine = None
         try:
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                      "-b", str(image.disk), str(lane.disk)], phase="warm build")
-            privatefiles.restrict(lane.disk)
+            _private_overlay(image.disk, lane.disk, "warm build")
             spec = self._domain_spec(job, launch.cold_image(image.entry.ref), image, hypervisor, build=lane)
             machine = machines.create(domain_xml(spec))
             try:
@@ -882,6 +878,12 @@ def _write_owner(job: Job) -> None:
         {"pid": os.getpid(), "domain": job.domain_name, "snapshot": job.spec.snapshot,
          "command": list(job.spec.command),
          "image": job.spec.image, "started": time.time()}) + "\n")
+
+
+def _private_overlay(backing: Path, path: Path, phase: str) -> None:
+    """A qcow2 overlay at `path` on `backing`, readable by its owner (and QEMU) only."""
+    proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(path)], phase=phase)
+    privatefiles.restrict(path)
 
 
 def _hostname(job: Job) -> str:
