@@ -12,7 +12,7 @@ import socket
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from vmloader import protocol as P
 from vmloader.agent.server import Agent
@@ -20,6 +20,7 @@ from vmloader.agent.transport import SocketTransport
 from vmloader.bootstrapper.errors import LibvirtError
 
 ME = pwd.getpwuid(os.getuid())
+FAKE_PID_BASE = 40000          # the "QEMU pid" of the fake's first machine; the next ones count up
 GUEST_WORKDIR = "/work"
 
 
@@ -63,9 +64,11 @@ class RecordedIdentity:
 
 
 class FakeMachine:
-    def __init__(self, owner: "FakeMachines", name: str, socket_path: str, console_log: str):
+    def __init__(self, owner: "FakeMachines", name: str, socket_path: str, console_log: str, pid: int):
         self.owner = owner
         self.name = name
+        self.pid = pid
+        self.pending_boot: Optional[tuple] = None     # started paused: (console text, answers) on resume
         self.socket_path = socket_path
         self.console_log = console_log
         self.active = True
@@ -105,6 +108,19 @@ class FakeMachine:
     def is_active(self) -> bool:
         return self.active
 
+    def resume(self) -> None:
+        """A VM started paused runs from here: its guest boots only now."""
+        self.owner.events.append(("resume", self.name))
+        if self.owner.on_resume is not None:
+            self.owner.on_resume(self)
+        if self.pending_boot is not None:
+            console_text, answers = self.pending_boot
+            self.pending_boot = None
+            self.boot(console_text, answers)
+
+    def qemu_pid(self) -> Optional[int]:
+        return self.pid if self.owner.pid_known else None
+
     def paused_on_io_error(self) -> bool:
         return False
 
@@ -133,13 +149,16 @@ class FakeMachines:
 
     def __init__(self, workdir: Path, boot_answers: bool = True, save_fails: bool = False,
                  console_text: str = "[    0.000000] Linux version 6.1 (fake)\nfake: booted\n",
-                 restore_fails: bool = False, restore_answers: bool = True, identity_fails: bool = False):
+                 restore_fails: bool = False, restore_answers: bool = True, identity_fails: bool = False,
+                 pid_known: bool = True, on_resume: Optional[Callable[["FakeMachine"], None]] = None):
         self.workdir = workdir
         self.boot_answers = boot_answers
         self.save_fails = save_fails
         self.restore_fails = restore_fails          # libvirt refuses the saved state
         self.restore_answers = restore_answers      # False: the restored guest's agent stays silent
         self.identity_fails = identity_fails
+        self.pid_known = pid_known                  # False: the machine cannot tell its QEMU's pid
+        self.on_resume = on_resume                  # called as a paused machine resumes (tests look around)
         self.identities: List[dict] = []
         self.console_text = console_text
         self.events: List[tuple] = []
@@ -151,31 +170,36 @@ class FakeMachines:
         self.events.append(("connect", uri))
         return self
 
-    def _machine(self, xml: str, answers: Optional[bool] = None) -> FakeMachine:
+    def _machine(self, xml: str, answers: Optional[bool] = None, paused: bool = False) -> FakeMachine:
         root = ET.fromstring(xml)
         name = root.findtext("name")
         channel = root.find("devices/channel/source").get("path")
         console = root.find("devices/serial/log").get("file")
-        machine = FakeMachine(self, name, channel, console)
+        machine = FakeMachine(self, name, channel, console, pid=FAKE_PID_BASE + len(self.machines))
         self.machines.append(machine)
         self.xml_of[name] = xml
-        machine.boot(self.console_text, self.boot_answers if answers is None else answers)
+        boot = (self.console_text, self.boot_answers if answers is None else answers)
+        if paused:
+            self.events.append(("paused", name))
+            machine.pending_boot = boot
+        else:
+            machine.boot(*boot)
         return machine
 
-    def create(self, xml: str) -> FakeMachine:
+    def create(self, xml: str, paused: bool = False) -> FakeMachine:
         self.events.append(("create", ET.fromstring(xml).findtext("name")))
-        return self._machine(xml)
+        return self._machine(xml, paused=paused)
 
     def saved_xml(self, state: Path) -> str:
         return Path(state).read_text()
 
-    def restore(self, state: Path, xml: str, name: str) -> FakeMachine:
+    def restore(self, state: Path, xml: str, name: str, paused: bool = False) -> FakeMachine:
         self.events.append(("restore", name))
         if self.restore_fails:
             raise LibvirtError("fake: the saved state is damaged")
         if name in (m.name for m in self.machines if m.active):
             raise LibvirtError(f"fake: domain {name} already exists")      # what libvirt says to a 2nd restore
-        return self._machine(xml, answers=self.restore_answers)
+        return self._machine(xml, answers=self.restore_answers, paused=paused)
 
     def host_identity(self) -> dict:
         return {"libvirt": 1, "hypervisor": 1, "uri": "test:///fake"}

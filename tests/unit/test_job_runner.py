@@ -63,11 +63,13 @@ def world():
 
 class Rig:
     def __init__(self, root: Path, boot_timeout: int = 15, warm_start: bool = False, warm_lanes: int = 0,
-                 **fake_options):
+                 libvirt_uri=None, qemu_cgroup: str = "libvirt", host_cgroups=None, **fake_options):
         self.root = root
         (root / "work").mkdir(exist_ok=True)
         self.config = Config(cache_dir=root / "cache", state_dir=root / "state", boot_timeout=boot_timeout,
-                             warm_start=warm_start, warm_lanes=warm_lanes)
+                             warm_start=warm_start, warm_lanes=warm_lanes, libvirt_uri=libvirt_uri,
+                             qemu_cgroup=qemu_cgroup)
+        self.host_cgroups = host_cgroups
         self.cache = OneImageCache(root)
         self.store = SnapshotStore(self.config.snapshots_dir)
         self.fake = FakeMachines(root / "work", **fake_options)
@@ -75,7 +77,7 @@ class Rig:
 
     def run(self, *command, **spec_fields):
         runner = JobRunner(self.config, self.cache, self.store, lambda: QEMU, stdout=self.out,
-                           stderr=self.err, connect=self.fake)
+                           stderr=self.err, connect=self.fake, host_cgroups=self.host_cgroups)
         return runner.run(JobSpec(image="fake", command=tuple(command), **spec_fields))
 
     def job_file(self, result, name: str) -> str:

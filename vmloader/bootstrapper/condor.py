@@ -285,9 +285,13 @@ def _worker_name(machine: Optional[classad.Ad]) -> str:
 
 
 def _machine_overrides(machine: Optional[classad.Ad]) -> dict:
-    """The startd's probe advertises its cache dir: jobs of that startd use the same one."""
+    """The startd's probe advertises its cache dir: jobs of that startd use the same one; QEMU
+    always joins the job's cgroups."""
     cache_dir = _machine_value(machine, "VMLoaderCacheDir")
-    return {"cache_dir": cache_dir} if isinstance(cache_dir, str) and cache_dir else {}
+    # A wrapper running as root (the system libvirtd) moves QEMU into the job's cgroup: the
+    # slot's limits and accounting must cover the VM (qemucgroup.py).
+    overrides = {"qemu_cgroup": "caller"}
+    return dict(overrides, cache_dir=cache_dir) if isinstance(cache_dir, str) and cache_dir else overrides
 
 
 def _private_libvirt(environ: dict) -> Optional[Path]:

@@ -60,6 +60,13 @@ def _policy(value: Any) -> str:
     return text
 
 
+def _qemu_cgroup(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("caller", "libvirt"):
+        raise ValueError("expected caller or libvirt")
+    return text
+
+
 def _size(value: Any) -> int:
     text = str(value).strip().upper().removesuffix("B").removesuffix("I")
     factor = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
@@ -136,6 +143,10 @@ SETTINGS: Sequence[Setting] = (
     Setting("warm_lanes", "VMLOADER_WARM_LANES", _non_negative(int),
             "saved states per image and shape, one per job starting at once (default 2 x host CPUs; "
             "0 = that default); more concurrent jobs boot cold"),
+    Setting("qemu_cgroup", "VMLOADER_QEMU_CGROUP", _qemu_cgroup,
+            "as root (system libvirtd): `caller` starts each VM paused and moves QEMU into vmloader's own "
+            "cgroups so their limits and accounting cover the VM (always so under the HTCondor wrapper); "
+            "`libvirt` (default) leaves it in libvirt's machine cgroup"),
     Setting("host_cert", "VMLOADER_HOST_CERT", _path,
             "host certificate copied as /etc/grid-security/hostcert.pem into the guests host_cert_images "
             "and host_cert_users allow"),
@@ -170,6 +181,7 @@ class Config:
     output_max_bytes: int = 16 * 2**30
     warm_start: bool = False      # opt-in until the whole suite has passed with it on
     warm_lanes: int = 0
+    qemu_cgroup: str = "libvirt"   # "caller": QEMU joins vmloader's cgroups (qemucgroup.py)
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None
     host_cert_images: tuple = ()

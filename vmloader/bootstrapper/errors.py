@@ -63,6 +63,10 @@ class LibvirtError(VMLoaderError):
     """libvirt refused or failed an operation, or its daemon is unreachable."""
 
 
+class CgroupError(VMLoaderError):
+    """QEMU could not be put into the job's cgroup (it would run uncounted and unlimited)."""
+
+
 class CommandError(VMLoaderError):
     """A host-side helper program (qemu-img, debootstrap, ...) failed."""
 

@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
 from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles, proc,
-               sandboxnames, virt, warm)
+               qemucgroup, sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, failure_tail
@@ -192,6 +192,7 @@ class Job:
         self.hypervisor: Optional[Hypervisor] = None
         self.plan: Optional[LaunchPlan] = None  # what is brought to life, decided before anything starts
         self.machines: Optional[virt.Machines] = None
+        self.qemu_placement: Optional[qemucgroup.Placement] = None   # the cgroups QEMU is moved into
         self.machine: Optional[virt.Machine] = None
         self.client: Optional[AgentClient] = None
         self.watch: Optional[disklimit.OverlayWatch] = None
@@ -278,9 +279,11 @@ class JobRunner:
     def __init__(self, config: Config, cache: ImageCache, store: SnapshotStore,
                  choose_hypervisor: Callable[[], Hypervisor], *, stdin: Optional[BinaryIO] = None,
                  stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
-                 session: Optional[Session] = None, connect: virt.Connect = virt.LibvirtMachines):
+                 session: Optional[Session] = None, connect: virt.Connect = virt.LibvirtMachines,
+                 host_cgroups: Optional[qemucgroup.HostCgroups] = None):
         self.session = session
         self.connect = connect
+        self.host_cgroups = host_cgroups or qemucgroup.HostCgroups()
         self.config = config
         self.cache = cache
         self.store = store
@@ -359,7 +362,7 @@ class JobRunner:
         with job.timer.phase("hypervisor"):
             hypervisor = job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("define"):
-            machines = job.machines = self.connect(self.config.libvirt_uri or hypervisor.uri)
+            machines = job.machines = self._connect(job, self.config.libvirt_uri or hypervisor.uri)
         if self._may_start_warm(job, image, hypervisor):
             plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
@@ -392,6 +395,13 @@ class JobRunner:
         finally:
             if follower:
                 follower.stop()
+
+    def _connect(self, job: Job, uri: str) -> virt.Machines:
+        """The hypervisor connection; as root against the system libvirtd (with qemu_cgroup = "caller"),
+        one whose VMs start paused and join this process's cgroups before they run."""
+        machines = self.connect(uri)
+        placement = job.qemu_placement = qemucgroup.placement_for(self.config.qemu_cgroup, uri, self.host_cgroups)
+        return machines if placement is None else qemucgroup.AccountedMachines(machines, placement)
 
     def _bring_up(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> AgentClient:
         """Overlay, VM, agent, identity: the job's VM ready for its command."""
@@ -435,9 +445,11 @@ class JobRunner:
     def _may_start_warm(self, job: Job, image: ResolvedImage, hypervisor: Hypervisor) -> bool:
         """Warm unless told not to, or the job is not a fresh boot of our image under QEMU. A job that
         may be frozen with its memory on timeout boots cold: a state saved from a lane keeps the
-        lane's name and uuid, and resuming it later would collide with the lane."""
+        lane's name and uuid, and resuming it later would collide with the lane. A VM moved into the
+        job's cgroups boots cold too: the memory a restore loads stays charged to libvirt's cgroup."""
         spec = job.spec
         return (self.config.warm_start and not spec.cold and job.plan is not None and job.plan.kind == launch.COLD_IMAGE
+                and job.qemu_placement is None
                 and hypervisor.domain_type in ("kvm", "qemu") and image.kernel is not None
                 and not (spec.timeout is not None and should_keep(spec.snapshot, True)))
 

@@ -4,7 +4,7 @@ the HTCondor wrapper all call `job_runner`."""
 import threading
 from typing import BinaryIO, Callable, List, Optional
 
-from . import hypervisors, virt
+from . import hypervisors, qemucgroup, virt
 from .cache import ImageCache
 from .config import Config
 from .errors import VMLoaderError
@@ -29,13 +29,15 @@ def job_runner(cfg: Config, *, hypervisor: Optional[str] = None, boot_test: bool
                cache: Optional[ImageCache] = None, store: Optional[SnapshotStore] = None,
                stdin: Optional[BinaryIO] = None, stdout: Optional[BinaryIO] = None,
                stderr: Optional[BinaryIO] = None, session: Optional[Session] = None,
-               connect: virt.Connect = virt.LibvirtMachines) -> JobRunner:
+               connect: virt.Connect = virt.LibvirtMachines,
+               host_cgroups: Optional[qemucgroup.HostCgroups] = None) -> JobRunner:
     """A runner as configured; `hypervisor` forces one (else the best usable), probed when a job
     reaches that phase, not before."""
     def choose() -> hypervisors.Hypervisor:
         return hypervisors.choose(hypervisors.detect(host_probes(cfg, boot_test)), hypervisor)
     return JobRunner(cfg, cache or ImageCache.configured(cfg), store or SnapshotStore(cfg.snapshots_dir),
-                     choose, stdin=stdin, stdout=stdout, stderr=stderr, session=session, connect=connect)
+                     choose, stdin=stdin, stdout=stdout, stderr=stderr, session=session, connect=connect,
+                     host_cgroups=host_cgroups)
 
 
 def warm_up(cfg: Config, image: str, *, cpus: Optional[int] = None, memory_mib: Optional[int] = None,

@@ -3,7 +3,7 @@ machine interface the job runner drives VMs through."""
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import libvirt
 
@@ -68,6 +68,12 @@ class Machine(Protocol):
     def pause(self) -> None:
         """Freeze the VM's vCPUs where they are (its disk stops changing); never raises."""
 
+    def resume(self) -> None:
+        """Let a VM started paused run; LibvirtError if it cannot."""
+
+    def qemu_pid(self) -> Optional[int]:
+        """The pid of the VM's QEMU process, or None when it cannot be told for certain."""
+
     def save(self, path: Path) -> None:
         """Stop the VM by writing its memory to `path`; LibvirtError if that failed."""
 
@@ -78,14 +84,16 @@ class Machine(Protocol):
 class Machines(Protocol):
     """One connection to a hypervisor."""
 
-    def create(self, xml: str) -> Machine:
-        """Define and start a transient VM from validated domain XML; LibvirtError if refused."""
+    def create(self, xml: str, paused: bool = False) -> Machine:
+        """Define and start a transient VM from validated domain XML (its vCPUs stopped with
+        `paused`); LibvirtError if refused."""
 
     def saved_xml(self, state: Path) -> str:
         """The domain XML kept in a memory state file."""
 
-    def restore(self, state: Path, xml: str, name: str) -> Machine:
-        """Start a VM from its saved memory, running, with `xml` for its host-side files."""
+    def restore(self, state: Path, xml: str, name: str, paused: bool = False) -> Machine:
+        """Start a VM from its saved memory, running (or stopped with `paused`), with `xml` for
+        its host-side files."""
 
     def host_identity(self) -> dict:
         """What a saved state depends on besides the guest: libvirt's and the hypervisor's versions, URI."""
@@ -95,6 +103,10 @@ class Machines(Protocol):
 
 
 Connect = Callable[[str], Machines]
+
+# Where a libvirt daemon keeps its QEMU pid files (only the system daemon's matter: it alone
+# starts QEMU outside the caller's process tree, see qemucgroup.py).
+_QEMU_RUN_DIRS = {"qemu:///system": Path("/run/libvirt/qemu")}
 
 
 class LibvirtMachine:
@@ -121,6 +133,28 @@ class LibvirtMachine:
             self.domain.suspend()
         except libvirt.libvirtError:
             pass                         # gone already: nothing writes any more
+
+    def resume(self) -> None:
+        try:
+            self.domain.resume()
+        except libvirt.libvirtError as exc:
+            raise translate(exc, "define") from None
+
+    def qemu_pid(self) -> Optional[int]:
+        """From the pid file the system libvirtd keeps (root's only), checked against the process's
+        own command line (`-name guest=NAME,...`): a stale file must never name another process."""
+        run_dir = _QEMU_RUN_DIRS.get(self.uri.split("?")[0].replace("+unix", ""))
+        if run_dir is None:
+            return None
+        try:
+            text = (run_dir / f"{self.name}.pid").read_text().strip()
+            if not text.isdigit():
+                return None
+            args = Path(f"/proc/{text}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        marker = f"guest={self.name},".encode()
+        return int(text) if any(arg.startswith(marker) for arg in args) else None
 
     def save(self, path: Path) -> None:
         try:
@@ -166,9 +200,10 @@ class LibvirtMachines:
         self.uri = uri
         self.conn = connect(uri)
 
-    def create(self, xml: str) -> LibvirtMachine:
+    def create(self, xml: str, paused: bool = False) -> LibvirtMachine:
+        flags = libvirt.VIR_DOMAIN_START_VALIDATE | (libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         try:
-            domain = self.conn.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
+            domain = self.conn.createXML(xml, flags)
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
         return LibvirtMachine(domain, domain.name(), self.uri)
@@ -179,9 +214,10 @@ class LibvirtMachines:
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
 
-    def restore(self, state: Path, xml: str, name: str) -> LibvirtMachine:
+    def restore(self, state: Path, xml: str, name: str, paused: bool = False) -> LibvirtMachine:
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
-            self.conn.restoreFlags(str(state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            self.conn.restoreFlags(str(state), xml, flags)
             return LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
