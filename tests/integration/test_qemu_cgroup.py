@@ -3,7 +3,8 @@ the guest's memory and QEMU's CPU time are the caller's, as under an HTCondor st
 
 The test makes its own cgroup v1 memory and cpuacct cgroups (on this machine cpu and cpuacct are
 mounted apart under /sys/fs/cgroup), starts `vmloader run` inside them and lets the guest fill
-300 MiB of its RAM. It removes only the cgroups it made."""
+300 MiB of its RAM; a kept memory state is resumed in them the same way. It removes only the
+cgroups it made."""
 import json
 import os
 import secrets
@@ -137,3 +138,33 @@ def test_as_root_the_wrapper_sizes_the_vm_within_its_cgroup_memory_limit(tmp_pat
     err = done.stderr.decode()
     assert done.returncode == 125, err
     assert "request_memory 2048 MiB (the job's cgroup memory limit 300 MiB) is too small" in err
+
+
+@need_v1_root
+def test_as_root_a_resumed_memory_state_joins_the_callers_cgroups_before_it_runs(
+        vmloader, vm_env, state_dir, tmp_path, own_cgroups):
+    """The restore path: restored paused, moved, resumed (its restored memory stays libvirt's, said so)."""
+    kept = vmloader("run", "--image", "debian-12", "--job-id", "kept", "--timeout", "3", "--snapshot", "on-failure",
+                    "--json", "--", "sleep", "600")
+    assert kept.returncode == 124, kept.err
+    snapshot = kept.json()["snapshot"]
+    cgroups = own_cgroups("memory", "cpuacct")
+    name = "/" + cgroups["memory"].name
+    argv = [sys.executable, "-m", "vmloader.bootstrapper.cli", "snapshot", "exec", snapshot, "--",
+            "sh", "-c", "echo resumed; read line; echo done"]
+    job = subprocess.Popen(_in_cgroups(cgroups, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=dict(vm_env, VMLOADER_QEMU_CGROUP="caller"), cwd=tmp_path)
+    try:
+        first = job.stdout.readline().decode()
+        assert first.strip() == "resumed", job.stderr.read().decode() if not first else first
+        [resumed] = [d.name for d in (state_dir / "jobs").iterdir() if d.name != "kept"]
+        placed = _cgroup_of(Path(f"/proc/{_qemu_pid(state_dir, resumed)}/cgroup"))
+        assert placed["memory"] == name and placed["cpuacct"] == name
+        out, err = job.communicate(input=b"go\n", timeout=600)
+    finally:
+        if job.poll() is None:
+            job.terminate()
+            job.wait(timeout=300)
+    assert job.returncode == 0, err.decode()
+    assert out.decode().split() == ["done"]
+    assert "stays charged to libvirt's cgroup" in err.decode()
