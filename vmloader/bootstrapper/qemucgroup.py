@@ -17,6 +17,7 @@ use cpuset v1: it pins with sched_setaffinity); named hierarchies (`name=systemd
 controller and count nothing. In cgroup v2 the caller's unified cgroup. A caller in the root
 cgroup everywhere is in no job: nothing moves.
 """
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Optional, Tuple
 
 from .errors import CgroupError, VMLoaderError
 from .virt import Machine, Machines
+
+log = logging.getLogger(__name__)
 
 CALLER = "caller"        # qemu_cgroup: QEMU joins the caller's cgroups (the HTCondor wrapper's choice)
 LIBVIRT = "libvirt"      # qemu_cgroup: QEMU stays where libvirt puts it (plain CLI default)
@@ -87,6 +90,8 @@ def placement_for(setting: str, uri: str, host: HostCgroups) -> Optional[Placeme
 
 def move(pid: int, placement: Placement) -> None:
     """Write `pid` into each target's cgroup.procs (all its threads move); CgroupError if one refuses."""
+    log.debug("moving QEMU pid %d into %s (left alone: %s)", pid, ", ".join(map(str, placement.targets)),
+              "; ".join(placement.skipped) or "nothing")
     for target in placement.targets:
         try:
             fd = os.open(target / "cgroup.procs", os.O_WRONLY | os.O_NOFOLLOW)
