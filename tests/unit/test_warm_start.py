@@ -1,6 +1,7 @@
 """Warm start against the fake machine: plan choice, lanes, fallback to cold, teardown."""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -193,6 +194,37 @@ def test_a_damaged_state_is_dropped_before_restoring(world, capsys, damage):
         assert result.start == "cold" and "restore" not in rig.fake.kinds()
         assert warm_lines(err) == [f"vmloader: warm state for fake@1 unusable (memory.save differs from what "
                                    f"was saved); booting cold and rebuilding it"]
+
+
+@pytest.mark.parametrize("what", ["files", "directory"])
+def test_a_state_deleted_after_the_job_took_its_lane_is_dropped_and_the_job_boots_cold(world, capsys,
+                                                                                       monkeypatch, what):
+    rig = Rig(world, warm_start=True)
+    rig.run("true", snapshot="never")
+    [lane] = lanes_of(rig)
+    touch = warm.Lane.touch
+
+    def touch_then_delete(self):               # checked and held by the job; then removed by hand
+        touch(self)
+        if what == "directory":
+            shutil.rmtree(self.dir)
+        else:
+            for name in ("memory.save", "disk.qcow2", "meta.json"):
+                (self.dir / name).unlink()
+    monkeypatch.setattr(warm.Lane, "touch", touch_then_delete)
+    capsys.readouterr()
+    rig.fake.events.clear()
+    result = rig.run("echo", "still runs", snapshot="never")
+    err = capsys.readouterr().err
+    assert result.exit_status == 0 and result.start == "cold", result.error
+    assert "restore" not in rig.fake.kinds()
+    [line] = [line for line in err.splitlines() if line.startswith("vmloader:")]   # none about the vanished dir
+    assert line.startswith("vmloader: warm state for fake@1 unusable (its disk layer cannot be used: ")
+    assert torn_down(rig.fake) and not Path(result.job_dir, "overlay.qcow2").exists()
+    monkeypatch.setattr(warm.Lane, "touch", touch)
+    again = rig.run("true", snapshot="never")
+    assert again.start == "warm" and "warm build" in again.timings
+    assert lanes_of(rig) == [lane]
 
 
 def test_a_state_copied_elsewhere_with_the_same_bytes_is_still_used(world):

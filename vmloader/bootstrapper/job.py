@@ -398,7 +398,14 @@ class JobRunner:
         with job.timer.phase("overlay"):
             if job.kept is not None:
                 check_chain(job.kept, image.disk, phase="overlay")
-            _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
+            try:
+                _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
+            except VMLoaderError as err:
+                if not plan.warm:
+                    raise
+                # The lane's disk layer went away (or is unreadable) since it was checked: a warm
+                # state problem, not the job's; the cold boot says so if the job dir is the cause.
+                raise WarmUnusable(f"its disk layer cannot be used: {err.message}", phase="overlay") from None
         spec = self._domain_spec(job, plan, image, hypervisor)
         if plan.warm:
             with job.timer.phase("restore"):

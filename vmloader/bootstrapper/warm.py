@@ -145,8 +145,13 @@ class Lane:
         os.rename(tmp, self.meta_path)
 
     def drop(self) -> None:
-        """Remove the state (the lock file stays: other jobs may be waiting on it)."""
-        for path in self.dir.iterdir():
+        """Remove the state (the lock file stays: other jobs may be waiting on it). A lane whose
+        directory is already gone (removed by hand while a job held it) is dropped already."""
+        try:
+            paths = list(self.dir.iterdir())
+        except FileNotFoundError:
+            return
+        for path in paths:
             if path.name != "lock":
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
