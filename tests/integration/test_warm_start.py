@@ -221,7 +221,7 @@ def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_
     assert proc.returncode == 0 and result["start"] == "cold", err.decode()
     assert Path(result["stdout_path"]).read_text() == "ran\n"
     [line] = vmloader_lines(err.decode())
-    assert line.startswith("vmloader: warm state for debian-12@") and "its disk layer cannot be used" in line, line
+    assert line.startswith("vmloader: warm state for debian-12@") and "its disk layer was removed after it was checked" in line, line
     assert line.endswith("booting cold and rebuilding it")
     assert ours_running(warm.Lane(lane, lane.parent.name, 0).domain_name, "vmloader-warm-deleted") == []
     assert not lane.exists() and lanes() == []      # nothing half there for a later job

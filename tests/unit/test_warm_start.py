@@ -219,7 +219,8 @@ def test_a_state_deleted_after_the_job_took_its_lane_is_dropped_and_the_job_boot
     assert result.exit_status == 0 and result.start == "cold", result.error
     assert "restore" not in rig.fake.kinds()
     [line] = [line for line in err.splitlines() if line.startswith("vmloader:")]   # none about the vanished dir
-    assert line.startswith("vmloader: warm state for fake@1 unusable (its disk layer cannot be used: ")
+    assert line == ("vmloader: warm state for fake@1 unusable (its disk layer was removed after it was "
+                           "checked); booting cold and rebuilding it")
     assert torn_down(rig.fake) and not Path(result.job_dir, "overlay.qcow2").exists()
     monkeypatch.setattr(warm.Lane, "touch", touch)
     again = rig.run("true", snapshot="never")

@@ -401,11 +401,13 @@ class JobRunner:
             try:
                 _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
             except VMLoaderError as err:
-                if not plan.warm:
+                if plan.lane is None:
                     raise
                 # The lane's disk layer went away (or is unreadable) since it was checked: a warm
                 # state problem, not the job's; the cold boot says so if the job dir is the cause.
-                raise WarmUnusable(f"its disk layer cannot be used: {err.message}", phase="overlay") from None
+                why = ("its disk layer was removed after it was checked" if not plan.lane.disk.exists()
+                       else f"its disk layer cannot be used: {err.message}")
+                raise WarmUnusable(why, phase="overlay") from None
         spec = self._domain_spec(job, plan, image, hypervisor)
         if plan.warm:
             with job.timer.phase("restore"):
