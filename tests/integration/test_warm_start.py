@@ -221,8 +221,8 @@ def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_
     assert proc.returncode == 0 and result["start"] == "cold", err.decode()
     assert Path(result["stdout_path"]).read_text() == "ran\n"
     [line] = vmloader_lines(err.decode())
-    assert line.startswith("vmloader: warm state for debian-12@") and "its disk layer was removed after it was checked" in line, line
-    assert line.endswith("booting cold and rebuilding it")
+    assert line.startswith("vmloader: warm state for debian-12@"), line
+    assert line.endswith("(its disk layer was removed after it was checked); booting cold and rebuilding it")
     assert ours_running(warm.Lane(lane, lane.parent.name, 0).domain_name, "vmloader-warm-deleted") == []
     assert not lane.exists() and lanes() == []      # nothing half there for a later job
     record_row("warm state deleted (files and lock) after a job took it, before its restore",
@@ -251,11 +251,17 @@ def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_w
     assert line.startswith("vmloader: could not save a warm state for debian-12@") and "this job boots cold" in line
     assert "No space left on device" in line, line
     assert ours_running(*lane_domains(), f"vmloader-{result['job_id']}") == []
-    left = sorted(str(p.relative_to(small_warm_root)) for p in small_warm_root.rglob("*") if not p.is_dir())
-    assert left and all(name.endswith("/lock") for name in left), left     # no partial file, no meta
+    left = sorted(p.name for p in small_warm_root.rglob("*") if not p.is_dir())
+    assert left == ["lock", warm.NO_ROOM], left              # no partial file, no completion record
     assert list(warm.WarmStore(small_warm_root, 8).states()) == []        # no state a later job could take
+    again, second = run_true(vmloader)                        # no more room now: boots cold without trying
+    assert again.returncode == 0 and second["start"] == "cold" and "warm build" not in second["timings"], again.err
+    [no_room] = vmloader_lines(again.err)
+    assert no_room.startswith("vmloader: no room for a warm state of debian-12@") and "free now" in no_room
+    assert ours_running(*lane_domains(), f"vmloader-{second['job_id']}") == []
     record_row("the cache disk fills while a warm state is saved (tmpfs, 40 MiB)", result["exit_status"],
-               "succeeded, booted cold", "warm build", line, "nothing (the partial state is removed)")
+               "succeeded, booted cold", "warm build", line,
+               "nothing (the partial state is removed; later jobs boot cold at once until more space is free)")
 
 
 def resave_with_its_agent_stopped(lane: Path, scratch: Path) -> None:

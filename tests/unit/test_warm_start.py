@@ -249,6 +249,34 @@ def test_a_failed_save_during_the_build_leaves_nothing_and_the_job_runs_cold(wor
     assert all(not m.is_active() for m in rig.fake.machines)
 
 
+def test_a_build_that_ran_out_of_space_is_not_tried_again_until_there_is_more_room(world, capsys, monkeypatch):
+    rig = Rig(world, warm_start=True, save_fails="cannot write memory.save.tmp: No space left on device")
+    free = {"now": 40 * 2 ** 20}
+    monkeypatch.setattr(warm.WarmStore, "free_bytes", lambda self, key: free["now"])
+    first = rig.run("true", snapshot="never")
+    assert first.start == "cold" and "could not save a warm state" in capsys.readouterr().err
+    builds = rig.fake.kinds().count("save")
+    second = rig.run("true", snapshot="never")             # no more room than then: no doomed build
+    err = capsys.readouterr().err
+    assert second.exit_status == 0 and second.start == "cold" and rig.fake.kinds().count("save") == builds
+    assert [line for line in err.splitlines() if line.startswith("vmloader:")] == [
+        f"vmloader: no room for a warm state of fake@1 in {warm.warm_root(rig.config)} (saving one ran out of "
+        f"space with 40 MiB free, 40 MiB free now); booting cold"]
+    assert not lanes_of(rig)
+    free["now"] += 2 ** 20                                 # something was freed: worth another try
+    rig.fake.save_fails = False
+    third = rig.run("true", snapshot="never")
+    assert third.start == "warm" and "warm build" in third.timings
+    assert not list(warm.warm_root(rig.config).glob("*/" + warm.NO_ROOM))
+
+
+def test_a_build_failing_for_another_reason_is_tried_again_by_the_next_job(world, capsys):
+    rig = Rig(world, warm_start=True, save_fails=True)
+    rig.run("true", snapshot="never")
+    rig.run("true", snapshot="never")
+    assert rig.fake.kinds().count("save") == 2 and "no room" not in capsys.readouterr().err
+
+
 def test_a_job_that_keeps_nothing_is_destroyed_without_the_agent_sync(world):
     rig = Rig(world, warm_start=True)
     rig.run("true", snapshot="never")
