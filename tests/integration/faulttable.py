@@ -51,6 +51,9 @@ FAULTS = (
     # warm starts (a job restores a saved, booted state of its image)
     "warm state's saved memory bit-flipped",
     "warm state's saved memory truncated",
+    "warm state deleted (files and lock) after a job took it, before its restore",
+    "the cache disk fills while a warm state is saved (tmpfs, 40 MiB)",
+    "a restored warm state whose agent does not answer (saved with its agent stopped)",
     # a hostile agent in a real guest
     "hostile agent (a root job replaces it in the guest): offers `../escaped`, `/etc/cron.d/evil`, "
     "`sub/../../x` as new outputs",

@@ -4,19 +4,26 @@ The states live in the test cache's `warm/` (root's jobs); the first job of this
 them. Each test says which state it needs and makes it so (dropping or damaging lanes), so the
 order only saves boots.
 """
+import contextlib
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from vmloader.bootstrapper import config, warm
+from vmloader.bootstrapper import config, privatefiles, warm
+from vmloader.bootstrapper.agentclient import AgentClient
+from vmloader.bootstrapper.errors import AgentError
 
-from .conftest import libvirt_domains
+from .conftest import libvirt_domains, world_readable_tmpdir
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
@@ -133,3 +140,191 @@ def test_a_kept_snapshot_of_a_warm_job_reopens_without_its_lane(vmloader, state_
     assert again.returncode == 0 and again.out == "kept\n", again.err
     cold = vmloader("run", "--image", "debian-12", "--cold", "--snapshot", "never", "--json", "--", "true")
     assert json.loads(cold.stdout)["start"] == "cold" and not lanes()
+
+
+# -- faults of a warm state: deleted while a job takes it, a full disk while saving one, a restored
+# guest whose agent stays silent. Each job still runs (cold, with one line on stderr), nothing runs
+# on afterwards, and no job restores a state that is not whole.
+
+def ours_running(*names: str) -> list:
+    """libvirt domains and processes (QEMU's -name guest=...) named for any of `names`."""
+    found = [name for name in libvirt_domains() if name in names]
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        found += [f"pid {entry.name}" for name in names if f"guest={name},".encode() in cmdline]
+    return found
+
+
+def lane_domains() -> list:
+    return [warm.Lane(lane, lane.parent.name, int(lane.name[5:])).domain_name for lane in lanes()]
+
+
+def vmloader_lines(err: str) -> list:
+    return [line for line in err.splitlines() if line.startswith("vmloader:")]
+
+
+def one_lane_left() -> Path:
+    """A complete lane 0 (built by a job if need be), the only lane (so the next job takes it)."""
+    for lane in lanes():
+        if lane.name != "lane-0" or not (lane / "meta.json").exists():
+            shutil.rmtree(lane)
+    [lane] = lanes()
+    return lane
+
+
+# The job's overlay over a warm lane waits here until the test lets it go: the job then holds the
+# lane's lock and has checked its files, and has not restored it yet.
+HOLDING_QEMU_IMG = """#!/bin/sh
+prev=
+for arg; do
+    [ "$prev" = -b ] && backing=$arg
+    prev=$arg
+done
+case "$backing" in
+    */warm/*/disk.qcow2) : > "{hold}/held"; read go < "{hold}/go" ;;
+esac
+exec {real} "$@"
+"""
+
+
+def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_cold(vmloader, vm_env, state_dir,
+                                                                                      tmp_path):
+    run, result = run_true(vmloader)
+    assert run.returncode == 0 and result["start"] == "warm", run.err
+    lane = one_lane_left()
+    hold, bin_dir = tmp_path / "hold", tmp_path / "bin"
+    hold.mkdir()
+    bin_dir.mkdir()
+    os.mkfifo(hold / "go")
+    shim = bin_dir / "qemu-img"
+    shim.write_text(HOLDING_QEMU_IMG.format(hold=hold, real=shutil.which("qemu-img")))
+    shim.chmod(0o755)
+    env = dict(vm_env, PATH=f"{bin_dir}:{vm_env['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                             "--snapshot", "never", "--json", "--job-id", "warm-deleted", "--", "echo", "ran"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (hold / "held").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1].decode()
+            time.sleep(0.2)
+        shutil.rmtree(lane)                         # the whole state, its lock file too
+    finally:
+        with open(hold / "go", "w") as go:          # (also if the test failed: never leave the job hanging)
+            go.write("go\n")
+    out, err = proc.communicate(timeout=900)
+    result = json.loads(out)
+    assert proc.returncode == 0 and result["start"] == "cold", err.decode()
+    assert Path(result["stdout_path"]).read_text() == "ran\n"
+    [line] = vmloader_lines(err.decode())
+    assert line.startswith("vmloader: warm state for debian-12@"), line
+    assert line.endswith("(its disk layer was removed after it was checked); booting cold and rebuilding it")
+    assert ours_running(warm.Lane(lane, lane.parent.name, 0).domain_name, "vmloader-warm-deleted") == []
+    assert not lane.exists() and lanes() == []      # nothing half there for a later job
+    record_row("warm state deleted (files and lock) after a job took it, before its restore",
+               result["exit_status"], "succeeded, booted cold", "overlay", line,
+               "nothing (the next job builds the state again)")
+
+
+@pytest.fixture
+def small_warm_root():
+    """This test's warm states on a 40 MiB tmpfs (room for a lane's disk layer, not for its memory)."""
+    root = warm.warm_root(config.load())
+    root.mkdir(parents=True, exist_ok=True)
+    info = root.stat()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=40m,mode={info.st_mode & 0o7777:o},uid={info.st_uid},"
+                    f"gid={info.st_gid}", "tmpfs", str(root)], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_warm_root):
+    run, result = run_true(vmloader)
+    assert run.returncode == 0 and result["start"] == "cold", run.err
+    [line] = vmloader_lines(run.err)
+    assert line.startswith("vmloader: could not save a warm state for debian-12@") and "this job boots cold" in line
+    assert "No space left on device" in line, line
+    assert ours_running(*lane_domains(), f"vmloader-{result['job_id']}") == []
+    left = sorted(p.name for p in small_warm_root.rglob("*") if not p.is_dir())
+    assert left == ["lock", warm.NO_ROOM], left              # no partial file, no completion record
+    assert list(warm.WarmStore(small_warm_root, 8).states()) == []        # no state a later job could take
+    again, second = run_true(vmloader)                        # no more room now: boots cold without trying
+    assert again.returncode == 0 and second["start"] == "cold" and "warm build" not in second["timings"], again.err
+    [no_room] = vmloader_lines(again.err)
+    assert no_room.startswith("vmloader: no room for a warm state of debian-12@") and "free now" in no_room
+    assert ours_running(*lane_domains(), f"vmloader-{second['job_id']}") == []
+    record_row("the cache disk fills while a warm state is saved (tmpfs, 40 MiB)", result["exit_status"],
+               "succeeded, booted cold", "warm build", line,
+               "nothing (the partial state is removed; later jobs boot cold at once until more space is free)")
+
+
+def resave_with_its_agent_stopped(lane: Path, scratch: Path) -> None:
+    """Lane 0's state restored under test files, its agent stopped (SIGSTOP from a command it runs; the
+    console says when), saved again and recorded as the lane's complete state: a guest that comes
+    back from a good state file with an agent that never answers."""
+    meta = json.loads((lane / "meta.json").read_text())
+    memory = lane / "memory.save"
+    virsh = ["virsh", "-q", "-c", "qemu:///system"]
+    xml = ET.fromstring(subprocess.run([*virsh, "save-image-dumpxml", str(memory)], capture_output=True, text=True,
+                                       check=True).stdout)
+    for channel in xml.iter("channel"):
+        source = channel.find("source")
+        source.set("path", str(scratch / Path(source.get("path")).name))
+    for log in xml.iter("log"):
+        log.set("file", str(scratch / "console.log"))
+    (scratch / "domain.xml").write_text(ET.tostring(xml, encoding="unicode"))
+    subprocess.run([*virsh, "restore", str(memory), "--xml", str(scratch / "domain.xml")], check=True)
+    name = xml.findtext("name")
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(scratch / "agent.sock"))
+        client = AgentClient(sock)
+        client.handshake(timeout=120)
+        stop = ["/bin/sh", "-c", "kill -STOP $PPID; echo VMLOADER-AGENT-STOPPED > /dev/console"]
+
+        def never_answered() -> None:            # (ends when the VM is saved and the channel closes)
+            with contextlib.suppress(AgentError):
+                client.exec(stop, env={}, user="root", cwd="/", stdin=None, stdout=io.BytesIO(),
+                            stderr=io.BytesIO())
+        threading.Thread(target=never_answered, daemon=True).start()
+        deadline = time.monotonic() + 120
+        console = scratch / "console.log"
+        while not (console.exists() and b"VMLOADER-AGENT-STOPPED" in console.read_bytes()):
+            assert time.monotonic() < deadline, "the guest never said its agent was stopped"
+            time.sleep(0.2)
+        partial = lane / "memory.save.tmp"
+        subprocess.run([*virsh, "save", name, str(partial)], check=True, stdout=subprocess.DEVNULL)
+        client.close()
+    finally:
+        subprocess.run([*virsh, "destroy", name], capture_output=True)     # (gone already once saved)
+    privatefiles.restrict(partial)
+    os.rename(partial, memory)
+    privatefiles.reclaim(lane / "disk.qcow2")
+    warm.Lane(lane, meta["key"], 0).commit(meta["parts"], meta["image"])
+
+
+def test_a_restored_guest_whose_agent_does_not_answer_is_dropped_and_the_job_boots_cold(vmloader, tmp_path):
+    run, result = run_true(vmloader)
+    assert run.returncode == 0 and result["start"] == "warm", run.err
+    lane = one_lane_left()
+    scratch = world_readable_tmpdir("vmloader-warm-silent-")
+    try:
+        resave_with_its_agent_stopped(lane, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    run, result = run_true(vmloader)
+    assert run.returncode == 0 and result["start"] == "cold", run.err
+    [line] = vmloader_lines(run.err)
+    assert line.startswith("vmloader: warm state for debian-12@") and "its agent did not answer within" in line
+    assert line.endswith("booting cold and rebuilding it"), line
+    assert ours_running(warm.Lane(lane, lane.parent.name, 0).domain_name, f"vmloader-{result['job_id']}") == []
+    assert not (lane / "memory.save").exists() and not (lane / "meta.json").exists()    # dropped
+    record_row("a restored warm state whose agent does not answer (saved with its agent stopped)",
+               result["exit_status"], "succeeded, booted cold", "boot", line,
+               "nothing (the state is dropped; the next job rebuilds it)")

@@ -12,7 +12,7 @@ import socket
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 from vmloader import protocol as P
 from vmloader.agent.server import Agent
@@ -134,7 +134,7 @@ class FakeMachine:
     def save(self, path: Path) -> None:
         self.owner.events.append(("save", self.name))
         if self.owner.save_fails:
-            raise LibvirtError("fake: cannot save")
+            raise LibvirtError(self.owner.save_fails if isinstance(self.owner.save_fails, str) else "fake: cannot save")
         Path(path).write_text(self.owner.xml_of[self.name])
         self._stop()
 
@@ -147,7 +147,7 @@ class FakeMachines:
     """Records what the runner asks for; `boot_answers=False` makes guests that never reach
     their agent (their console says `console_text`)."""
 
-    def __init__(self, workdir: Path, boot_answers: bool = True, save_fails: bool = False,
+    def __init__(self, workdir: Path, boot_answers: bool = True, save_fails: Union[bool, str] = False,
                  console_text: str = "[    0.000000] Linux version 6.1 (fake)\nfake: booted\n",
                  restore_fails: bool = False, restore_answers: bool = True, identity_fails: bool = False,
                  pid_known: bool = True, on_resume: Optional[Callable[["FakeMachine"], None]] = None):

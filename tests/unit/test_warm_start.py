@@ -1,6 +1,7 @@
 """Warm start against the fake machine: plan choice, lanes, fallback to cold, teardown."""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -195,6 +196,38 @@ def test_a_damaged_state_is_dropped_before_restoring(world, capsys, damage):
                                    f"was saved); booting cold and rebuilding it"]
 
 
+@pytest.mark.parametrize("what", ["files", "directory"])
+def test_a_state_deleted_after_the_job_took_its_lane_is_dropped_and_the_job_boots_cold(world, capsys,
+                                                                                       monkeypatch, what):
+    rig = Rig(world, warm_start=True)
+    rig.run("true", snapshot="never")
+    [lane] = lanes_of(rig)
+    touch = warm.Lane.touch
+
+    def touch_then_delete(self):               # checked and held by the job; then removed by hand
+        touch(self)
+        if what == "directory":
+            shutil.rmtree(self.dir)
+        else:
+            for name in ("memory.save", "disk.qcow2", "meta.json"):
+                (self.dir / name).unlink()
+    monkeypatch.setattr(warm.Lane, "touch", touch_then_delete)
+    capsys.readouterr()
+    rig.fake.events.clear()
+    result = rig.run("echo", "still runs", snapshot="never")
+    err = capsys.readouterr().err
+    assert result.exit_status == 0 and result.start == "cold", result.error
+    assert "restore" not in rig.fake.kinds()
+    [line] = [line for line in err.splitlines() if line.startswith("vmloader:")]   # none about the vanished dir
+    assert line == ("vmloader: warm state for fake@1 unusable (its disk layer was removed after it was "
+                           "checked); booting cold and rebuilding it")
+    assert torn_down(rig.fake) and not Path(result.job_dir, "overlay.qcow2").exists()
+    monkeypatch.setattr(warm.Lane, "touch", touch)
+    again = rig.run("true", snapshot="never")
+    assert again.start == "warm" and "warm build" in again.timings
+    assert lanes_of(rig) == [lane]
+
+
 def test_a_state_copied_elsewhere_with_the_same_bytes_is_still_used(world):
     rig = Rig(world, warm_start=True)
     rig.run("true", snapshot="never")
@@ -214,6 +247,34 @@ def test_a_failed_save_during_the_build_leaves_nothing_and_the_job_runs_cold(wor
     [lane_dir] = list(warm.warm_root(rig.config).glob("*/lane-0"))
     assert sorted(p.name for p in lane_dir.iterdir()) == ["lock"]
     assert all(not m.is_active() for m in rig.fake.machines)
+
+
+def test_a_build_that_ran_out_of_space_is_not_tried_again_until_there_is_more_room(world, capsys, monkeypatch):
+    rig = Rig(world, warm_start=True, save_fails="cannot write memory.save.tmp: No space left on device")
+    free = {"now": 40 * 2 ** 20}
+    monkeypatch.setattr(warm.WarmStore, "free_bytes", lambda self, key: free["now"])
+    first = rig.run("true", snapshot="never")
+    assert first.start == "cold" and "could not save a warm state" in capsys.readouterr().err
+    builds = rig.fake.kinds().count("save")
+    second = rig.run("true", snapshot="never")             # no more room than then: no doomed build
+    err = capsys.readouterr().err
+    assert second.exit_status == 0 and second.start == "cold" and rig.fake.kinds().count("save") == builds
+    assert [line for line in err.splitlines() if line.startswith("vmloader:")] == [
+        f"vmloader: no room for a warm state of fake@1 in {warm.warm_root(rig.config)} (saving one ran out of "
+        f"space with 40 MiB free, 40 MiB free now); booting cold"]
+    assert not lanes_of(rig)
+    free["now"] += 2 ** 20                                 # something was freed: worth another try
+    rig.fake.save_fails = False
+    third = rig.run("true", snapshot="never")
+    assert third.start == "warm" and "warm build" in third.timings
+    assert not list(warm.warm_root(rig.config).glob("*/" + warm.NO_ROOM))
+
+
+def test_a_build_failing_for_another_reason_is_tried_again_by_the_next_job(world, capsys):
+    rig = Rig(world, warm_start=True, save_fails=True)
+    rig.run("true", snapshot="never")
+    rig.run("true", snapshot="never")
+    assert rig.fake.kinds().count("save") == 2 and "no room" not in capsys.readouterr().err
 
 
 def test_a_job_that_keeps_nothing_is_destroyed_without_the_agent_sync(world):

@@ -5,6 +5,7 @@ Whatever fails, the finally-path runs: the domain is destroyed, the overlay
 is either preserved as a snapshot or deleted, and the job record (metadata +
 console log) stays in the job directory.
 """
+import errno
 import io
 import json
 import os
@@ -408,7 +409,16 @@ class JobRunner:
         with job.timer.phase("overlay"):
             if job.kept is not None:
                 check_chain(job.kept, image.disk, phase="overlay")
-            _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
+            try:
+                _private_overlay(plan.overlay_backing(image.disk), job.overlay, "overlay")
+            except VMLoaderError as err:
+                if plan.lane is None:
+                    raise
+                # The lane's disk layer went away (or is unreadable) since it was checked: a warm
+                # state problem, not the job's; the cold boot says so if the job dir is the cause.
+                why = ("its disk layer was removed after it was checked" if not plan.lane.disk.exists()
+                       else f"its disk layer cannot be used: {err.message}")
+                raise WarmUnusable(why, phase="overlay") from None
         spec = self._domain_spec(job, plan, image, hypervisor)
         if plan.warm:
             with job.timer.phase("restore"):
@@ -483,9 +493,19 @@ class JobRunner:
                     lane.drop()
                     return plan
             else:
+                key = lane.key
+                no_room = store.no_room(key)
+                if no_room is not None:
+                    print(f"vmloader: no room for a warm state of {image.entry.ref} in {store.root} ({no_room}); "
+                          "booting cold", file=sys.stderr)
+                    return plan
+                free = store.free_bytes(key)
                 with job.timer.phase("warm build"):
-                    if not self._build_lane(job, lane, parts, image, hypervisor, machines):
-                        return plan
+                    failed = self._build_lane(job, lane, parts, image, hypervisor, machines)
+                if failed is not None:
+                    if os.strerror(errno.ENOSPC) in failed:       # (libvirt and OSError both say so)
+                        diskfull.best_effort("the note of a full disk", store.note_no_room, key, free)
+                    return plan
             lane.touch()
         except GuestTimeout:
             raise
@@ -499,9 +519,9 @@ class JobRunner:
         return warm_plan
 
     def _build_lane(self, job: Job, lane: Lane, parts: dict, image: ResolvedImage, hypervisor: Hypervisor,
-                    machines: virt.Machines) -> bool:
+                    machines: virt.Machines) -> Optional[str]:
         """Boot the clean image on the lane's disk to agent-ready, quiesce, save with memory, mark
-        complete. False (and nothing left behind) if that failed: the job then boots cold."""
+        complete: None. Else why not (and nothing left behind): the job then boots cold."""
         machine = None
         try:
             _private_overlay(image.disk, lane.disk, "warm build")
@@ -533,16 +553,17 @@ class JobRunner:
             os.rename(partial, lane.memory)
             privatefiles.reclaim(lane.disk)
             lane.commit(parts, image.entry.ref)
-            return True
+            return None
         except GuestTimeout:
             raise
         except (OSError, VMLoaderError) as exc:
-            print(f"vmloader: could not save a warm state for {image.entry.ref} "
-                  f"({getattr(exc, 'message', exc)}); this job boots cold", file=sys.stderr)
+            why = str(getattr(exc, 'message', exc))
+            print(f"vmloader: could not save a warm state for {image.entry.ref} ({why}); this job boots cold",
+                  file=sys.stderr)
             if machine is not None:
                 machine.destroy()
             diskfull.best_effort("the partial warm state", lane.drop)
-            return False
+            return why
 
     def _abandon_warm(self, job: Job, image: ResolvedImage, why: WarmUnusable) -> None:
         """The warm state failed this job after all: stop what runs, drop the state; the caller boots cold."""

@@ -34,6 +34,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 AGENT_SILENCE = 20.0         # seconds a restored guest's agent has to answer before its state is dropped
 QUIESCE = "sync; echo 3 > /proc/sys/vm/drop_caches; sync"
 STAMPED = ("memory.save", "disk.qcow2")
+NO_ROOM = "no-room.json"     # in a state's directory: a build ran out of space with this much free
 
 
 class WarmUnusable(VMLoaderError):
@@ -145,8 +146,13 @@ class Lane:
         os.rename(tmp, self.meta_path)
 
     def drop(self) -> None:
-        """Remove the state (the lock file stays: other jobs may be waiting on it)."""
-        for path in self.dir.iterdir():
+        """Remove the state (the lock file stays: other jobs may be waiting on it). A lane whose
+        directory is already gone (removed by hand while a job held it) is dropped already."""
+        try:
+            paths = list(self.dir.iterdir())
+        except FileNotFoundError:
+            return
+        for path in paths:
             if path.name != "lock":
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -241,6 +247,31 @@ class WarmStore:
                     lane.drop()                    # whatever a build that died left
                 return held
         return None
+
+    def free_bytes(self, key: str) -> int:
+        return shutil.disk_usage(self._key_dir(key)).free
+
+    def no_room(self, key: str) -> Optional[str]:
+        """Why building this state is not worth a try now: an earlier build ran out of space with at
+        least as much free as there is now (None: try; the note goes once there is more room)."""
+        path = self._key_dir(key) / NO_ROOM
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as handle:
+                noted = json.load(handle)
+            before = noted["free"] if isinstance(noted, dict) else None
+            free = self.free_bytes(key)
+        except (OSError, ValueError, KeyError):
+            return None
+        if not isinstance(before, int) or free > before:
+            path.unlink(missing_ok=True)
+            return None
+        return (f"saving one ran out of space with {before // 2 ** 20} MiB free, "
+                f"{free // 2 ** 20} MiB free now")
+
+    def note_no_room(self, key: str, free_before: int) -> None:
+        """A build ran out of space: later jobs boot cold without trying until more is free."""
+        privatefiles.write_private(self._key_dir(key) / NO_ROOM,
+                                   json.dumps({"free": free_before, "time": time.time()}) + "\n")
 
     def states(self) -> Iterator[dict]:
         """Every complete lane: for `images list` and eviction."""
