@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -419,7 +420,8 @@ def ssh_to_job(pool, job, *args, timeout: float = 300):
 
 def test_condor_ssh_to_job_lands_in_the_running_guest_as_the_job_with_a_shell_commands_and_sftp(pool):
     job = Submission(pool, "sshjob", {"job.sub": (
-        "executable = /bin/sleep\narguments = 1800\ntransfer_executable = false\n"
+        "executable = /bin/sh\narguments = \"-c 'until [ -e stop ]; do sleep 1; done'\"\n"
+        "transfer_executable = false\n"
         'environment = "FOO=from-the-submit-file"\noutput = out\nerror = err\nlog = log\n'
         '+VMImage = "debian-12"\nqueue\n'),
         "plain.sub": "executable = /bin/sleep\narguments = 600\noutput = pout\nerror = perr\nlog = plog\nqueue\n",
@@ -429,6 +431,7 @@ def test_condor_ssh_to_job_lands_in_the_running_guest_as_the_job_with_a_shell_co
     vm_job = f"{job.cluster}.0"
     try:
         check_ssh_to_job(pool, job, vm_job)
+        check_ssh_to_job_while_the_vm_is_torn_down(pool, job, vm_job)
     finally:
         pool.run(["condor_rm", "-all"])
 
@@ -463,6 +466,38 @@ def check_ssh_to_job(pool, job, vm_job: str) -> None:
     job.wait({RUNNING}, log="plog")
     host = ssh_to_job(pool, job, "-auto-retry", f"{plain}.0", "--", "echo $_CONDOR_SCRATCH_DIR")
     assert re.search(r"^/var/lib/condor/execute2?/dir_\d+$", host.stdout.strip()), host.stdout + host.stderr
+
+
+def check_ssh_to_job_while_the_vm_is_torn_down(pool, job, vm_job: str) -> None:
+    """Once the command has ended, condor_ssh_to_job says the VM is being torn down. Held there, not
+    raced: the job's private libvirt session daemon is stopped (SIGSTOP) while the command still
+    runs, so the wrapper, past collecting the outputs, waits in its teardown phase on the VM's
+    destroy until the test lets the daemon go on (SIGCONT)."""
+    runtimes = list(pool.path("/tmp").glob("vml-*"))       # the VM job's private libvirt (the plain job has none)
+    assert len(runtimes) == 1, runtimes
+    daemons = {pidfile.stem: int(pidfile.read_text()) for pidfile in (runtimes[0] / "libvirt").glob("*.pid")
+               if not pidfile.stem.startswith("virtlogd")}     # QEMU's console goes on through virtlogd
+    assert daemons, list((runtimes[0] / "libvirt").iterdir())
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{vm_job}-*")), 60, f"{vm_job}'s record")[0]
+    phase = lambda: (job_dir / "phase").read_text().strip()
+    assert phase() == "exec"
+    for pid in daemons.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert ssh_to_job(pool, job, vm_job, "--", "touch stop").returncode == 0     # the command ends
+        pool.wait_for(lambda: phase() == "teardown", 600, f"{vm_job}'s wrapper to reach its teardown")
+        late = ssh_to_job(pool, job, vm_job, "--", "true")
+    finally:
+        for pid in daemons.values():
+            os.kill(pid, signal.SIGCONT)
+    assert late.returncode == 125, late.stdout + late.stderr
+    assert ("vmloader: [ssh-to-job] this job's command has ended and its VM is being torn down (teardown)"
+            in late.stderr), late.stderr
+    assert "vmloader snapshot shell ID" in late.stderr, late.stderr
+    job.cluster = int(vm_job.split(".")[0])             # (the plain job's cluster was submitted since)
+    done = job.wait({COMPLETED}, timeout=600)
+    assert done[0]["ExitCode"] == "0", done
 
 
 def test_a_job_writing_past_its_request_disk_is_held_naming_the_limit_and_a_too_small_one_up_front(pool):
