@@ -626,3 +626,86 @@ def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_n
     pool.run(["condor_rm", str(job.cluster)], check=True)
     record_row("an HTCondor job's cgroup memory limit below its VM (400 MiB on the pool's base cgroup)", 125,
                "held (HoldReason, subcode 125)", "job ad", reason, "the job (on hold); no VM started")
+
+
+def job_memory_cgroup(pool, job_dir: Path) -> Path:
+    """The host's memory cgroup dir of the job whose VM runs from `job_dir` (its QEMU's cgroup)."""
+    def qemu():
+        for pid in pool.namespace_pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if job_dir.name in cmdline and "qemu" in cmdline:
+                return pid
+        return None
+    pid = pool.wait_for(qemu, 120, f"the QEMU of {job_dir.name}")
+    line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in line)
+    return Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+
+
+def test_two_slots_running_vm_jobs_at_once_never_hold_more_than_their_two_requests(pool):
+    """One cluster of two VM jobs, one per slot, both guests holding most of their RAM at the same
+    time (each fills 640 MiB of its 832 and waits for a `go` the test gives through condor_ssh_to_job
+    once both have filled). The cgroups' high-water marks, read while both jobs exist, and HTCondor's
+    own peak (ResidentSetSize_RAW, from the cgroup) stay within each job's request (its slot's
+    Memory), the pool's peak with both VMs full within the sum of the two."""
+    from .condor_pool import base_cgroup
+    if not Path("/sys/fs/cgroup/memory").is_dir():
+        pytest.skip("no cgroup v1 memory controller for the pool")
+    base = Path("/sys/fs/cgroup/memory", base_cgroup(pool.port))
+    base.mkdir(exist_ok=True)              # (HTCondor makes it with the pool's first job; the pool removes it)
+    mib = 2 ** 20
+    fill_mib, request_mib = 640, 1024
+    job = Submission(pool, "twoslots", {
+        "fill.sh": "#!/bin/sh\nexec python3 -c '\nimport os, time\n"
+                   f"b = b\"x\" * ({fill_mib} << 20)\nopen(\"filled\", \"w\").close()\n"
+                   "while not os.path.exists(\"go\"):\n    time.sleep(1)\n'\n",
+        "job.sub": ("executable = fill.sh\nshould_transfer_files = YES\noutput = out$(Process)\n"
+                    f"error = err$(Process)\nlog = log\nrequest_memory = {request_mib}\n"
+                    '+VMImage = "debian-12"\n+VMLoaderSnapshot = "never"\nqueue 2\n')})
+    job.file("fill.sh").chmod(0o755)
+    wait_for_no_leftovers(pool)                  # no VM of an earlier test still in the pool's cgroup
+    (base / "memory.max_usage_in_bytes").write_text("0")      # the pool's peak from here on: these two jobs
+    job.submit("job.sub")
+    ids = [f"{job.cluster}.{proc}" for proc in (0, 1)]
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    try:
+        job.wait({RUNNING}, count=2)
+        # Both guests filled and waiting: from here to `go` both VMs run, full, at the same time.
+        for vm_job in ids:
+            pool.wait_for(lambda: ssh_to_job(pool, job, "-auto-retry", vm_job, "--", "test -e filled").returncode == 0,
+                          900, f"job {vm_job}'s guest to fill its RAM", 3)
+        both_full = int((base / "memory.max_usage_in_bytes").read_text())
+        seen = {}
+        for vm_job in ids:
+            job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{vm_job}-*")), 60, f"{vm_job}'s record")[0]
+            cgroup = job_memory_cgroup(pool, job_dir)
+            slot = pool.run(["condor_status", "-constraint", f'JobId == "{vm_job}"', "-af", "Name", "Memory"],
+                            user=None, check=True).stdout.split()
+            seen[vm_job] = {"slot": slot[0], "slot_mib": int(slot[1]), "cgroup": cgroup.name,
+                            "limit": int((cgroup / "memory.limit_in_bytes").read_text()),
+                            "peak": int((cgroup / "memory.max_usage_in_bytes").read_text())}
+        for vm_job in ids:
+            ssh_to_job(pool, job, vm_job, "--", "touch go")
+        done = job.wait({COMPLETED}, count=2, timeout=900)
+    finally:
+        pool.run(["condor_rm", str(job.cluster)], user=None)
+    assert sorted(j["ExitCode"] for j in done.values()) == ["0", "0"], seen
+    assert len({s["slot"] for s in seen.values()}) == 2, seen            # two slots, one VM each
+    for vm_job, s in seen.items():
+        assert s["slot_mib"] == request_mib and s["limit"] == request_mib * mib, seen  # the slot is the request
+        assert fill_mib * mib <= s["peak"] <= s["limit"], seen           # the guest's RAM is in it, within it
+    assert 2 * fill_mib * mib <= both_full <= 2 * request_mib * mib, (both_full, seen)
+    # HTCondor's own figure: the job's peak from its cgroup, in KiB (ResidentSetSize_RAW). Not MemoryUsage:
+    # that is ResidentSetSize rounded up (a peak of 988 MiB shows as 1221 MiB, over the 1024 asked).
+    usage = pool.run(["condor_history", str(job.cluster), "-af", "ProcId", "ResidentSetSize_RAW", "RequestMemory",
+                      "MemoryUsage"], user=None, check=True).stdout
+    figures = {int(p): (int(kib), int(r), m) for p, kib, r, m in (line.split() for line in usage.splitlines())}
+    assert sorted(figures) == [0, 1], usage
+    for peak_kib, requested, _ in figures.values():
+        assert fill_mib * 1024 <= peak_kib <= requested * 1024 and requested == request_mib, figures
+    assert sum(f[0] for f in figures.values()) <= sum(f[1] for f in figures.values()) * 1024, figures
+    print(f"two slots: cgroup peaks {[s['peak'] // mib for s in seen.values()]} MiB of "
+          f"{[s['limit'] // mib for s in seen.values()]}; both full together {both_full // mib} MiB; "
+          f"ResidentSetSize_RAW, RequestMemory, MemoryUsage {figures}")
