@@ -572,13 +572,8 @@ def test_a_vm_jobs_memory_and_cpu_are_accounted_to_it_through_its_cgroup(pool):
     running = lambda: [d for d in jobs_dir.glob(f"condor-{job.cluster}.0-*")
                        if (d / "phase").exists() and (d / "phase").read_text().strip() == "exec"]
     job_dir = pool.wait_for(running, 600, "the VM job to reach its exec phase")[0]
-    qemus = [pid for pid in pool.namespace_pids()
-             if job_dir.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-             and "qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
-    assert len(qemus) == 1, qemus
-    cgroup = Path(f"/proc/{qemus[0]}/cgroup").read_text()
-    memory_line = next(line for line in cgroup.splitlines() if ":memory:" in line)
-    assert f"/{base_cgroup(pool.port)}/" in memory_line, cgroup        # the job's, not the daemon's own
+    cgroup = job_memory_cgroup(pool, job_dir)                # (a process may end while we look)
+    assert cgroup.relative_to("/sys/fs/cgroup/memory").parts[0] == base_cgroup(pool.port), cgroup  # the job's
     done = job.wait({COMPLETED}, timeout=900)[0]
     assert done["ExitCode"] == "0", job.file("err").read_text()
     assert job.file("out").read_text() == "filled\n"
@@ -697,14 +692,15 @@ def test_two_slots_running_vm_jobs_at_once_never_hold_more_than_their_two_reques
         assert s["slot_mib"] == request_mib and s["limit"] == request_mib * mib, seen  # the slot is the request
         assert fill_mib * mib <= s["peak"] <= s["limit"], seen           # the guest's RAM is in it, within it
     assert 2 * fill_mib * mib <= both_full <= 2 * request_mib * mib, (both_full, seen)
-    # HTCondor's own figure: the job's peak from its cgroup, in KiB (ResidentSetSize_RAW). Not MemoryUsage:
-    # that is ResidentSetSize rounded up (a peak of 988 MiB shows as 1221 MiB, over the 1024 asked).
+    # HTCondor's own figure: the job's peak from its cgroup, in KiB (ResidentSetSize_RAW); the execute config's
+    # MEMORY_USAGE_METRIC makes MemoryUsage from it (from ResidentSetSize, rounded up, 988 MiB showed 1221).
     usage = pool.run(["condor_history", str(job.cluster), "-af", "ProcId", "ResidentSetSize_RAW", "RequestMemory",
                       "MemoryUsage"], user=None, check=True).stdout
     figures = {int(p): (int(kib), int(r), m) for p, kib, r, m in (line.split() for line in usage.splitlines())}
     assert sorted(figures) == [0, 1], usage
-    for peak_kib, requested, _ in figures.values():
+    for peak_kib, requested, memory_usage in figures.values():
         assert fill_mib * 1024 <= peak_kib <= requested * 1024 and requested == request_mib, figures
+        assert fill_mib <= int(memory_usage) <= requested, figures    # what HOLD_IF_MEMORY_EXCEEDED compares
     assert sum(f[0] for f in figures.values()) <= sum(f[1] for f in figures.values()) * 1024, figures
     print(f"two slots: cgroup peaks {[s['peak'] // mib for s in seen.values()]} MiB of "
           f"{[s['limit'] // mib for s in seen.values()]}; both full together {both_full // mib} MiB; "
