@@ -3,7 +3,7 @@
 
 Starts the same HTCondor pool the tests use (trixie chroot, two startds with one
 slot each), times one VM job alone, then submits N jobs at once and reports
-their makespan against the ideal N x single / slots. With --compare-cgroups it
+their makespan against the ideal N x single / slots (`x ideal`). With --compare-cgroups it
 does so twice: with HTCondor's cgroup accounting and limits (the pool's default)
 and without them (jobs tracked by process tree), for the cost of the accounting.
 Not a test: no thresholds, just figures for the README.
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--compare-cgroups", action="store_true",
                         help="also run without HTCondor's cgroup accounting and limits")
     args = parser.parse_args()
+    results = {}
     for cgroups in ((True, False) if args.compare_cgroups else (True,)):
         pool = start_pool(cgroups=cgroups)
         try:
@@ -53,11 +54,22 @@ def main() -> None:
             makespan = run_cluster(pool, "batch", args.jobs)
         finally:
             pool.stop()
-        ideal = args.jobs * single / 2
+        results[cgroups] = (single, makespan)
         what = "with cgroup limits" if cgroups else "without cgroups"
-        print(f"{what}: one VM job alone (submit to done): {single:.1f} s")
-        print(f"{what}: {args.jobs} VM jobs on 2 slots: makespan {makespan:.1f} s; "
-              f"{args.jobs} x single / 2 = {ideal:.1f} s; ratio {makespan / ideal:.2f}", flush=True)
+        print(f"{what}: one VM job alone {single:.1f} s, {args.jobs} VM jobs on 2 slots {makespan:.1f} s",
+              file=sys.stderr, flush=True)
+    # Side by side: the same pool, the same jobs, with and without HTCondor's cgroup accounting and limits.
+    rows = [("with cgroup limits", *results[True])]
+    if False in results:
+        rows.append(("without cgroups", *results[False]))
+    print(f"{'':<20} {'one job alone':>14} {f'{args.jobs} jobs, 2 slots':>18} {'x ideal':>8}")
+    for what, single, makespan in rows:
+        ideal = args.jobs * single / 2
+        print(f"{what:<20} {single:>12.1f} s {makespan:>16.1f} s {makespan / ideal:>8.2f}")
+    if False in results:
+        with_, without = results[True][1], results[False][1]
+        print(f"cgroup accounting and limits: {with_ - without:+.1f} s on the makespan "
+              f"({(with_ - without) / args.jobs:+.2f} s per VM job, {100 * (with_ / without - 1):+.1f} %)")
 
 
 if __name__ == "__main__":

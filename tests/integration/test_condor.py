@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Optional
@@ -419,7 +420,8 @@ def ssh_to_job(pool, job, *args, timeout: float = 300):
 
 def test_condor_ssh_to_job_lands_in_the_running_guest_as_the_job_with_a_shell_commands_and_sftp(pool):
     job = Submission(pool, "sshjob", {"job.sub": (
-        "executable = /bin/sleep\narguments = 1800\ntransfer_executable = false\n"
+        "executable = /bin/sh\narguments = \"-c 'until [ -e stop ]; do sleep 1; done'\"\n"
+        "transfer_executable = false\n"
         'environment = "FOO=from-the-submit-file"\noutput = out\nerror = err\nlog = log\n'
         '+VMImage = "debian-12"\nqueue\n'),
         "plain.sub": "executable = /bin/sleep\narguments = 600\noutput = pout\nerror = perr\nlog = plog\nqueue\n",
@@ -429,6 +431,7 @@ def test_condor_ssh_to_job_lands_in_the_running_guest_as_the_job_with_a_shell_co
     vm_job = f"{job.cluster}.0"
     try:
         check_ssh_to_job(pool, job, vm_job)
+        check_ssh_to_job_while_the_vm_is_torn_down(pool, job, vm_job)
     finally:
         pool.run(["condor_rm", "-all"])
 
@@ -463,6 +466,38 @@ def check_ssh_to_job(pool, job, vm_job: str) -> None:
     job.wait({RUNNING}, log="plog")
     host = ssh_to_job(pool, job, "-auto-retry", f"{plain}.0", "--", "echo $_CONDOR_SCRATCH_DIR")
     assert re.search(r"^/var/lib/condor/execute2?/dir_\d+$", host.stdout.strip()), host.stdout + host.stderr
+
+
+def check_ssh_to_job_while_the_vm_is_torn_down(pool, job, vm_job: str) -> None:
+    """Once the command has ended, condor_ssh_to_job says the VM is being torn down. Held there, not
+    raced: the job's private libvirt session daemon is stopped (SIGSTOP) while the command still
+    runs, so the wrapper, past collecting the outputs, waits in its teardown phase on the VM's
+    destroy until the test lets the daemon go on (SIGCONT)."""
+    runtimes = list(pool.path("/tmp").glob("vml-*"))       # the VM job's private libvirt (the plain job has none)
+    assert len(runtimes) == 1, runtimes
+    daemons = {pidfile.stem: int(pidfile.read_text()) for pidfile in (runtimes[0] / "libvirt").glob("*.pid")
+               if not pidfile.stem.startswith("virtlogd")}     # QEMU's console goes on through virtlogd
+    assert daemons, list((runtimes[0] / "libvirt").iterdir())
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{vm_job}-*")), 60, f"{vm_job}'s record")[0]
+    phase = lambda: (job_dir / "phase").read_text().strip()
+    assert phase() == "exec"
+    for pid in daemons.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert ssh_to_job(pool, job, vm_job, "--", "touch stop").returncode == 0     # the command ends
+        pool.wait_for(lambda: phase() == "teardown", 600, f"{vm_job}'s wrapper to reach its teardown")
+        late = ssh_to_job(pool, job, vm_job, "--", "true")
+    finally:
+        for pid in daemons.values():
+            os.kill(pid, signal.SIGCONT)
+    assert late.returncode == 125, late.stdout + late.stderr
+    assert ("vmloader: [ssh-to-job] this job's command has ended and its VM is being torn down (teardown)"
+            in late.stderr), late.stderr
+    assert "vmloader snapshot shell ID" in late.stderr, late.stderr
+    job.cluster = int(vm_job.split(".")[0])             # (the plain job's cluster was submitted since)
+    done = job.wait({COMPLETED}, timeout=600)
+    assert done[0]["ExitCode"] == "0", done
 
 
 def test_a_job_writing_past_its_request_disk_is_held_naming_the_limit_and_a_too_small_one_up_front(pool):
@@ -537,13 +572,8 @@ def test_a_vm_jobs_memory_and_cpu_are_accounted_to_it_through_its_cgroup(pool):
     running = lambda: [d for d in jobs_dir.glob(f"condor-{job.cluster}.0-*")
                        if (d / "phase").exists() and (d / "phase").read_text().strip() == "exec"]
     job_dir = pool.wait_for(running, 600, "the VM job to reach its exec phase")[0]
-    qemus = [pid for pid in pool.namespace_pids()
-             if job_dir.name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-             and "qemu" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
-    assert len(qemus) == 1, qemus
-    cgroup = Path(f"/proc/{qemus[0]}/cgroup").read_text()
-    memory_line = next(line for line in cgroup.splitlines() if ":memory:" in line)
-    assert f"/{base_cgroup(pool.port)}/" in memory_line, cgroup        # the job's, not the daemon's own
+    cgroup = job_memory_cgroup(pool, job_dir)                # (a process may end while we look)
+    assert cgroup.relative_to("/sys/fs/cgroup/memory").parts[0] == base_cgroup(pool.port), cgroup  # the job's
     done = job.wait({COMPLETED}, timeout=900)[0]
     assert done["ExitCode"] == "0", job.file("err").read_text()
     assert job.file("out").read_text() == "filled\n"
@@ -591,3 +621,87 @@ def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_n
     pool.run(["condor_rm", str(job.cluster)], check=True)
     record_row("an HTCondor job's cgroup memory limit below its VM (400 MiB on the pool's base cgroup)", 125,
                "held (HoldReason, subcode 125)", "job ad", reason, "the job (on hold); no VM started")
+
+
+def job_memory_cgroup(pool, job_dir: Path) -> Path:
+    """The host's memory cgroup dir of the job whose VM runs from `job_dir` (its QEMU's cgroup)."""
+    def qemu():
+        for pid in pool.namespace_pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if job_dir.name in cmdline and "qemu" in cmdline:
+                return pid
+        return None
+    pid = pool.wait_for(qemu, 120, f"the QEMU of {job_dir.name}")
+    line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in line)
+    return Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
+
+
+def test_two_slots_running_vm_jobs_at_once_never_hold_more_than_their_two_requests(pool):
+    """One cluster of two VM jobs, one per slot, both guests holding most of their RAM at the same
+    time (each fills 640 MiB of its 832 and waits for a `go` the test gives through condor_ssh_to_job
+    once both have filled). The cgroups' high-water marks, read while both jobs exist, and HTCondor's
+    own peak (ResidentSetSize_RAW, from the cgroup) stay within each job's request (its slot's
+    Memory), the pool's peak with both VMs full within the sum of the two."""
+    from .condor_pool import base_cgroup
+    if not Path("/sys/fs/cgroup/memory").is_dir():
+        pytest.skip("no cgroup v1 memory controller for the pool")
+    base = Path("/sys/fs/cgroup/memory", base_cgroup(pool.port))
+    base.mkdir(exist_ok=True)              # (HTCondor makes it with the pool's first job; the pool removes it)
+    mib = 2 ** 20
+    fill_mib, request_mib = 640, 1024
+    job = Submission(pool, "twoslots", {
+        "fill.sh": "#!/bin/sh\nexec python3 -c '\nimport os, time\n"
+                   f"b = b\"x\" * ({fill_mib} << 20)\nopen(\"filled\", \"w\").close()\n"
+                   "while not os.path.exists(\"go\"):\n    time.sleep(1)\n'\n",
+        "job.sub": ("executable = fill.sh\nshould_transfer_files = YES\noutput = out$(Process)\n"
+                    f"error = err$(Process)\nlog = log\nrequest_memory = {request_mib}\n"
+                    '+VMImage = "debian-12"\n+VMLoaderSnapshot = "never"\nqueue 2\n')})
+    job.file("fill.sh").chmod(0o755)
+    wait_for_no_leftovers(pool)                  # no VM of an earlier test still in the pool's cgroup
+    (base / "memory.max_usage_in_bytes").write_text("0")      # the pool's peak from here on: these two jobs
+    job.submit("job.sub")
+    ids = [f"{job.cluster}.{proc}" for proc in (0, 1)]
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    try:
+        job.wait({RUNNING}, count=2)
+        # Both guests filled and waiting: from here to `go` both VMs run, full, at the same time.
+        for vm_job in ids:
+            pool.wait_for(lambda: ssh_to_job(pool, job, "-auto-retry", vm_job, "--", "test -e filled").returncode == 0,
+                          900, f"job {vm_job}'s guest to fill its RAM", 3)
+        both_full = int((base / "memory.max_usage_in_bytes").read_text())
+        seen = {}
+        for vm_job in ids:
+            job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{vm_job}-*")), 60, f"{vm_job}'s record")[0]
+            cgroup = job_memory_cgroup(pool, job_dir)
+            slot = pool.run(["condor_status", "-constraint", f'JobId == "{vm_job}"', "-af", "Name", "Memory"],
+                            user=None, check=True).stdout.split()
+            seen[vm_job] = {"slot": slot[0], "slot_mib": int(slot[1]), "cgroup": cgroup.name,
+                            "limit": int((cgroup / "memory.limit_in_bytes").read_text()),
+                            "peak": int((cgroup / "memory.max_usage_in_bytes").read_text())}
+        for vm_job in ids:
+            ssh_to_job(pool, job, vm_job, "--", "touch go")
+        done = job.wait({COMPLETED}, count=2, timeout=900)
+    finally:
+        pool.run(["condor_rm", str(job.cluster)], user=None)
+    assert sorted(j["ExitCode"] for j in done.values()) == ["0", "0"], seen
+    assert len({s["slot"] for s in seen.values()}) == 2, seen            # two slots, one VM each
+    for vm_job, s in seen.items():
+        assert s["slot_mib"] == request_mib and s["limit"] == request_mib * mib, seen  # the slot is the request
+        assert fill_mib * mib <= s["peak"] <= s["limit"], seen           # the guest's RAM is in it, within it
+    assert 2 * fill_mib * mib <= both_full <= 2 * request_mib * mib, (both_full, seen)
+    # HTCondor's own figure: the job's peak from its cgroup, in KiB (ResidentSetSize_RAW); the execute config's
+    # MEMORY_USAGE_METRIC makes MemoryUsage from it (from ResidentSetSize, rounded up, 988 MiB showed 1221).
+    usage = pool.run(["condor_history", str(job.cluster), "-af", "ProcId", "ResidentSetSize_RAW", "RequestMemory",
+                      "MemoryUsage"], user=None, check=True).stdout
+    figures = {int(p): (int(kib), int(r), m) for p, kib, r, m in (line.split() for line in usage.splitlines())}
+    assert sorted(figures) == [0, 1], usage
+    for peak_kib, requested, memory_usage in figures.values():
+        assert fill_mib * 1024 <= peak_kib <= requested * 1024 and requested == request_mib, figures
+        assert fill_mib <= int(memory_usage) <= requested, figures    # what HOLD_IF_MEMORY_EXCEEDED compares
+    assert sum(f[0] for f in figures.values()) <= sum(f[1] for f in figures.values()) * 1024, figures
+    print(f"two slots: cgroup peaks {[s['peak'] // mib for s in seen.values()]} MiB of "
+          f"{[s['limit'] // mib for s in seen.values()]}; both full together {both_full // mib} MiB; "
+          f"ResidentSetSize_RAW, RequestMemory, MemoryUsage {figures}")
