@@ -145,7 +145,7 @@ class ImageCache:
         from .warm import WarmStore                        # (warm.py uses this module)
         limit = self.max_bytes if max_bytes is None else max_bytes
         entries = [e for e in self.index.entries() if (self.artifacts_dir / e.sha256).exists()]
-        states = WarmStore(self.root / "warm", 0)
+        states = WarmStore(self.root / "warm", 0, shared=os.geteuid() == 0)
         total = sum(e.size for e in entries) + (states.total_bytes() if limit else 0)
         removed = []
         for entry in entries:
