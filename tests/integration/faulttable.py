@@ -51,6 +51,7 @@ FAULTS = (
     # warm starts (a job restores a saved, booted state of its image)
     "warm state's saved memory bit-flipped",
     "warm state's saved memory truncated",
+    "root (qemu:///system) and a user (qemu:///session) warming the same image",
     # a hostile agent in a real guest
     "hostile agent (a root job replaces it in the guest): offers `../escaped`, `/etc/cron.d/evil`, "
     "`sub/../../x` as new outputs",

@@ -4,6 +4,7 @@ The states live in the test cache's `warm/` (root's jobs); the first job of this
 them. Each test says which state it needs and makes it so (dropping or damaging lanes), so the
 order only saves boots.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 
 from vmloader.bootstrapper import config, warm
 
-from .conftest import libvirt_domains
+from .conftest import as_user, ensure_user, libvirt_domains
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
@@ -133,3 +134,32 @@ def test_a_kept_snapshot_of_a_warm_job_reopens_without_its_lane(vmloader, state_
     assert again.returncode == 0 and again.out == "kept\n", again.err
     cold = vmloader("run", "--image", "debian-12", "--cold", "--snapshot", "never", "--json", "--", "true")
     assert json.loads(cold.stdout)["start"] == "cold" and not lanes()
+
+
+def test_a_users_job_restores_roots_shared_state_and_leaves_it_as_it_was(vmloader, readable_checkout):
+    """Root (qemu:///system) and a user (qemu:///session) warming the same image: root's state in the
+    shared cache is restored by the user's own session daemon, read-only."""
+    run, _ = run_true(vmloader)                             # root: its state exists (built or checked)
+    assert run.returncode == 0, run.err
+    shared = [lane for lane in lanes() if (lane / "meta.json").exists()]
+    assert shared
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for lane in shared for path in lane.iterdir()}
+    user = ensure_user("vmloader-test-warm")
+    env = {"VMLOADER_CACHE_DIR": str(config.load().cache_dir), "VMLOADER_WARM_START": "true"}
+    proc = as_user(user, readable_checkout, ["run", "--image", "debian-12", "--json", "--snapshot", "never",
+                                             "--", "sh", "-c", "hostname; id -u"], env)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["start"] == "warm" and "warm build" not in result["timings"], err
+    assert not [line for line in err.splitlines() if line.startswith("vmloader:")], err
+    hostname, uid = Path(result["stdout_path"]).read_text().split()
+    assert hostname == f"vm-{result['job_id'][-6:]}" and uid == "1000"
+    restored = (Path(result["job_dir"]) / "domain.xml").read_text()
+    assert any(f"{lane}/disk.qcow2" in restored for lane in shared), restored     # root's lane, under the user's overlay
+    assert not list(Path(user.pw_dir).glob(".cache/vmloader/warm/*/lane-*/meta.json"))   # nothing built of its own
+    after = {path: hashlib.sha256(path.read_bytes()).hexdigest() for lane in shared for path in lane.iterdir()}
+    assert after == before
+    record_row("root (qemu:///system) and a user (qemu:///session) warming the same image", result["exit_status"],
+               "succeeded, started warm from root's state", "", "",
+               "root's state unchanged (sha256); the user's overlay in the user's job dir")

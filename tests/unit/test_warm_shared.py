@@ -164,3 +164,51 @@ def test_a_state_saved_by_the_system_daemon_loses_its_system_only_parts_for_a_se
     assert "<uuid>u</uuid>" in foreign                  # the ABI (and the uuid) stay as saved
     own = retarget_saved_xml(saved, spec)
     assert "<resource>" in own and 'type="dynamic"' in own
+
+
+class EntriesCache:
+    def __init__(self, entries: dict):
+        self.entries = entries
+
+    def cached_entries(self) -> dict:
+        return self.entries
+
+
+def probe(rig: Rig, monkeypatch, **config) -> dict:
+    from vmloader.bootstrapper import condor, hypervisors
+    from vmloader.bootstrapper.cache import ImageCache
+    monkeypatch.setattr(ImageCache, "configured", staticmethod(lambda cfg: EntriesCache({
+        "fake": rig.cache.image.entry, "other": type(rig.cache.image.entry)("other", "1")})))
+    monkeypatch.setattr(hypervisors, "detect", lambda probes: [])
+    cfg = type(rig.config)(**{**rig.config.__dict__, **config}) if config else rig.config
+    return dict(line.split(" = ", 1) for line in condor.probe_lines(cfg))
+
+
+def test_the_startd_probe_advertises_images_with_a_usable_shared_warm_state(world, monkeypatch):
+    rig = Rig(world, warm_start=True)
+    assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '""'          # nothing warmed yet
+    rig.run("true", snapshot="never", cpus=2)                             # not the default shape
+    assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '""'
+    rig.run("true", snapshot="never")
+    ad = probe(rig, monkeypatch)
+    assert ad["VMLoaderWarmImages"] == '"fake"' and ad["VMLoaderImages"] == '"fake,other"'
+    assert probe(rig, monkeypatch, warm_start=False)["VMLoaderWarmImages"] == '""'   # jobs would boot
+    [lane] = [s["lane"] for s in warm.WarmStore(warm.warm_root(rig.config), 0).states()
+              if s["meta"]["parts"]["cpus"] != 2]
+    os.utime(lane.memory, ns=(0, 0))                                      # not the bytes saved
+    assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '""'
+
+
+def test_the_schedd_transform_ranks_a_warm_worker_above_one_with_the_image_alone():
+    import re
+    conf = (Path(__file__).resolve().parents[2] / "condor" / "config.d" / "50-vmloader-schedd.conf").read_text()
+    [rank] = [line.strip() for line in conf.splitlines() if line.strip().startswith("SET Rank ")]
+    terms = re.findall(r'ifThenElse\(StringListMember\(MY\.VMImage, TARGET\.(\w+) \?: ""\), (\d+), 0\)', rank)
+    weights = {attr: int(weight) for attr, weight in terms}
+    assert set(weights) == {"VMLoaderImages", "VMLoaderWarmImages"}, rank
+
+    def score(worker: dict) -> int:
+        return sum(w for attr, w in weights.items() if "debian-12" in worker.get(attr, "").split(","))
+    nothing, cached, warmed = {}, {"VMLoaderImages": "debian-12"}, {
+        "VMLoaderImages": "debian-12", "VMLoaderWarmImages": "debian-12"}
+    assert score(warmed) > score(cached) > score(nothing)

@@ -347,13 +347,17 @@ class ImageCache:
 
     def cached_names(self) -> list:
         """Image names (and aliases) a job could start from without downloading anything."""
-        names = set()
+        return sorted(self.cached_entries())
+
+    def cached_entries(self) -> dict:
+        """{name (or alias): its entry} for the images a job could start from without downloading."""
+        found: dict = {}
         for _, _, manifest in self._catalogs([]):
             for name in manifest.names():
                 entry = manifest.find(name, need_artifacts=True)
-                if entry is not None and self.has_all(entry):
-                    names.add(name)
-        return sorted(names)
+                if entry is not None and name not in found and self.has_all(entry):
+                    found[name] = entry
+        return found
 
     def resolve(self, ref: str) -> ResolvedImage:
         """Find `ref` (name or name@version), making sure every artifact is cached and verified.

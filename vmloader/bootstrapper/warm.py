@@ -91,6 +91,27 @@ def daemon_lock_dir(cfg) -> Path:
     return Path(runtime) / "vmloader-warm" if runtime else cfg.own_cache_dir / "warm-borrowed"
 
 
+def shared_warm_images(cfg, entries: dict, network: str = "user") -> list:
+    """The image names (of `entries`, {name: entry}) with a complete, intact warm state in the shared
+    cache for their default shape (the image's cpus and memory, user network), built by this agent
+    and QEMU: what a worker advertises as VMLoaderWarmImages. Reads only (any user may ask)."""
+    found = set()
+    for state in WarmStore(cfg.cache_dir / "warm", 0).states():
+        meta, number = state["meta"], state["lane"].number
+        parts = meta.get("parts") or {}
+        if (parts.get("agent"), parts.get("qemu"), parts.get("network")) != (agent_version(), qemu_version(), network):
+            continue
+        if not Lane(state["lane"].dir, str(meta.get("key")), number, borrowed=True).matches_meta():
+            continue
+        for name, entry in entries.items():
+            disk = entry.artifacts.get("disk")
+            if (disk is not None and parts.get("image_sha256") == disk.sha256
+                    and parts.get("cpus") == (entry.cpus or cfg.cpus)
+                    and parts.get("memory_mib") == (entry.memory_mib or cfg.memory_mib)):
+                found.add(name)
+    return sorted(found)
+
+
 def default_lanes() -> int:
     return 2 * (os.cpu_count() or 1)
 
