@@ -277,6 +277,23 @@ class HeldLane:
         self.close()
 
 
+def _shared_dir(path: Path, parents: bool) -> None:
+    """A directory of root's states: ours, readable and searchable by all, writable by us alone."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, SHARED_DIR_MODE)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise VMLoaderError(f"the warm state directory {path} is not a directory of the cache owner's "
+                            f"(owner uid {info.st_uid}, {stat.filemode(info.st_mode)})",
+                            hint=f"remove {path}: warm states are rebuilt on demand", phase="setup")
+    if stat.S_IMODE(info.st_mode) != SHARED_DIR_MODE:
+        os.chmod(path, SHARED_DIR_MODE)
+
+
 def _wait_for_users(share_lock: Path, grace: float) -> None:
     """Wait until no user restores from the lane (their shared locks), at most `grace` seconds."""
     try:
@@ -439,9 +456,10 @@ class WarmStore:
 
     def _try_lock(self, lane: Lane) -> Optional[HeldLane]:
         for path in (self.root, self._key_dir(lane.key), lane.dir):
-            privatefiles.private_dir(path, self.access, "warm state directory", parents=path == self.root)
             if self.shared:
-                os.chmod(path, SHARED_DIR_MODE, follow_symlinks=False)
+                _shared_dir(path, parents=path == self.root)
+            else:
+                privatefiles.private_dir(path, self.access, "warm state directory", parents=path == self.root)
         if self.shared:
             share = os.open(lane.dir / SHARE_LOCK, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                             SHARED_FILE_MODE)
