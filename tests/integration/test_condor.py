@@ -146,7 +146,14 @@ def test_a_worker_holding_roots_warm_state_is_preferred_and_the_users_job_restor
     original = conf.read_text()
     conf.write_text(original + "warm_start = true\n")
     warm_dir = pool.path("/var/cache/vmloader-2/warm")
+    qemu_conf = pool.path("/etc/libvirt/qemu.conf")
+    qemu_conf_text = qemu_conf.read_text()
     try:
+        # A worker's root has the system daemon (the pool's jobs need none: they run as users);
+        # in the pool's chroot it cannot give QEMU a mount namespace of its own.
+        qemu_conf.write_text(qemu_conf_text + "namespaces = []\n")
+        pool.run(["sh", "-c", "virtlogd -d && libvirtd -d"], user=None, check=True)
+        pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
         for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
             pool.vmloader("images", "pull", "debian-12", cache=cache, user="root", check=True, timeout=600)
         pool.vmloader("images", "warm", "debian-12", cache="/var/cache/vmloader-2", user="root", check=True,
@@ -179,6 +186,7 @@ def test_a_worker_holding_roots_warm_state_is_preferred_and_the_users_job_restor
         assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))} == before
     finally:
         conf.write_text(original)
+        qemu_conf.write_text(qemu_conf_text)
         shutil.rmtree(warm_dir, ignore_errors=True)
 
 
