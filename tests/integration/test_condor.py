@@ -1,4 +1,5 @@
 """HTCondor jobs with +VMImage run in VMs, on a real pool (htcondor 23.9 in a trixie chroot)."""
+import hashlib
 import json
 import os
 import re
@@ -136,6 +137,58 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     assert dict(line.split("\t") for line in scores.splitlines()) == {
         "/var/cache/vmloader-1": "0", "/var/cache/vmloader-2": "10"}, scores
     assert job.file("out").read_text().startswith("11.")
+
+
+def test_a_worker_holding_roots_warm_state_is_preferred_and_the_users_job_restores_it(pool):
+    """Root warms debian-12 on vm2 only (as a STARTD_CRON would); both workers cached the image. The
+    probe advertises it, the transform ranks vm2 higher, and the job (run as its user, with its own
+    session daemon) starts warm from root's state without writing into it."""
+    conf = pool.path("/etc/vmloader/config.toml")
+    original = conf.read_text()
+    conf.write_text(original + "warm_start = true\n")
+    warm_dir = pool.path("/var/cache/vmloader-2/warm")
+    qemu_conf = pool.path("/etc/libvirt/qemu.conf")
+    qemu_conf_text = qemu_conf.read_text()
+    try:
+        # A worker's root has the system daemon (the pool's jobs need none: they run as users);
+        # in the pool's chroot it cannot give QEMU a mount namespace of its own.
+        qemu_conf.write_text(qemu_conf_text + "namespaces = []\n")
+        pool.run(["sh", "-c", "virtlogd -d && libvirtd -d"], user=None, check=True)
+        pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
+        for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
+            pool.vmloader("images", "pull", "debian-12", cache=cache, user="root", check=True, timeout=600)
+        pool.vmloader("images", "warm", "debian-12", cache="/var/cache/vmloader-2", user="root", check=True,
+                      timeout=900)
+        advertised = 'condor_status -constraint \'VMLoaderCacheDir == "/var/cache/vmloader-{}"\' -af VMLoaderWarmImages'
+        pool.wait_for(lambda: "debian-12" in pool.run(["sh", "-c", advertised.format(2)], user=None).stdout,
+                      60, "vm2's probe to advertise its warm debian-12")
+        assert "debian-12" not in pool.run(["sh", "-c", advertised.format(1)], user=None, check=True).stdout
+        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))}
+        jobs = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+        known = set(jobs.iterdir()) if jobs.is_dir() else set()
+        job = Submission(pool, "warm", {"job.sub": (
+            "executable = /bin/hostname\ntransfer_executable = false\nshould_transfer_files = YES\n"
+            'output = out\nerror = err\nlog = log\n+VMImage = "debian-12"\nqueue\n')})
+        job.submit("job.sub")
+        done = job.wait({COMPLETED})
+        assert done[0]["ExitCode"] == "0", job.file("err").read_text()
+        assert "@vm2@" in done[0]["LastRemoteHost"]
+        rank = pool.run(["condor_history", str(job.cluster), "-af:r", "Rank"], user=None, check=True).stdout
+        assert "VMLoaderWarmImages" in rank, rank
+        scores = pool.run(["condor_status", "-af:t", "VMLoaderCacheDir",
+                           'ifThenElse(StringListMember("debian-12", VMLoaderImages ?: ""), 10, 0) + '
+                           'ifThenElse(StringListMember("debian-12", VMLoaderWarmImages ?: ""), 10, 0)'],
+                          user=None, check=True).stdout
+        assert dict(line.split("\t") for line in scores.splitlines()) == {
+            "/var/cache/vmloader-1": "10", "/var/cache/vmloader-2": "20"}, scores
+        [record] = [json.loads((d / "metadata.json").read_text()) for d in set(jobs.iterdir()) - known]
+        assert record["start"] == "warm" and "warm build" not in record["timings"], record
+        assert job.file("out").read_text().strip().startswith("vm-")
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))} == before
+    finally:
+        conf.write_text(original)
+        qemu_conf.write_text(qemu_conf_text)
+        shutil.rmtree(warm_dir, ignore_errors=True)
 
 
 def test_a_vm_job_runs_in_the_guest_with_its_sandbox_output_files_and_exit_code(pool):

@@ -6,6 +6,7 @@ order only saves boots.
 """
 import contextlib
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from vmloader.bootstrapper import config, privatefiles, warm
 from vmloader.bootstrapper.agentclient import AgentClient
 from vmloader.bootstrapper.errors import AgentError
 
-from .conftest import libvirt_domains, world_readable_tmpdir
+from .conftest import as_user, ensure_user, libvirt_domains, world_readable_tmpdir
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
@@ -328,3 +329,32 @@ def test_a_restored_guest_whose_agent_does_not_answer_is_dropped_and_the_job_boo
     record_row("a restored warm state whose agent does not answer (saved with its agent stopped)",
                result["exit_status"], "succeeded, booted cold", "boot", line,
                "nothing (the state is dropped; the next job rebuilds it)")
+
+
+def test_a_users_job_restores_roots_shared_state_and_leaves_it_as_it_was(vmloader, readable_checkout):
+    """Root (qemu:///system) and a user (qemu:///session) warming the same image: root's state in the
+    shared cache is restored by the user's own session daemon, read-only."""
+    run, _ = run_true(vmloader)                             # root: its state exists (built or checked)
+    assert run.returncode == 0, run.err
+    shared = [lane for lane in lanes() if (lane / "meta.json").exists()]
+    assert shared
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for lane in shared for path in lane.iterdir()}
+    user = ensure_user("vmloader-test-warm")
+    env = {"VMLOADER_CACHE_DIR": str(config.load().cache_dir), "VMLOADER_WARM_START": "true"}
+    proc = as_user(user, readable_checkout, ["run", "--image", "debian-12", "--json", "--snapshot", "never",
+                                             "--", "sh", "-c", "hostname; id -u"], env)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["start"] == "warm" and "warm build" not in result["timings"], err
+    assert not [line for line in err.splitlines() if line.startswith("vmloader:")], err
+    hostname, uid = Path(result["stdout_path"]).read_text().split()
+    assert hostname == f"vm-{result['job_id'][-6:]}" and uid == "1000"
+    restored = (Path(result["job_dir"]) / "domain.xml").read_text()
+    assert any(f"{lane}/disk.qcow2" in restored for lane in shared), restored     # root's lane, under the user's overlay
+    assert not list(Path(user.pw_dir).glob(".cache/vmloader/warm/*/lane-*/meta.json"))   # nothing built of its own
+    after = {path: hashlib.sha256(path.read_bytes()).hexdigest() for lane in shared for path in lane.iterdir()}
+    assert after == before
+    record_row("root (qemu:///system) and a user (qemu:///session) warming the same image", result["exit_status"],
+               "succeeded, started warm from root's state", "", "",
+               "root's state unchanged (sha256); the user's overlay in the user's job dir")

@@ -274,6 +274,15 @@ def test_with_no_service_a_fully_cached_image_still_resolves_read_only(tmp_path,
     assert "vmloader cache serve" in info.value.hint and "none.sock" in info.value.message
 
 
+def test_a_reader_lists_the_shared_caches_images_with_their_entries(tmp_path, cache):
+    """What the startd probe advertises when it runs as the condor user (not the cache owner)."""
+    cache.resolve("tiny")
+    cache.record_built(cache.resolve("tiny").entry)
+    reader = SharedCacheReader(cache.root, tmp_path / "none.sock", ImageCache(tmp_path / "me"))
+    entries = reader.cached_entries()
+    assert reader.cached_names() == ["tiny"] and entries["tiny"].artifacts["disk"].sha256 == SHA
+
+
 class FakeResponse:
     def __init__(self, data: bytes):
         self.data, self.status_code, self.headers = data, 200, {}

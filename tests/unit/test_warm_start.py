@@ -245,7 +245,7 @@ def test_a_failed_save_during_the_build_leaves_nothing_and_the_job_runs_cold(wor
     assert "could not save a warm state for fake@1" in capsys.readouterr().err
     assert not lanes_of(rig)
     [lane_dir] = list(warm.warm_root(rig.config).glob("*/lane-0"))
-    assert sorted(p.name for p in lane_dir.iterdir()) == ["lock"]
+    assert sorted(p.name for p in lane_dir.iterdir()) == ["lock", "share.lock"]     # (root: a shared lane)
     assert all(not m.is_active() for m in rig.fake.machines)
 
 

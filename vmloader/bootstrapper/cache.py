@@ -145,7 +145,7 @@ class ImageCache:
         from .warm import WarmStore                        # (warm.py uses this module)
         limit = self.max_bytes if max_bytes is None else max_bytes
         entries = [e for e in self.index.entries() if (self.artifacts_dir / e.sha256).exists()]
-        states = WarmStore(self.root / "warm", 0)
+        states = WarmStore(self.root / "warm", 0, shared=os.geteuid() == 0)
         total = sum(e.size for e in entries) + (states.total_bytes() if limit else 0)
         removed = []
         for entry in entries:
@@ -347,13 +347,17 @@ class ImageCache:
 
     def cached_names(self) -> list:
         """Image names (and aliases) a job could start from without downloading anything."""
-        names = set()
+        return sorted(self.cached_entries())
+
+    def cached_entries(self) -> dict:
+        """{name (or alias): its entry} for the images a job could start from without downloading."""
+        found: dict = {}
         for _, _, manifest in self._catalogs([]):
             for name in manifest.names():
                 entry = manifest.find(name, need_artifacts=True)
-                if entry is not None and self.has_all(entry):
-                    names.add(name)
-        return sorted(names)
+                if entry is not None and name not in found and self.has_all(entry):
+                    found[name] = entry
+        return found
 
     def resolve(self, ref: str) -> ResolvedImage:
         """Find `ref` (name or name@version), making sure every artifact is cached and verified.

@@ -320,15 +320,20 @@ class SharedCacheReader:
         return sorted(names)
 
     def cached_names(self) -> list:
-        names = set()
+        return sorted(self.cached_entries())
+
+    def cached_entries(self) -> dict:
+        """{name: entry} of the shared cache's images, then of this user's own (as ImageCache's)."""
+        found: dict = {}
         for manifest in self._manifests():
             for name in manifest.names():
                 entry = manifest.find(name, need_artifacts=True)
-                if entry is not None and self.has_all(entry):
-                    names.add(name)
+                if entry is not None and name not in found and self.has_all(entry):
+                    found[name] = entry
         if self.private.root.is_dir():
-            names.update(self.private.cached_names())
-        return sorted(names)
+            for name, entry in self.private.cached_entries().items():
+                found.setdefault(name, entry)
+        return found
 
     # -- a user's own images go to the private cache --------------------------------------------------------
     def add_custom(self, entry: ImageEntry, files) -> ImageEntry:

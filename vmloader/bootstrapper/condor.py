@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from . import cgroups, classad, config as config_mod, disklimit, hypervisors, sandboxnames, sshtojob
+from . import warm
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
 from . import runners
@@ -473,9 +474,14 @@ def probe_lines(cfg: config_mod.Config) -> list:
     usable = [h.name for h in found if h.usable]
     cache = ImageCache.configured(cfg)
     try:
-        cached = cache.cached_names()
+        entries = cache.cached_entries()
     except (VMLoaderError, OSError):
-        cached = []
+        entries = {}
+    cached = sorted(entries)
+    try:
+        warmed = warm.shared_warm_images(cfg, entries) if cfg.warm_start else []
+    except (VMLoaderError, OSError):
+        warmed = []
     try:
         free = shutil.disk_usage(cfg.cache_dir if cfg.cache_dir.exists() else cfg.cache_dir.parent).free
     except OSError:
@@ -485,6 +491,7 @@ def probe_lines(cfg: config_mod.Config) -> list:
         f"VMLoaderVersion = {classad.quote(__version__)}",
         f"VMLoaderHypervisors = {classad.quote(','.join(usable))}",
         f"VMLoaderImages = {classad.quote(','.join(cached))}",
+        f"VMLoaderWarmImages = {classad.quote(','.join(warmed))}",
         f"VMLoaderCacheDir = {classad.quote(str(cfg.cache_dir))}",
         f"VMLoaderCacheFreeBytes = {free}",
     ]

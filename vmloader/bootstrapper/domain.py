@@ -269,14 +269,22 @@ def _required(parent: ET.Element, path: str) -> ET.Element:
     return element
 
 
-def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
+SYSTEM_ONLY = ("seclabel", "resource")      # (anywhere) what a session daemon cannot take from a system one
+
+
+def retarget_saved_xml(saved_xml: str, spec: DomainSpec, foreign: bool = False) -> str:
     """The domain XML kept in a memory state file, pointed at a new run's files.
 
     Resuming must keep the guest's hardware exactly as saved (libvirt checks the ABI),
     so only host-side paths change: the disk (a fresh throwaway overlay over the kept
-    one), the agent sockets, the console log; plus the name and job metadata.
+    one), the agent sockets, the console log; plus the name and job metadata. `foreign`:
+    saved by another libvirt daemon (root's, qemu:///system) and restored by a user's session
+    daemon: the security labels (QEMU's user under the system daemon) and the cgroup
+    partition are host-side and system-only, so they go (the session daemon sets its own).
     """
     root = ET.fromstring(saved_xml)
+    if foreign:
+        _remove_everywhere(root, SYSTEM_ONLY)
     _required(root, "name").text = spec.name       # the uuid stays: libvirt requires the saved one
     metadata = root.find("metadata")
     if metadata is None:
@@ -305,6 +313,13 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec) -> str:
             log.set("file", spec.console.log_path)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _remove_everywhere(root: ET.Element, tags: tuple) -> None:
+    for parent in list(root.iter()):
+        for child in list(parent):
+            if child.tag in tags:
+                parent.remove(child)
 
 
 def read_job_metadata(xml: str) -> Optional[JobMetadata]:

@@ -206,6 +206,7 @@ class Job:
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
         self.output_errors: list = []
         self.agent_delivery: Optional[str] = None   # delivery.BUILTIN, QEMU_GUEST_AGENT, ...
+        self.borrowed: Optional[warm.BorrowedLane] = None   # root's warm lane this user's job restores
 
     def _record_phase(self, name: str) -> None:
         """For `vmloader status`; never worth failing a job (or its teardown) over."""
@@ -371,10 +372,19 @@ class JobRunner:
             try:
                 client = self._bring_up(job, plan, image, hypervisor)
             except WarmUnusable as why:
+                borrowed = plan.lane is not None and plan.lane.borrowed
                 self._abandon_warm(job, image, why)
                 plan = job.plan = launch.cold_image(plan.image_ref)
+                if borrowed:                        # root's state failed here: the user's own way
+                    plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines, borrow=False)
                 _write_owner(job)
-                client = self._bring_up(job, plan, image, hypervisor)
+                try:
+                    client = self._bring_up(job, plan, image, hypervisor)
+                except WarmUnusable as again:
+                    self._abandon_warm(job, image, again)
+                    plan = job.plan = launch.cold_image(plan.image_ref)
+                    _write_owner(job)
+                    client = self._bring_up(job, plan, image, hypervisor)
             self._watch_disk(job)                   # (a boot writes little: watched from here on)
             with job.timer.phase("stage-in"):
                 self._stage_in(job, image, client)
@@ -422,7 +432,12 @@ class JobRunner:
         spec = self._domain_spec(job, plan, image, hypervisor)
         if plan.warm:
             with job.timer.phase("restore"):
-                job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
+                try:
+                    job.machine = launch.start(plan, _known(job.machines, "machines"), spec,
+                                               job.job_dir / "domain.xml")
+                finally:
+                    if job.borrowed is not None:
+                        job.borrowed.restored()       # QEMU holds root's files now: root may drop them
             with job.timer.phase("boot"):             # (restored: until its agent answers again)
                 try:
                     client = job.client = self._connect_agent(job, timeout=warm.AGENT_SILENCE)
@@ -474,12 +489,32 @@ class JobRunner:
                 "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
                 **machines.host_identity()}
 
+    def _borrow(self, job: Job, parts: dict, hypervisor: Hypervisor) -> Optional[Lane]:
+        """A lane of root's shared warm state for an unprivileged user's job (read-only), or None."""
+        root = warm.shared_root(self.config)
+        if root is None or self.config.libvirt_uri:
+            return None
+        roots = dict(parts, uri=virt.default_uri(hypervisor.domain_type, 0))    # as root saved it
+        held = warm.SharedWarm(root, warm.daemon_lock_dir(self.config),
+                               self.config.own_cache_dir / "warm" / "refused").borrow(warm.state_key(roots))
+        if held is None:
+            return None
+        job.pins.enter_context(held)                # released after teardown (the share: after restore)
+        job.borrowed = held
+        return held.lane
+
     def _warm_plan(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor,
-                   machines: virt.Machines) -> LaunchPlan:
-        """A lane of this image's warm state for the job (built first if need be), or `plan` (cold)."""
+                   machines: virt.Machines, borrow: bool = True) -> LaunchPlan:
+        """A lane of this image's warm state for the job (root's shared one for a user, if any;
+        else the user's own, built first if need be), or `plan` (cold)."""
         try:
             parts = self._warm_parts(job, image, hypervisor, machines)
-            store = warm.WarmStore(warm.warm_root(self.config), self.config.warm_lanes or warm.default_lanes())
+            borrowed = self._borrow(job, parts, hypervisor) if borrow else None
+            if borrowed is not None:
+                warm_plan = job.plan = launch.warm_state(plan.image_ref, borrowed)
+                _write_owner(job)
+                return warm_plan
+            store = warm.own_store(self.config, self.config.warm_lanes or warm.default_lanes())
             held = store.acquire(warm.state_key(parts))
             if held is None:
                 return plan                         # every lane busy and no room for another: cold
@@ -551,7 +586,7 @@ class JobRunner:
             machine = None                          # saved: it no longer runs
             privatefiles.restrict(partial)
             os.rename(partial, lane.memory)
-            privatefiles.reclaim(lane.disk)
+            lane.reclaim()
             lane.commit(parts, image.entry.ref)
             return None
         except GuestTimeout:
@@ -566,9 +601,19 @@ class JobRunner:
             return why
 
     def _abandon_warm(self, job: Job, image: ResolvedImage, why: WarmUnusable) -> None:
-        """The warm state failed this job after all: stop what runs, drop the state; the caller boots cold."""
-        _say_unusable(image, why)
+        """The warm state failed this job after all: stop what runs, drop the state (a borrowed one:
+        remember not to borrow it again); the caller boots its own way."""
         lane = _known(job.plan, "plan").lane
+        if lane is not None and lane.borrowed:
+            print(f"vmloader: the shared warm state for {image.entry.ref} is unusable here ({why.message}); "
+                  "this job goes its own way", file=sys.stderr)
+            if job.borrowed is not None:
+                diskfull.best_effort("the refused warm state's note", warm.SharedWarm.refuse,
+                                     self.config.own_cache_dir / "warm" / "refused", lane)
+                job.borrowed.close()
+                job.borrowed = None
+        else:
+            _say_unusable(image, why)
         if job.client is not None:
             job.client.close()
             job.client = None
@@ -740,7 +785,7 @@ class JobRunner:
                 if job.kept is not None:
                     diskfull.best_effort("the kept disk's owner", privatefiles.reclaim, job.kept.disk)
                 if job.plan is not None and job.plan.lane is not None:
-                    diskfull.best_effort("the warm state's owner", privatefiles.reclaim, job.plan.lane.disk)
+                    diskfull.best_effort("the warm state's owner", job.plan.lane.reclaim)
         with job.timer.phase("snapshot"):
             snapshot_id = self._keep_or_drop(job)
         diskfull.best_effort("the job record", self._write_metadata, job, snapshot_id)

@@ -115,7 +115,7 @@ def _restore(kept: Snapshot, machines: Machines, spec: DomainSpec, xml_file: Pat
 def _restore_warm(lane: Lane, machines: Machines, spec: DomainSpec, xml_file: Path) -> Machine:
     """Restore a warm state onto the job's files; WarmUnusable if libvirt cannot."""
     try:
-        xml = retarget_saved_xml(machines.saved_xml(lane.memory), spec)
+        xml = retarget_saved_xml(machines.saved_xml(lane.memory), spec, foreign=lane.borrowed)
         privatefiles.write_private(xml_file, xml)
         return machines.restore(lane.memory, xml, spec.name)
     except WarmUnusable:

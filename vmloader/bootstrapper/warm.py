@@ -1,10 +1,11 @@
 """Warm states: a clean image booted once to agent-ready, quiesced and saved with its memory,
 so a job restores it instead of booting (see "Warm start" in docs/reliability.md).
 
-Layout, in the cache of the user whose jobs use them (root: `<cache_dir>/warm`; anyone
-else: their private cache, so nobody restores memory another user wrote):
+Layout, in the cache of the user who builds them (root: `<cache_dir>/warm`, the shared cache;
+anyone else: their private cache):
 
     warm/<key[:32]>/lane-<n>/lock          flock: held by the job restoring (or building) this lane
+                             share.lock    (shared cache only) flock: users restoring it, shared
                              disk.qcow2    the disk as it was when saved (read-only middle layer)
                              memory.save   the saved VM (libvirt save image)
                              meta.json     written last: the lane is complete; stamps + sha256
@@ -12,6 +13,27 @@ else: their private cache, so nobody restores memory another user wrote):
 libvirt restores a saved domain only under the name and uuid it was saved with, so two
 restores of one state collide: there is one saved state per concurrent lane, built on demand
 by the first job that finds every lane busy (up to `warm_lanes`; above that, jobs boot cold).
+
+Shared states (HTCondor runs VM jobs as their users, under qemu:///session). Root (a job of
+root's, or `vmloader images warm NAME` from a STARTD_CRON) builds states in the shared cache,
+world-readable like the images there: a clean image booted to agent-ready holds nothing of
+anyone's (each job gets its entropy, hostname, machine-id, clock and files after restore).
+An unprivileged user's job *borrows* such a lane read-only (`SharedWarm`): it restores
+memory.save through its own session daemon with a replacement XML (libvirt's restore with
+dxml, which keeps the guest ABI and lets host-side parts change): its own overlay on top of
+the lane's disk.qcow2, its own sockets and console log, no system-only parts (seclabels,
+the cgroup partition). A user never writes into root's states, and never restores a state
+another user wrote: what a user builds stays in their own cache.
+
+Locks between root and users: root's jobs hold `lock` exclusively (the name collides inside
+the system daemon). A user's restore holds `share.lock` shared only while libvirt reads the
+state (QEMU then holds its files open), and the lane's name in its own daemon by a lock in
+that daemon's runtime dir (`$XDG_RUNTIME_DIR`): a user's CLI jobs share one session daemon
+and take turns per lane; HTCondor gives each job a daemon of its own, so they never wait.
+Root never rewrites a lane's files in place: dropping one (eviction, a rebuild) waits up to
+USER_GRACE seconds for users' shared locks, then unlinks the files anyway. A user holding
+`share.lock` forever therefore delays root by USER_GRACE, never blocks it, and a restore
+running late reads either the whole old files (still open) or nothing (and boots its own way).
 """
 import errno
 import fcntl
@@ -20,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,6 +58,10 @@ AGENT_SILENCE = 20.0         # seconds a restored guest's agent has to answer be
 QUIESCE = "sync; echo 3 > /proc/sys/vm/drop_caches; sync"
 STAMPED = ("memory.save", "disk.qcow2")
 NO_ROOM = "no-room.json"     # in a state's directory: a build ran out of space with this much free
+SHARE_LOCK = "share.lock"
+USER_GRACE = 30.0            # seconds root waits for users' restores before dropping a shared lane
+SHARED_DIR_MODE = 0o755
+SHARED_FILE_MODE = 0o644
 
 
 class WarmUnusable(VMLoaderError):
@@ -44,6 +71,46 @@ class WarmUnusable(VMLoaderError):
 def warm_root(cfg) -> Path:
     """Where this user's warm states live: the cache they own (root: the shared one), else their own."""
     return (cfg.cache_dir if owns(cfg.cache_dir) else cfg.own_cache_dir) / "warm"
+
+
+def own_store(cfg, max_lanes: int) -> "WarmStore":
+    """The states this user builds and restores as their own (root's are the shared ones)."""
+    shared = os.geteuid() == 0 and owns(cfg.cache_dir)
+    return WarmStore(warm_root(cfg), max_lanes, shared=shared)
+
+
+def shared_root(cfg) -> Optional[Path]:
+    """Root's states an unprivileged user may restore read-only: the shared cache's (None for
+    the cache owner, whose own states those are)."""
+    return None if owns(cfg.cache_dir) else cfg.cache_dir / "warm"
+
+
+def daemon_lock_dir(cfg) -> Path:
+    """Where a user's job locks a borrowed lane's name: beside its libvirt session daemon (one per
+    $XDG_RUNTIME_DIR; HTCondor gives each job its own), else in the user's own cache."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "vmloader-warm" if runtime else cfg.own_cache_dir / "warm-borrowed"
+
+
+def shared_warm_images(cfg, entries: dict, network: str = "user") -> list:
+    """The image names (of `entries`, {name: entry}) with a complete, intact warm state in the shared
+    cache for their default shape (the image's cpus and memory, user network), built by this agent
+    and QEMU: what a worker advertises as VMLoaderWarmImages. Reads only (any user may ask)."""
+    found = set()
+    for state in WarmStore(cfg.cache_dir / "warm", 0).states():
+        meta, number = state["meta"], state["lane"].number
+        parts = meta.get("parts") or {}
+        if (parts.get("agent"), parts.get("qemu"), parts.get("network")) != (agent_version(), qemu_version(), network):
+            continue
+        if not Lane(state["lane"].dir, str(meta.get("key")), number, borrowed=True).matches_meta():
+            continue
+        for name, entry in entries.items():
+            disk = entry.artifacts.get("disk")
+            if (disk is not None and parts.get("image_sha256") == disk.sha256
+                    and parts.get("cpus") == (entry.cpus or cfg.cpus)
+                    and parts.get("memory_mib") == (entry.memory_mib or cfg.memory_mib)):
+                found.add(name)
+    return sorted(found)
 
 
 def default_lanes() -> int:
@@ -82,6 +149,8 @@ class Lane:
     dir: Path
     key: str
     number: int
+    shared: bool = False        # in the shared cache: readable by every user (root builds it)
+    borrowed: bool = False      # another's (root's) lane this job restores read-only: never written
 
     @property
     def domain_name(self) -> str:
@@ -129,6 +198,9 @@ class Lane:
 
     def commit(self, parts: dict, image: str) -> None:
         """The build is done: record what was saved; from now on the lane is complete."""
+        if self.shared:
+            for name in STAMPED:
+                os.chmod(self.dir / name, SHARED_FILE_MODE, follow_symlinks=False)
         files = {name: {"stamp": _stamp(self.dir / name), "sha256": sha256_file(self.dir / name)}
                  for name in STAMPED}
         self._write_meta({"key": self.key, "parts": parts, "image": image, "domain": self.domain_name,
@@ -141,19 +213,48 @@ class Lane:
             self._write_meta(meta)
 
     def _write_meta(self, meta: dict) -> None:
+        if self.borrowed:
+            return
         tmp = self.dir / "meta.json.tmp"
         privatefiles.write_private(tmp, json.dumps(meta, indent=2) + "\n")
+        if self.shared:
+            os.chmod(tmp, SHARED_FILE_MODE, follow_symlinks=False)
         os.rename(tmp, self.meta_path)
 
-    def drop(self) -> None:
-        """Remove the state (the lock file stays: other jobs may be waiting on it). A lane whose
-        directory is already gone (removed by hand while a job held it) is dropped already."""
+    def reclaim(self) -> None:
+        """The lane's files ours again after libvirt lent them to QEMU (shared: readable by all)."""
+        if self.borrowed:
+            return
+        for name in STAMPED:
+            privatefiles.reclaim(self.dir / name)
+            if self.shared and (self.dir / name).exists():
+                os.chmod(self.dir / name, SHARED_FILE_MODE, follow_symlinks=False)
+
+    def matches_meta(self) -> bool:
+        """The files are the very ones recorded (read-only check: stamps alone)."""
+        meta = self.meta()
+        if meta is None or meta.get("key") != self.key:
+            return False
+        try:
+            return all(_stamp(self.dir / name) == ((meta.get("files") or {}).get(name) or {}).get("stamp")
+                       for name in STAMPED)
+        except OSError:
+            return False
+
+    def drop(self, grace: float = USER_GRACE) -> None:
+        """Remove the state (the lock files stay: other jobs may be waiting on them). A shared lane
+        first waits up to `grace` seconds for the users restoring it. A lane whose directory is
+        already gone (removed by hand while a job held it) is dropped already."""
+        if self.borrowed or not self.dir.is_dir():
+            return
+        if self.shared:
+            _wait_for_users(self.dir / SHARE_LOCK, grace)
         try:
             paths = list(self.dir.iterdir())
         except FileNotFoundError:
             return
         for path in paths:
-            if path.name != "lock":
+            if path.name not in ("lock", SHARE_LOCK):
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -182,13 +283,165 @@ class HeldLane:
         self.close()
 
 
-class WarmStore:
-    """The warm states of one user (one directory)."""
+def _shared_dir(path: Path, parents: bool) -> None:
+    """A directory of root's states: ours, readable and searchable by all, writable by us alone."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, SHARED_DIR_MODE)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise VMLoaderError(f"the warm state directory {path} is not a directory of the cache owner's "
+                            f"(owner uid {info.st_uid}, {stat.filemode(info.st_mode)})",
+                            hint=f"remove {path}: warm states are rebuilt on demand", phase="setup")
+    if stat.S_IMODE(info.st_mode) != SHARED_DIR_MODE:
+        os.chmod(path, SHARED_DIR_MODE)
 
-    def __init__(self, root: Path, max_lanes: int, access: Optional[privatefiles.Access] = None):
+
+def _wait_for_users(share_lock: Path, grace: float) -> None:
+    """Wait until no user restores from the lane (their shared locks), at most `grace` seconds."""
+    try:
+        fd = os.open(share_lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                    return
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
+class BorrowedLane(HeldLane):
+    """Root's lane a user's job restores: its name locked in the user's daemon (`fd`), and
+    users' shared lock on it (`share_fd`) until the restore has read it."""
+
+    def __init__(self, lane: Lane, fd: int, share_fd: int):
+        super().__init__(lane, fd)
+        self.share_fd = share_fd
+
+    def restored(self) -> None:
+        """QEMU holds the files now: root may drop the lane."""
+        if self.share_fd >= 0:
+            os.close(self.share_fd)
+            self.share_fd = -1
+
+    def close(self) -> None:
+        self.restored()
+        super().close()
+
+
+class SharedWarm:
+    """Root's warm states in the shared cache, as an unprivileged user's jobs see them: read-only."""
+
+    def __init__(self, root: Path, lock_dir: Path, refused_dir: Optional[Path] = None):
+        self.root = Path(root)
+        self.lock_dir = Path(lock_dir)
+        self.refused_dir = refused_dir
+
+    @staticmethod
+    def _note(refused_dir: Path, lane: Lane) -> Path:
+        return refused_dir / f"{lane.key[:32]}-lane-{lane.number}.json"
+
+    @staticmethod
+    def refuse(refused_dir: Path, lane: Lane) -> None:
+        """This lane failed this user: do not borrow it again until root rebuilds it (new files)."""
+        privatefiles.private_dir(refused_dir, privatefiles.Access(), "warm state directory", parents=True)
+        privatefiles.write_private(SharedWarm._note(refused_dir, lane), json.dumps(_stamp(lane.memory)) + "\n")
+
+    def _refused(self, lane: Lane) -> bool:
+        if self.refused_dir is None:
+            return False
+        try:
+            with open(os.open(self._note(self.refused_dir, lane), os.O_RDONLY | os.O_NOFOLLOW)) as handle:
+                return json.load(handle) == _stamp(lane.memory)
+        except (OSError, ValueError):
+            return False
+
+    def _trusted(self, path: Path, owner: int) -> bool:
+        """Owned by the cache's owner, not a symlink, writable by nobody else."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return st.st_uid == owner and not (st.st_mode & 0o022) and not stat.S_ISLNK(st.st_mode)
+
+    def borrow(self, key: str) -> Optional[BorrowedLane]:
+        """A complete lane of root's for `key` that this user's daemon does not run now, with the
+        users' shared lock taken; None when there is none (the job goes its own way)."""
+        try:
+            owner = os.lstat(self.root.parent).st_uid
+        except OSError:
+            return None
+        key_dir = self.root / key[:32]
+        if not all(self._trusted(p, owner) for p in (self.root, key_dir)):
+            return None
+        for path in sorted(key_dir.glob("lane-*")):
+            number = path.name[5:]
+            if not number.isdigit():
+                continue
+            lane = Lane(path, key, int(number), shared=True, borrowed=True)
+            if not all(self._trusted(p, owner) for p in (path, lane.meta_path, lane.memory, lane.disk)):
+                continue
+            if not lane.matches_meta() or self._refused(lane):
+                continue
+            held = self._lock_name(lane)
+            if held is None:
+                continue
+            share_fd = self._share(lane, owner)
+            if share_fd < 0:
+                held.close()
+                continue
+            if not lane.matches_meta():      # (re-checked under the lock: root may have rebuilt it)
+                os.close(share_fd)
+                held.close()
+                continue
+            return BorrowedLane(lane, held.fd, share_fd)
+        return None
+
+    def _lock_name(self, lane: Lane) -> Optional[HeldLane]:
+        privatefiles.private_dir(self.lock_dir, privatefiles.Access(), "warm lock directory", parents=True)
+        fd = os.open(self.lock_dir / f"{lane.key[:32]}-lane-{lane.number}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return HeldLane(lane, fd)
+
+    def _share(self, lane: Lane, owner: int) -> int:
+        try:
+            fd = os.open(lane.dir / SHARE_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            if os.fstat(fd).st_uid != owner:
+                raise OSError(errno.EPERM, "not the cache owner's")
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)      # root drops it right now: skip
+        except OSError:
+            os.close(fd)
+            return -1
+        return fd
+
+
+class WarmStore:
+    """The warm states of one user (one directory); `shared`: root's, in the shared cache."""
+
+    def __init__(self, root: Path, max_lanes: int, access: Optional[privatefiles.Access] = None,
+                 shared: bool = False):
         self.root = Path(root)
         self.max_lanes = max_lanes
         self._access = access
+        self.shared = shared
 
     @property
     def access(self) -> privatefiles.Access:
@@ -204,13 +457,20 @@ class WarmStore:
         for path in sorted(self._key_dir(key).glob("lane-*")):
             number = path.name[5:]
             if number.isdigit():
-                found.append(Lane(path, key, int(number)))
+                found.append(Lane(path, key, int(number), shared=self.shared))
         return sorted(found, key=lambda lane: lane.number)
 
     def _try_lock(self, lane: Lane) -> Optional[HeldLane]:
-        privatefiles.private_dir(self.root, self.access, "warm state directory", parents=True)
-        privatefiles.private_dir(self._key_dir(lane.key), self.access, "warm state directory")
-        privatefiles.private_dir(lane.dir, self.access, "warm state directory")
+        for path in (self.root, self._key_dir(lane.key), lane.dir):
+            if self.shared:
+                _shared_dir(path, parents=path == self.root)
+            else:
+                privatefiles.private_dir(path, self.access, "warm state directory", parents=path == self.root)
+        if self.shared:
+            share = os.open(lane.dir / SHARE_LOCK, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            SHARED_FILE_MODE)
+            os.fchmod(share, SHARED_FILE_MODE)
+            os.close(share)
         fd = os.open(lane.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,7 +500,7 @@ class WarmStore:
                         return held
                     held.close()
         for number in range(self.max_lanes):
-            lane = Lane(self._key_dir(key) / f"lane-{number}", key, number)
+            lane = Lane(self._key_dir(key) / f"lane-{number}", key, number, shared=self.shared)
             held = self._try_lock(lane)
             if held is not None:
                 if not lane.complete():
@@ -281,7 +541,8 @@ class WarmStore:
             if not key_dir.is_dir() or key_dir.is_symlink():
                 continue
             for path in sorted(key_dir.glob("lane-*")):
-                lane = Lane(path, key_dir.name, int(path.name[5:]) if path.name[5:].isdigit() else -1)
+                lane = Lane(path, key_dir.name, int(path.name[5:]) if path.name[5:].isdigit() else -1,
+                            shared=self.shared)
                 meta = lane.meta()
                 if meta is not None:
                     yield {"lane": lane, "meta": meta, "bytes": lane.size_bytes()}
