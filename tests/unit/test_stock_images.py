@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 import zipfile
@@ -162,6 +163,23 @@ def test_qga_client_syncs_past_stale_replies_writes_files_in_chunks_and_runs_pro
     writes = [r for r in fake.requests if r["execute"] == "guest-file-write"]
     assert b"".join(base64.b64decode(r["arguments"]["buf-b64"]) for r in writes) == data
     assert fake.requests[-3]["execute"] == "guest-file-close"
+
+
+def test_a_qemu_ga_still_answering_a_backlog_of_earlier_syncs_is_waited_for_not_given_up_on():
+    # qemu-ga started late: it first answers a sync queued while its port was closed, and ours
+    # only after the first-contact timeout has passed.
+    fake = None
+
+    def catching_up(request):
+        time.sleep(0.6)
+        fake.guest.sendall(b'\xff{"return": 1}\n')
+        time.sleep(0.8)
+        return b"\xff" + json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n"
+    fake = FakeQGA(catching_up)
+    QGAClient(fake.host).sync(timeout=1.0, catching_up=10.0)
+    stuck = FakeQGA(lambda r: b'\xff{"return": 1}\n')
+    with pytest.raises(QGAError, match="in time"):     # stale replies alone never do, and the wait is bounded
+        QGAClient(stuck.host).sync(timeout=0.2, catching_up=0.5)
 
 
 def test_qga_replies_are_bounded_in_size_and_time():

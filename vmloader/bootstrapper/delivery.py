@@ -12,6 +12,7 @@ Neither: GuestTimeout (exit 125) naming what was looked for, soon after the gues
 reaches its login prompt instead of at the end of the boot timeout.
 """
 import io
+import logging
 import socket
 import time
 import zipfile
@@ -31,6 +32,7 @@ CLOUD_INIT = "cloud-init"
 GUEST_DIR = "/run/vmloader-agent"
 LOGIN_MARKS = ("login:",)
 NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
+log = logging.getLogger(__name__)
 AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
 
 
@@ -91,6 +93,7 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
     qga: Optional[QGAClient] = None
     login_seen: Optional[float] = None
     qga_problem = ""
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -109,13 +112,17 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 except QGAError:
                     pass
                 else:
+                    log.debug("the QEMU guest agent answered %.1f s into the boot; delivering", _since(started))
                     try:
                         deliver_via_qga(qga)
                     except AgentError as exc:
                         qga_problem = exc.message
+                        log.debug("delivery through the QEMU guest agent failed: %s", exc.message)
                         qga.close()
                         qga = None
                     else:
+                        log.debug("agent started through the QEMU guest agent %.1f s into the boot",
+                                  _since(started))
                         client.handshake(timeout=max(5.0, deadline - time.monotonic()))
                         return Reached(client, _delivery_of(client))
             console = tail(console_log, 5)
@@ -125,6 +132,7 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                               "or give --kernel and --initrd to boot its kernel directly")
             if login_seen is None and any(mark in console for mark in LOGIN_MARKS):
                 login_seen = time.monotonic()
+                log.debug("login prompt on the console %.1f s into the boot", _since(started))
             gave_up = login_seen is not None and time.monotonic() - login_seen > AFTER_LOGIN_GRACE
             if gave_up or time.monotonic() > deadline:
                 raise failure(_nothing_found(qga_problem, gave_up), NO_WAY_IN_HINT)
@@ -149,6 +157,10 @@ def _nothing_found(qga_problem: str, after_login: bool) -> str:
            else "no QEMU guest agent on org.qemu.guest_agent.0")
     return (f"{when}: looked for vmloader's agent (no answer on its channel), {qga}, and cloud-init "
             f"starting the agent from the job's cidata seed (it did not: no cloud-init, or it ignored the seed)")
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
 
 
 def _connect(path: Path, deadline: float, failure: Callable[[str, str], GuestTimeout]) -> socket.socket:
