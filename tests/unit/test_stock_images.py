@@ -277,6 +277,16 @@ def test_no_boot_loader_on_the_console_fails_at_once_naming_it(tmp_path):
     server.close()
 
 
+def test_a_kernel_panic_while_booting_fails_at_once_naming_it(tmp_path):
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[    0.052000] ---[ end Kernel panic - not syncing: IO-APIC + timer "
+                                          "doesn't work!  Boot with apic=debug\n")
+    with pytest.raises(delivery.GuestTimeout, match="panicked while booting: .*IO-APIC") as caught:
+        _reach(tmp_path, 60)
+    assert "retry" in caught.value.hint
+    server.close()
+
+
 def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 1.0)
     server = _silent_guest(tmp_path)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from . import build
 from .agentclient import AgentClient
-from .console import tail
+from .console import crash_line, tail
 from .errors import AgentError, GuestTimeout
 from .qga import QGAClient, QGAError
 
@@ -130,6 +130,11 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 raise failure("the firmware found nothing to boot on the disk",
                               "the disk has no boot loader for its boot mode: check `images add --boot`, "
                               "or give --kernel and --initrd to boot its kernel directly")
+            crash = crash_line(console_log) if login_seen is None else None
+            if crash is not None and "Kernel panic" in crash:
+                raise failure(f"the guest kernel panicked while booting: {_text(crash.encode())}",
+                              "the console log shows why; a panic early in the boot under TCG on an "
+                              "overloaded host (e.g. 'IO-APIC + timer doesn't work') is worth a retry")
             if login_seen is None and any(mark in console for mark in LOGIN_MARKS):
                 login_seen = time.monotonic()
                 log.debug("login prompt on the console %.1f s into the boot", _since(started))
