@@ -298,3 +298,17 @@ def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(t
     assert "org.qemu.guest_agent.0" in message and "cidata" in message
     assert "boot_timeout" not in message and "cloud-init" in caught.value.hint
     server.close()
+
+
+def test_a_qemu_ga_started_on_the_console_but_silent_is_waited_for_longer_then_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 0.5)
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE_QGA_STARTED", 1.5)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[  OK  ] Started qemu-guest-agent.service - QEMU Guest Agent.\n"
+                                          "Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: ")
+    with pytest.raises(delivery.GuestTimeout) as caught:
+        _reach(tmp_path, 60)
+    message = str(caught.value)
+    assert "login prompt and nothing answered within 2 s" in message
+    assert "QEMU guest agent started on the guest's console but never answered" in message
+    server.close()

@@ -34,6 +34,8 @@ LOGIN_MARKS = ("login:",)
 NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
 log = logging.getLogger(__name__)
 AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
+AFTER_LOGIN_GRACE_QGA_STARTED = 120.0   # ... and this long when the console says qemu-ga started
+QGA_STARTED_MARKS = ("Started qemu-guest-agent", "QEMU Guest Agent.")   # systemd's line for its unit
 
 
 def agent_bundle() -> bytes:
@@ -93,6 +95,8 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
     qga: Optional[QGAClient] = None
     login_seen: Optional[float] = None
     qga_problem = ""
+    qga_seen = False
+    grace = AFTER_LOGIN_GRACE
     started = time.monotonic()
     try:
         while True:
@@ -138,9 +142,14 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
             if login_seen is None and any(mark in console for mark in LOGIN_MARKS):
                 login_seen = time.monotonic()
                 log.debug("login prompt on the console %.1f s into the boot", _since(started))
-            gave_up = login_seen is not None and time.monotonic() - login_seen > AFTER_LOGIN_GRACE
+            gave_up = login_seen is not None and time.monotonic() - login_seen > grace
+            if gave_up and grace == AFTER_LOGIN_GRACE and not qga_problem and qga_started(console_log):
+                # qemu-ga is up (the console says so) but has not answered yet: on a loaded host
+                # it can lag the login prompt; wait for it longer, still bounded.
+                grace, gave_up = AFTER_LOGIN_GRACE_QGA_STARTED, False
+                qga_seen = True
             if gave_up or time.monotonic() > deadline:
-                raise failure(_nothing_found(qga_problem, gave_up), NO_WAY_IN_HINT)
+                raise failure(_nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT)
     except BaseException:
         client.close()
         raise
@@ -155,10 +164,19 @@ NO_WAY_IN_HINT = ("make the image reachable in one of these ways: run vmloader's
                   "datasource; the guest needs python3 >= 3.6")
 
 
-def _nothing_found(qga_problem: str, after_login: bool) -> str:
-    when = (f"the guest reached its login prompt and nothing answered within {AFTER_LOGIN_GRACE:.0f} s"
+def qga_started(console_log: Path) -> bool:
+    """The guest's console says its qemu-ga unit started (systemd prints it there)."""
+    console = tail(console_log, 400)
+    return any(mark in console for mark in QGA_STARTED_MARKS)
+
+
+def _nothing_found(qga_problem: str, after_login: bool, grace: float = AFTER_LOGIN_GRACE,
+                   qga_seen: bool = False) -> str:
+    when = (f"the guest reached its login prompt and nothing answered within {grace:.0f} s"
             if after_login else "nothing answered within the boot timeout")
     qga = (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
+           else "the QEMU guest agent started on the guest's console but never answered on "
+                "org.qemu.guest_agent.0" if qga_seen
            else "no QEMU guest agent on org.qemu.guest_agent.0")
     return (f"{when}: looked for vmloader's agent (no answer on its channel), {qga}, and cloud-init "
             f"starting the agent from the job's cidata seed (it did not: no cloud-init, or it ignored the seed)")
