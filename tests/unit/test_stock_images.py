@@ -309,6 +309,16 @@ def test_a_qemu_ga_started_on_the_console_but_silent_is_waited_for_longer_then_n
     with pytest.raises(delivery.GuestTimeout) as caught:
         _reach(tmp_path, 60)
     message = str(caught.value)
-    assert "login prompt and nothing answered within 2 s" in message
+    assert "on the console) and nothing answered within 2 s" in message
     assert "QEMU guest agent started on the guest's console but never answered" in message
+    server.close()
+
+
+def test_multi_user_reached_without_a_serial_login_prompt_counts_as_the_end_of_the_boot(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 0.5)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[  OK  ] Reached target \x1b[0;1;39mmulti-user.target\x1b[0m - "
+                                          "Multi-User System.\n")
+    with pytest.raises(delivery.GuestTimeout, match="multi-user.target on the console. and nothing answered"):
+        _reach(tmp_path, 60)
     server.close()

@@ -30,7 +30,9 @@ BUILTIN = "builtin"
 QEMU_GUEST_AGENT = "qemu-guest-agent"
 CLOUD_INIT = "cloud-init"
 GUEST_DIR = "/run/vmloader-agent"
-LOGIN_MARKS = ("login:",)
+# The guest's boot has finished: its login prompt, or (when no getty comes to the serial console,
+# e.g. its device showed up late) systemd's "Reached target multi-user.target - Multi-User System."
+LOGIN_MARKS = ("login:", "Multi-User System.")
 NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
 log = logging.getLogger(__name__)
 AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
@@ -129,7 +131,7 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                                   _since(started))
                         client.handshake(timeout=max(5.0, deadline - time.monotonic()))
                         return Reached(client, _delivery_of(client))
-            console = tail(console_log, 5)
+            console = tail(console_log, 40)
             if any(mark in console for mark in NO_BOOT_MARKS):
                 raise failure("the firmware found nothing to boot on the disk",
                               "the disk has no boot loader for its boot mode: check `images add --boot`, "
@@ -172,7 +174,8 @@ def qga_started(console_log: Path) -> bool:
 
 def _nothing_found(qga_problem: str, after_login: bool, grace: float = AFTER_LOGIN_GRACE,
                    qga_seen: bool = False) -> str:
-    when = (f"the guest reached its login prompt and nothing answered within {grace:.0f} s"
+    when = (f"the guest's boot finished (its login prompt or multi-user.target on the console) and nothing "
+            f"answered within {grace:.0f} s"
             if after_login else "nothing answered within the boot timeout")
     qga = (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
            else "the QEMU guest agent started on the guest's console but never answered on "
