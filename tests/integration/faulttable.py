@@ -79,6 +79,8 @@ FAULTS = (
     "another local user reads a finished job's record and snapshot: an unprivileged user's job",
     "a guest writes .chirp.config, .job.ad and _condor_stdout as new outputs (--output-new)",
     "a guest writes .chirp.config, .job.ad and _condor_stdout into an HTCondor job's sandbox",
+    # stock images (issue 12)
+    "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)",
 )
 
 

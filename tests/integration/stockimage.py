@@ -9,7 +9,7 @@ Built once (several minutes) into the test cache under a hash of the recipe
 below and reused until the recipe changes. Needs root (debootstrap, loop
 devices, no mounts).
 
-    sudo python3 -m tests.integration.stockimage      # build (or find) it, print its path
+    sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
 """
 import hashlib
 import json
@@ -36,6 +36,10 @@ BOOKWORM_BIOS = {
     "layout": "mbr",
     "version": "3",
 }
+# Cheap variants of the same tree (no second debootstrap): the packages named in "purge" are
+# removed with dpkg in the image's copy of the tree.
+BOOKWORM_BIOS_QGA_ONLY = dict(BOOKWORM_BIOS, name="bookworm-bios-qga-only", purge=["cloud-init"])
+BOOKWORM_BIOS_BARE = dict(BOOKWORM_BIOS, name="bookworm-bios-bare", purge=["cloud-init", "qemu-guest-agent"])
 
 # What a distribution configures on top of the packages (Debian's cloud image does the same things).
 GRUB_DEFAULTS = """\
@@ -170,6 +174,10 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
         _run(["cp", "-a", str(tree), str(root)])
         uuid = str(uuidlib.uuid4())
         _configure(root, uuid)
+        if recipe.get("purge"):
+            _say(f"removing {', '.join(recipe['purge'])}")
+            _run(["chroot", str(root), "dpkg", "--purge", *recipe["purge"]],
+                 env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         boot, core = _grub_mbr(root, work)
         size = recipe["disk_gib"] * 2 ** 30
         part = work / "part.raw"
@@ -195,5 +203,7 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     return out
 
 
+RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE)}
+
 if __name__ == "__main__":
-    print(build())
+    print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))

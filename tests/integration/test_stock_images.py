@@ -1,5 +1,6 @@
 """A distribution-style cloud image (grub in the MBR, systemd, cloud-init, qemu-guest-agent, no vmloader
 file inside) registered with `images add` and run unmodified: firmware boot, the agent delivered at boot.
+Its variants without cloud-init (the agent comes through qemu-ga) and with neither (a clear exit 125).
 
 Stock images boot slowly under TCG (their own boot loader, systemd, cloud-init): few boots, each
 checking several things.
@@ -13,16 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from . import stockimage
+from . import faulttable, stockimage
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
 
-@pytest.fixture(scope="module")
-def stock_bios_disk():
+def stock_disk(recipe: dict) -> Path:
     if os.geteuid() != 0:
         pytest.skip("building the stock test image needs root")
-    return stockimage.build(stockimage.BOOKWORM_BIOS)
+    return stockimage.build(recipe)
+
+
+@pytest.fixture(scope="module")
+def stock_bios_disk():
+    return stock_disk(stockimage.BOOKWORM_BIOS)
 
 
 @pytest.fixture
@@ -56,25 +61,76 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     before = entry["artifacts"]["disk"]["sha256"]
 
     # As root, with no network: the NIC reaches nothing, yet the boot does not wait for it.
-    root = vmloader("run", "--image", "stock-bookworm", "--network", "none", "--root", "--snapshot", "never",
+    root = vmloader("run", "--image", "stock-bookworm", "--network", "none", "--root", "--snapshot", "always",
                     "--json", "--", "sh", "-c",
                     "id -u; echo to-stderr >&2; echo kept > /root/mark && cat /root/mark; "
                     "test -e /usr/lib/vmloader && echo baked-in; exit 7", env_extra=env, timeout=900)
     result = root.json()
     assert root.returncode == 7, result["error"]
-    assert result["agent_delivery"] in ("qemu-guest-agent", "cloud-init")   # whichever came first
+    # Both are in the image and both are tried, but cloud-init always comes first: its units are
+    # ordered before sysinit.target and run the seed's bootcmd there, while qemu-ga's unit (default
+    # dependencies) starts only after basic.target, so after cloud-init's first stages have ended.
+    assert result["agent_delivery"] == "cloud-init"
     assert Path(result["stdout_path"]).read_text().split() == ["0", "kept"]
     assert Path(result["stderr_path"]).read_text() == "to-stderr\n"
     meta = json.loads((Path(result["job_dir"]) / "metadata.json").read_text())
     assert meta["agent_delivery"] == result["agent_delivery"]
 
-    # As the job user the image lacks: made at run time, clear of the image's own users.
-    user = vmloader("run", "--image", "stock-bookworm", "--snapshot", "never", "--", "sh", "-c",
-                    "id -un; id -u; pwd; cat", input=b"from stdin\n", env_extra=env, timeout=900)
-    assert user.returncode == 0, user.err
-    name, uid, cwd, line = user.out.split("\n")[:4]
-    assert (name, cwd, line) == ("vmloader", "/work", "from stdin")
-    assert int(uid) >= 60000
+    # The kept disk read offline: its ext4 root inside the MBR partition table.
+    diff = vmloader("snapshot", "diff", result["snapshot"], "--json", env_extra=env)
+    assert diff.returncode == 0, diff.err
+    assert "/root/mark" in {change["path"] for change in diff.json()["added"]}
 
     assert sha256(disk) == before
     assert not base.exists() or sha256(base) == before
+
+
+def add_stock(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path) -> tuple:
+    """`images add` of a copy of the built image: (env for later calls, the copy, its sha256)."""
+    disk = tmp_path / f"{name}.qcow2"
+    shutil.copyfile(stock_disk(recipe), disk)
+    env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_BOOT_TIMEOUT": "900"}
+    added = vmloader("images", "add", name, "--disk", str(disk), "--json", env_extra=env)
+    assert added.returncode == 0, added.err
+    return env, disk, added.json()["artifacts"]["disk"]["sha256"]
+
+
+def test_an_image_with_qemu_guest_agent_and_no_cloud_init_gets_the_agent_through_qemu_ga(
+        vmloader, own_cache, tmp_path):
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_ONLY, "stock-qga", own_cache, tmp_path)
+    # As the job user the image lacks: made at run time, clear of the image's own users.
+    user = vmloader("run", "--image", "stock-qga", "--snapshot", "never", "--json", "--", "sh", "-c",
+                    "id -un; id -u; pwd; cat; test -e /etc/cloud || echo no-cloud-init",
+                    input=b"from stdin\n", env_extra=env, timeout=900)
+    result = user.json()
+    assert user.returncode == 0, result["error"]
+    assert result["agent_delivery"] == "qemu-guest-agent"
+    meta = json.loads((Path(result["job_dir"]) / "metadata.json").read_text())
+    assert meta["agent_delivery"] == "qemu-guest-agent"
+    name, uid, cwd, line, cloud = Path(result["stdout_path"]).read_text().split("\n")[:5]
+    assert (name, cwd, line, cloud) == ("vmloader", "/work", "from stdin", "no-cloud-init")
+    assert int(uid) >= 60000
+    assert sha256(disk) == before
+
+
+NONE_OF_THESE = "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)"
+
+
+def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_what_was_looked_for(
+        vmloader, own_cache, tmp_path):
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_BARE, "stock-bare", own_cache, tmp_path)
+    bare = vmloader("run", "--image", "stock-bare", "--snapshot", "never", "--json", "--", "true",
+                    env_extra=env, timeout=900)
+    result = bare.json()
+    assert bare.returncode == 125, result
+    error = result["error"]
+    assert error["phase"] == "boot"
+    # Soon after the boot finished, not at the end of the (900 s) boot timeout.
+    assert "boot finished (its login prompt or multi-user.target" in error["message"]
+    for looked_for in ("vmloader's agent", "org.qemu.guest_agent.0", "cloud-init"):
+        assert looked_for in error["message"]
+    assert "install qemu-guest-agent" in error["hint"] and "cloud-init" in error["hint"]
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
+    assert sha256(disk) == before
+    faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")

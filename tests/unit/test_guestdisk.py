@@ -161,6 +161,47 @@ def test_an_ext4_root_inside_a_gpt_partition_table_is_found(tmp_path):
     assert base == snap and base["/etc/motd"].size == 6
 
 
+def mbr_disk(tmp_path, partition: bytes = b"") -> Path:
+    """A distribution-style disk: boot code, an MBR table with one bootable Linux partition at 1 MiB
+    (an ext4 root, or the given bytes), the base as qcow2 and an empty snapshot over it."""
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", "24M", str(disk)], check=True)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=b"label: dos\nstart=2048, type=83, bootable\n", check=True)
+    with open(disk, "r+b") as raw:
+        raw.write(b"\xeb\x63\x90" + bytes(437))      # grub's boot code starts with a jump
+        if partition:
+            raw.seek(1 << 20)
+            raw.write(partition)
+    if not partition:
+        (tmp_path / "tree" / "root").mkdir(parents=True)
+        (tmp_path / "tree" / "root" / "mark").write_text("kept\n")
+        subprocess.run(["mkfs.ext4", "-q", "-d", str(tmp_path / "tree"), "-E", f"offset={1 << 20}", str(disk),
+                        "16M"], check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(disk), str(tmp_path / "base.qcow2")],
+                   check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(tmp_path / "base.qcow2"),
+                    str(tmp_path / "snap.qcow2")], check=True)
+    return tmp_path
+
+
+def test_an_ext4_root_inside_an_mbr_partition_table_behind_boot_code_is_found(tmp_path):
+    if not all(shutil.which(tool) for tool in TOOLS + ("sfdisk",)):
+        pytest.skip("needs e2fsprogs, fdisk and qemu-img")
+    mbr_disk(tmp_path)
+    base, snap, _ = guestdisk.read_trees(tmp_path / "base.qcow2", tmp_path / "snap.qcow2", "job-1",
+                                         guestdisk.parser_identity())
+    assert base == snap and base["/root/mark"].size == 5
+
+
+def test_an_xfs_root_inside_an_mbr_partition_table_is_refused_naming_it(tmp_path):
+    if not all(shutil.which(tool) for tool in ("qemu-img", "sfdisk")):
+        pytest.skip("needs fdisk and qemu-img")
+    mbr_disk(tmp_path, b"XFSB" + bytes(4096))
+    with pytest.raises(SnapshotError, match="holds an XFS file system; `snapshot diff` reads ext2") as caught:
+        guestdisk.read_trees(tmp_path / "base.qcow2", tmp_path / "snap.qcow2", "job-1", guestdisk.parser_identity())
+    assert "vmloader snapshot export" in caught.value.hint
+
+
 def test_a_disk_that_is_not_ext_is_refused_with_what_would_work(tmp_path):
     if not shutil.which("qemu-img"):
         pytest.skip("needs qemu-img")

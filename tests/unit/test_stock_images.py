@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 import zipfile
@@ -164,6 +165,23 @@ def test_qga_client_syncs_past_stale_replies_writes_files_in_chunks_and_runs_pro
     assert fake.requests[-3]["execute"] == "guest-file-close"
 
 
+def test_a_qemu_ga_still_answering_a_backlog_of_earlier_syncs_is_waited_for_not_given_up_on():
+    # qemu-ga started late: it first answers a sync queued while its port was closed, and ours
+    # only after the first-contact timeout has passed.
+    fake = None
+
+    def catching_up(request):
+        time.sleep(0.6)
+        fake.guest.sendall(b'\xff{"return": 1}\n')
+        time.sleep(0.8)
+        return b"\xff" + json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n"
+    fake = FakeQGA(catching_up)
+    QGAClient(fake.host).sync(timeout=1.0, catching_up=10.0)
+    stuck = FakeQGA(lambda r: b'\xff{"return": 1}\n')
+    with pytest.raises(QGAError, match="in time"):     # stale replies alone never do, and the wait is bounded
+        QGAClient(stuck.host).sync(timeout=0.2, catching_up=0.5)
+
+
 def test_qga_replies_are_bounded_in_size_and_time():
     flood = FakeQGA(lambda r: b"x" * (MAX_REPLY + 10))
     with pytest.raises(QGAError, match="longer than"):
@@ -259,6 +277,16 @@ def test_no_boot_loader_on_the_console_fails_at_once_naming_it(tmp_path):
     server.close()
 
 
+def test_a_kernel_panic_while_booting_fails_at_once_naming_it(tmp_path):
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[    0.052000] ---[ end Kernel panic - not syncing: IO-APIC + timer "
+                                          "doesn't work!  Boot with apic=debug\n")
+    with pytest.raises(delivery.GuestTimeout, match="panicked while booting: .*IO-APIC") as caught:
+        _reach(tmp_path, 60)
+    assert "retry" in caught.value.hint
+    server.close()
+
+
 def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(tmp_path, monkeypatch):
     monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 1.0)
     server = _silent_guest(tmp_path)
@@ -269,4 +297,28 @@ def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(t
     assert "login prompt" in message and "vmloader's agent" in message
     assert "org.qemu.guest_agent.0" in message and "cidata" in message
     assert "boot_timeout" not in message and "cloud-init" in caught.value.hint
+    server.close()
+
+
+def test_a_qemu_ga_started_on_the_console_but_silent_is_waited_for_longer_then_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 0.5)
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE_QGA_STARTED", 1.5)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[  OK  ] Started qemu-guest-agent.service - QEMU Guest Agent.\n"
+                                          "Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: ")
+    with pytest.raises(delivery.GuestTimeout) as caught:
+        _reach(tmp_path, 60)
+    message = str(caught.value)
+    assert "on the console) and nothing answered within 2 s" in message
+    assert "QEMU guest agent started on the guest's console but never answered" in message
+    server.close()
+
+
+def test_multi_user_reached_without_a_serial_login_prompt_counts_as_the_end_of_the_boot(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 0.5)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[  OK  ] Reached target \x1b[0;1;39mmulti-user.target\x1b[0m - "
+                                          "Multi-User System.\n")
+    with pytest.raises(delivery.GuestTimeout, match="multi-user.target on the console. and nothing answered"):
+        _reach(tmp_path, 60)
     server.close()

@@ -12,6 +12,7 @@ Neither: GuestTimeout (exit 125) naming what was looked for, soon after the gues
 reaches its login prompt instead of at the end of the boot timeout.
 """
 import io
+import logging
 import socket
 import time
 import zipfile
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 
 from . import build
 from .agentclient import AgentClient
-from .console import tail
+from .console import crash_line, tail
 from .errors import AgentError, GuestTimeout
 from .qga import QGAClient, QGAError
 
@@ -29,9 +30,14 @@ BUILTIN = "builtin"
 QEMU_GUEST_AGENT = "qemu-guest-agent"
 CLOUD_INIT = "cloud-init"
 GUEST_DIR = "/run/vmloader-agent"
-LOGIN_MARKS = ("login:",)
+# The guest's boot has finished: its login prompt, or (when no getty comes to the serial console,
+# e.g. its device showed up late) systemd's "Reached target multi-user.target - Multi-User System."
+LOGIN_MARKS = ("login:", "Multi-User System.")
 NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
+log = logging.getLogger(__name__)
 AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
+AFTER_LOGIN_GRACE_QGA_STARTED = 120.0   # ... and this long when the console says qemu-ga started
+QGA_STARTED_MARKS = ("Started qemu-guest-agent", "QEMU Guest Agent.")   # systemd's line for its unit
 
 
 def agent_bundle() -> bytes:
@@ -91,6 +97,9 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
     qga: Optional[QGAClient] = None
     login_seen: Optional[float] = None
     qga_problem = ""
+    qga_seen = False
+    grace = AFTER_LOGIN_GRACE
+    started = time.monotonic()
     try:
         while True:
             try:
@@ -109,25 +118,40 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 except QGAError:
                     pass
                 else:
+                    log.debug("the QEMU guest agent answered %.1f s into the boot; delivering", _since(started))
                     try:
                         deliver_via_qga(qga)
                     except AgentError as exc:
                         qga_problem = exc.message
+                        log.debug("delivery through the QEMU guest agent failed: %s", exc.message)
                         qga.close()
                         qga = None
                     else:
+                        log.debug("agent started through the QEMU guest agent %.1f s into the boot",
+                                  _since(started))
                         client.handshake(timeout=max(5.0, deadline - time.monotonic()))
                         return Reached(client, _delivery_of(client))
-            console = tail(console_log, 5)
+            console = tail(console_log, 40)
             if any(mark in console for mark in NO_BOOT_MARKS):
                 raise failure("the firmware found nothing to boot on the disk",
                               "the disk has no boot loader for its boot mode: check `images add --boot`, "
                               "or give --kernel and --initrd to boot its kernel directly")
+            crash = crash_line(console_log) if login_seen is None else None
+            if crash is not None and "Kernel panic" in crash:
+                raise failure(f"the guest kernel panicked while booting: {_text(crash.encode())}",
+                              "the console log shows why; a panic early in the boot under TCG on an "
+                              "overloaded host (e.g. 'IO-APIC + timer doesn't work') is worth a retry")
             if login_seen is None and any(mark in console for mark in LOGIN_MARKS):
                 login_seen = time.monotonic()
-            gave_up = login_seen is not None and time.monotonic() - login_seen > AFTER_LOGIN_GRACE
+                log.debug("login prompt on the console %.1f s into the boot", _since(started))
+            gave_up = login_seen is not None and time.monotonic() - login_seen > grace
+            if gave_up and grace == AFTER_LOGIN_GRACE and not qga_problem and qga_started(console_log):
+                # qemu-ga is up (the console says so) but has not answered yet: on a loaded host
+                # it can lag the login prompt; wait for it longer, still bounded.
+                grace, gave_up = AFTER_LOGIN_GRACE_QGA_STARTED, False
+                qga_seen = True
             if gave_up or time.monotonic() > deadline:
-                raise failure(_nothing_found(qga_problem, gave_up), NO_WAY_IN_HINT)
+                raise failure(_nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT)
     except BaseException:
         client.close()
         raise
@@ -142,13 +166,27 @@ NO_WAY_IN_HINT = ("make the image reachable in one of these ways: run vmloader's
                   "datasource; the guest needs python3 >= 3.6")
 
 
-def _nothing_found(qga_problem: str, after_login: bool) -> str:
-    when = (f"the guest reached its login prompt and nothing answered within {AFTER_LOGIN_GRACE:.0f} s"
+def qga_started(console_log: Path) -> bool:
+    """The guest's console says its qemu-ga unit started (systemd prints it there)."""
+    console = tail(console_log, 400)
+    return any(mark in console for mark in QGA_STARTED_MARKS)
+
+
+def _nothing_found(qga_problem: str, after_login: bool, grace: float = AFTER_LOGIN_GRACE,
+                   qga_seen: bool = False) -> str:
+    when = (f"the guest's boot finished (its login prompt or multi-user.target on the console) and nothing "
+            f"answered within {grace:.0f} s"
             if after_login else "nothing answered within the boot timeout")
     qga = (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
+           else "the QEMU guest agent started on the guest's console but never answered on "
+                "org.qemu.guest_agent.0" if qga_seen
            else "no QEMU guest agent on org.qemu.guest_agent.0")
     return (f"{when}: looked for vmloader's agent (no answer on its channel), {qga}, and cloud-init "
             f"starting the agent from the job's cidata seed (it did not: no cloud-init, or it ignored the seed)")
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
 
 
 def _connect(path: Path, deadline: float, failure: Callable[[str, str], GuestTimeout]) -> socket.socket:

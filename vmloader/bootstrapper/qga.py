@@ -19,6 +19,7 @@ MAX_REPLY = 256 * 1024           # a guest-exec-status with captured output is t
 WRITE_CHUNK = 48 * 1024          # bytes per guest-file-write (base64 in one JSON line)
 SYNC_MARK = b"\xff"              # qemu-ga puts it before the reply to guest-sync-delimited
 SEND_TIMEOUT = 2.0
+ALIVE_WAIT = 20.0              # how long a qemu-ga that answered earlier requests may take for ours
 
 
 class QGAError(AgentError):
@@ -102,23 +103,30 @@ class QGAClient:
         return self._reply(time.monotonic() + timeout)
 
     # -- commands -----------------------------------------------------------
-    def sync(self, timeout: float = 2.0) -> None:
-        """Discard whatever an earlier client left unread; raises QGAError when nobody answers."""
+    def sync(self, timeout: float = 2.0, catching_up: float = ALIVE_WAIT) -> None:
+        """Discard whatever an earlier client left unread; raises QGAError when nobody answers.
+
+        Requests sent while no qemu-ga had the port open wait in the channel, and a qemu-ga that
+        has just started answers them all, in order, before this one: a reply to an earlier sync
+        says it is there, so the wait for ours grows to `catching_up` seconds (from the start,
+        bounded) instead of giving up and sending yet another sync behind the backlog."""
         token = secrets.randbelow(2 ** 31)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         self.buffer = b""
         self._send("guest-sync-delimited", {"id": token}, prefix=SYNC_MARK)
         while True:
             line = self._line(deadline)
             mark = line.rfind(SYNC_MARK)
-            if mark < 0:
-                continue
             try:
                 reply = json.loads(line[mark + 1:])
             except ValueError:
                 continue
-            if isinstance(reply, dict) and reply.get("return") == token:
+            if not isinstance(reply, dict) or "return" not in reply:
+                continue
+            if reply["return"] == token:
                 return
+            deadline = max(deadline, started + catching_up)     # qemu-ga is there, still catching up
 
     def write_file(self, path: str, data: bytes, timeout: float = 30.0) -> None:
         handle = self.call("guest-file-open", {"path": path, "mode": "w"}, timeout)
