@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
 debootstrap e2fsprogs fdisk ovmf mtools python3-venv python3-libvirt python3-pyinotify python3-requests python3-psutil
-nginx-light squid"
+nginx-light squid xfsprogs"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -209,6 +209,14 @@ def test_a_vm_job_runs_in_the_guest_with_its_sandbox_output_files_and_exit_code(
     # exit 3 is a failure: the default policy kept the state, and the job ad says where
     worker, _, snapshot = done["VMLoaderSnapshot"].partition(":")
     assert worker and pool.path(snapshot).is_dir(), done
+    # and the job's user diffs it on the worker, in user space, no admin needed
+    cache = "/var/cache/vmloader-2" if "vm2" in worker else "/var/cache/vmloader-1"
+    diff = pool.vmloader("--debug", "snapshot", "diff", Path(snapshot).name, "--json", cache=cache, timeout=600)
+    assert diff.returncode == 0, diff.stderr
+    added = {c["path"]: c for c in json.loads(diff.stdout)["added"]}
+    assert added["/work/result.txt"] == {"path": "/work/result.txt", "type": "file", "size": 15}, added
+    uid = pool.run(["id", "-u"]).stdout.strip()
+    assert uid != "0" and f"parsers ran as uid {uid}\n" in diff.stderr, diff.stderr
 
 
 def test_a_guest_writing_the_starters_own_files_changes_nothing_in_the_sandbox(pool):

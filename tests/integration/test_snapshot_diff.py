@@ -4,13 +4,14 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from vmloader.bootstrapper import config
-from vmloader.bootstrapper.cache import sha256_file
+from vmloader.bootstrapper.cache import ImageCache, sha256_file
 
 from .conftest import as_user, ensure_user
 from .faulttable import record_row
@@ -148,3 +149,74 @@ def test_a_normal_user_diffs_their_own_snapshot_without_root(readable_checkout, 
     finally:
         rm = as_user(user, readable_checkout, ["snapshot", "rm", snapshot], env)
         rm.communicate(timeout=60)
+
+
+XFS_DISK = """set -e
+cd "$1"
+mkdir ext xfs
+mount -o loop,ro ext.raw ext
+mount -o loop xfs.raw xfs
+cp -a ext/. xfs/
+cp ext/boot/initrd.img-* initrd
+umount xfs ext
+"""
+
+
+def xfs_copy_of(built_image, work: Path) -> dict:
+    """The built image's tree on an XFS disk, with the distribution's initrd (ours loads ext4 only):
+    disk, kernel and initrd files for `images add`. Root makes it, in a mount namespace of its own."""
+    cache = ImageCache(config.load().cache_dir)
+    disk = cache.artifact_path(built_image.artifacts["disk"])
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(work / "ext.raw")], check=True)
+    with open(work / "xfs.raw", "wb") as raw:
+        raw.truncate((work / "ext.raw").stat().st_size)
+    subprocess.run(["mkfs.xfs", "-q", str(work / "xfs.raw")], check=True)
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", XFS_DISK, "sh", str(work)],
+                   check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(work / "xfs.raw"), str(work / "disk.qcow2")],
+                   check=True)
+    for name in ("ext.raw", "xfs.raw"):
+        (work / name).unlink()
+    shutil.copyfile(cache.artifact_path(built_image.artifacts["kernel"]), work / "kernel")
+    return {"disk": work / "disk.qcow2", "kernel": work / "kernel", "initrd": work / "initrd"}
+
+
+@pytest.mark.skipif(shutil.which("mkfs.xfs") is None, reason="needs xfsprogs (scripts/setup-host.sh)")
+def test_a_users_snapshot_of_an_xfs_root_gets_a_message_naming_xfs_and_what_would_work(readable_checkout,
+                                                                                      built_image):
+    user = ensure_user("vmlt-diff-a")
+    work = Path(tempfile.mkdtemp(prefix="vmloader-xfs-", dir="/var/tmp"))
+    env = {"VMLOADER_CACHE_DIR": str(work / "cache"), "VMLOADER_BOOT_TIMEOUT": "600"}   # udev's initrd
+
+    def vmloader_as_user(*args: str, timeout: float = 600) -> tuple:
+        child = as_user(user, readable_checkout, list(args), env)
+        out, err = child.communicate(timeout=timeout)
+        return child.returncode, out, err
+
+    snapshot = None
+    try:
+        files = xfs_copy_of(built_image, work)
+        (work / "cache").mkdir()
+        subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(work)], check=True)
+        code, out, err = vmloader_as_user("images", "add", "my-xfs", "--disk", str(files["disk"]), "--kernel",
+                                          str(files["kernel"]), "--initrd", str(files["initrd"]), "--cmdline",
+                                          built_image.cmdline + " rootfstype=xfs")
+        assert code == 0, err
+        code, out, err = vmloader_as_user("run", "--image", "my-xfs", "--json", "--snapshot", "always", "--",
+                                          "stat", "-f", "-c", "%T", "/", timeout=1200)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["exit_status"] == 0 and result["snapshot"], err
+        snapshot = result["snapshot"]
+        assert Path(result["stdout_path"]).read_text() == "xfs\n"          # the guest ran on XFS
+        code, out, err = vmloader_as_user("snapshot", "diff", snapshot)
+        assert code == 125, err
+        assert "holds an XFS file system" in err and "reads ext2, ext3 and ext4" in err, err
+        assert "vmloader snapshot shell" in err and "vmloader snapshot export" in err, err
+        code, out, err = vmloader_as_user("snapshot", "diff", snapshot, "--json")
+        assert code == 125 and json.loads(out)["error"] == "SnapshotError", (out, err)
+        assert our_mounts() == []
+    finally:
+        if snapshot:
+            vmloader_as_user("snapshot", "rm", snapshot, timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
