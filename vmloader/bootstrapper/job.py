@@ -369,22 +369,19 @@ class JobRunner:
             plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
         try:
-            try:
-                client = self._bring_up(job, plan, image, hypervisor)
-            except WarmUnusable as why:
-                borrowed = plan.lane is not None and plan.lane.borrowed
-                self._abandon_warm(job, image, why)
-                plan = job.plan = launch.cold_image(plan.image_ref)
-                if borrowed:                        # root's state failed here: the user's own way
-                    plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines, borrow=False)
-                _write_owner(job)
+            while True:                             # root's borrowed state, the user's own, cold
                 try:
                     client = self._bring_up(job, plan, image, hypervisor)
-                except WarmUnusable as again:
-                    self._abandon_warm(job, image, again)
+                    break
+                except WarmUnusable as why:
+                    if plan.lane is None:
+                        raise
+                    borrowed = plan.lane.borrowed
+                    self._abandon_warm(job, image, why)
                     plan = job.plan = launch.cold_image(plan.image_ref)
+                    if borrowed:                    # root's state failed here: the user's own way
+                        plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines, borrow=False)
                     _write_owner(job)
-                    client = self._bring_up(job, plan, image, hypervisor)
             self._watch_disk(job)                   # (a boot writes little: watched from here on)
             with job.timer.phase("stage-in"):
                 self._stage_in(job, image, client)
