@@ -197,10 +197,8 @@ class Lane:
         self._write_meta(meta)        # same bytes, new stamp (e.g. copied): no re-hash next time
 
     def commit(self, parts: dict, image: str) -> None:
-        """The build is done: record what was saved; from now on the lane is complete."""
-        if self.shared:
-            for name in STAMPED:
-                os.chmod(self.dir / name, SHARED_FILE_MODE, follow_symlinks=False)
+        """The build is done (its files reclaimed: `reclaim`): record what was saved; from now on
+        the lane is complete."""
         files = {name: {"stamp": _stamp(self.dir / name), "sha256": sha256_file(self.dir / name)}
                  for name in STAMPED}
         self._write_meta({"key": self.key, "parts": parts, "image": image, "domain": self.domain_name,
