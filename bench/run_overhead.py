@@ -2,7 +2,7 @@
 """Benchmark: what vmloader adds on top of booting the guest.
 
 Measures, side by side in one run, the wall time of
-`vmloader run --image debian-12 -- true` (with its phase breakdown from
+`vmloader run --cold --image debian-12 -- true` (booted) (with its phase breakdown from
 --json) and a bare `qemu-system-x86_64` boot-to-poweroff of the same kernel
 and initrd on the same base disk, then prints the ratio. Not a test: no
 thresholds, just figures (write them into the README).
@@ -40,7 +40,7 @@ def vmloader_run(state: Path) -> tuple:
     env.update({k: v for k, v in os.environ.items() if k in PASSED_ENV})
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
-                          "--snapshot", "never", "--json", "--", "true"],
+                          "--snapshot", "never", "--cold", "--json", "--", "true"],
                          stdout=subprocess.PIPE, check=True, env=env, timeout=600).stdout
     return time.monotonic() - started, json.loads(out)["timings"]
 

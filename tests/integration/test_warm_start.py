@@ -41,9 +41,25 @@ PROBE = ("date +%s.%N; read host_now; date +%s.%N; hostname; cat /etc/machine-id
          "cat /proc/sys/kernel/random/uuid; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo")
 
 
+# This module's jobs have a shape of their own (warm states are per shape), so the lanes it drops,
+# damages and counts are its own: the rest of the suite starts warm too, from the default shape's.
+MEMORY_MIB = 768
+SHAPE = ("--memory", str(MEMORY_MIB))
+_OURS: set = set()          # the state dirs found for SHAPE (their key does not change in a run)
+
+
 def lanes() -> list:
+    """This module's lanes: those of the states saved for SHAPE (found by their meta.json)."""
     root = warm.warm_root(config.load())
-    return sorted(root.glob("*/lane-*")) if root.is_dir() else []
+    found = []
+    for state in sorted(root.iterdir()) if root.is_dir() else []:
+        for meta in state.glob("lane-*/meta.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(meta.read_text())["parts"].get("memory_mib") == MEMORY_MIB:
+                    _OURS.add(state.name)
+        if state.name in _OURS:
+            found += sorted(state.glob("lane-*"))
+    return found
 
 
 def unusable_lines(err: str) -> list:
@@ -56,8 +72,8 @@ def no_warm_domain_left() -> bool:
 
 
 def start_probe(vm_env, cwd: Path, job_id: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12", "--snapshot", "never",
-            "--job-id", job_id, "--", "sh", "-c", PROBE]
+    argv = [sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12", *SHAPE,
+            "--snapshot", "never", "--job-id", job_id, "--", "sh", "-c", PROBE]
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=vm_env, cwd=cwd)
 
@@ -108,7 +124,7 @@ def damage(how: str) -> None:
 
 
 def run_true(vmloader, *extra: str) -> tuple:
-    run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--json", *extra, "--", "true")
+    run = vmloader("run", "--image", "debian-12", *SHAPE, "--snapshot", "never", "--json", *extra, "--", "true")
     return run, (json.loads(run.stdout) if run.stdout else {})
 
 
@@ -132,14 +148,15 @@ def test_a_damaged_warm_state_is_dropped_the_job_boots_cold_and_the_next_rebuild
 
 
 def test_a_kept_snapshot_of_a_warm_job_reopens_without_its_lane(vmloader, state_dir):
-    run = vmloader("run", "--image", "debian-12", "--json", "--", "sh", "-c", "echo kept > /work/marker; exit 3")
+    run = vmloader("run", "--image", "debian-12", *SHAPE, "--json", "--", "sh", "-c",
+                   "echo kept > /work/marker; exit 3")
     result = json.loads(run.stdout)
     assert result["exit_status"] == 3 and result["start"] == "warm", run.err
     for lane in lanes():                             # the lane may be dropped or rebuilt at any time
         shutil.rmtree(lane)
     again = vmloader("snapshot", "exec", result["snapshot"], "--", "cat", "/work/marker")
     assert again.returncode == 0 and again.out == "kept\n", again.err
-    cold = vmloader("run", "--image", "debian-12", "--cold", "--snapshot", "never", "--json", "--", "true")
+    cold = vmloader("run", "--image", "debian-12", *SHAPE, "--cold", "--snapshot", "never", "--json", "--", "true")
     assert json.loads(cold.stdout)["start"] == "cold" and not lanes()
 
 
@@ -159,8 +176,8 @@ def ours_running(*names: str) -> list:
     return found
 
 
-def lane_domains() -> list:
-    return [warm.Lane(lane, lane.parent.name, int(lane.name[5:])).domain_name for lane in lanes()]
+def lane_domains(root: Path) -> list:
+    return [warm.Lane(lane, lane.parent.name, int(lane.name[5:])).domain_name for lane in root.glob("*/lane-*")]
 
 
 def vmloader_lines(err: str) -> list:
@@ -205,7 +222,7 @@ def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_
     shim.chmod(0o755)
     env = dict(vm_env, PATH=f"{bin_dir}:{vm_env['PATH']}")
     proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
-                             "--snapshot", "never", "--json", "--job-id", "warm-deleted", "--", "echo", "ran"],
+                             *SHAPE, "--snapshot", "never", "--json", "--job-id", "warm-deleted", "--", "echo", "ran"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
                             stdin=subprocess.DEVNULL)
     try:
@@ -251,7 +268,7 @@ def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_w
     [line] = vmloader_lines(run.err)
     assert line.startswith("vmloader: could not save a warm state for debian-12@") and "this job boots cold" in line
     assert "No space left on device" in line, line
-    assert ours_running(*lane_domains(), f"vmloader-{result['job_id']}") == []
+    assert ours_running(*lane_domains(small_warm_root), f"vmloader-{result['job_id']}") == []
     left = sorted(p.name for p in small_warm_root.rglob("*") if not p.is_dir())
     assert left == ["lock", warm.NO_ROOM, warm.SHARE_LOCK], left   # the locks stay; no partial file, no completion record
     assert list(warm.WarmStore(small_warm_root, 8).states()) == []        # no state a later job could take
@@ -259,7 +276,7 @@ def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_w
     assert again.returncode == 0 and second["start"] == "cold" and "warm build" not in second["timings"], again.err
     [no_room] = vmloader_lines(again.err)
     assert no_room.startswith("vmloader: no room for a warm state of debian-12@") and "free now" in no_room
-    assert ours_running(*lane_domains(), f"vmloader-{second['job_id']}") == []
+    assert ours_running(*lane_domains(small_warm_root), f"vmloader-{second['job_id']}") == []
     record_row("the cache disk fills while a warm state is saved (tmpfs, 40 MiB)", result["exit_status"],
                "succeeded, booted cold", "warm build", line,
                "nothing (the partial state is removed; later jobs boot cold at once until more space is free)")
@@ -341,7 +358,7 @@ def test_a_users_job_restores_roots_shared_state_and_leaves_it_as_it_was(vmloade
     before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for lane in shared for path in lane.iterdir()}
     user = ensure_user("vmloader-test-warm")
     env = {"VMLOADER_CACHE_DIR": str(config.load().cache_dir), "VMLOADER_WARM_START": "true"}
-    proc = as_user(user, readable_checkout, ["run", "--image", "debian-12", "--json", "--snapshot", "never",
+    proc = as_user(user, readable_checkout, ["run", "--image", "debian-12", *SHAPE, "--json", "--snapshot", "never",
                                              "--", "sh", "-c", "hostname; id -u"], env)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err

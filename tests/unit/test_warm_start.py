@@ -88,7 +88,7 @@ def test_a_kept_snapshot_and_a_non_qemu_hypervisor_boot_cold(world):
 
 
 def test_the_config_setting_and_its_environment_variable():
-    assert Config(cache_dir=Path("/c"), state_dir=Path("/s")).warm_start is False     # opt-in for now
+    assert Config(cache_dir=Path("/c"), state_dir=Path("/s")).warm_start is True      # the default
     assert load(environ={"VMLOADER_WARM_START": "true"}, files=()).warm_start is True
     assert load(environ={"VMLOADER_WARM_START": "false"}, files=()).warm_start is False
     assert load(environ={"VMLOADER_WARM_LANES": "3"}, files=()).warm_lanes == 3

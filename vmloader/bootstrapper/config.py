@@ -138,7 +138,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("output_max_bytes", "VMLOADER_OUTPUT_MAX_BYTES", _size,
             "largest file copied back from a guest (suffixes K M G T); a larger one is cut off and dropped"),
     Setting("warm_start", "VMLOADER_WARM_START", _bool,
-            "start jobs from a saved, already-booted state of their image (default false for now: "
+            "start jobs from a saved, already-booted state of their image (default true; false: "
             "every job boots cold)"),
     Setting("warm_lanes", "VMLOADER_WARM_LANES", _non_negative(int),
             "saved states per image and shape, one per job starting at once (default 2 x host CPUs; "
@@ -179,7 +179,7 @@ class Config:
     snapshot_max_bytes: int = 0
     snapshot_max_age_days: float = 14
     output_max_bytes: int = 16 * 2**30
-    warm_start: bool = False      # opt-in until the whole suite has passed with it on
+    warm_start: bool = True
     warm_lanes: int = 0
     qemu_cgroup: str = "libvirt"   # "caller": QEMU joins vmloader's cgroups (qemucgroup.py)
     host_cert: Optional[Path] = None
