@@ -28,6 +28,7 @@ unit: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 bench: image
+	$(VENV)/bin/python bench/warm_start.py
 	$(VENV)/bin/python bench/run_overhead.py
 	$(VENV)/bin/python bench/pull_throughput.py
 	$(VENV)/bin/python bench/snapshot_times.py
