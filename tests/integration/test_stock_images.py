@@ -193,3 +193,24 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
           f"resume to exec answered {time.monotonic() - resuming:.0f} s", file=sys.stderr)
     assert sha256(disk) == before
 
+
+GUEST_EXEC_BLOCKED = "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)"
+
+
+def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it(vmloader, own_cache, tmp_path):
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec", own_cache,
+                                  tmp_path)
+    blocked = vmloader("run", "--image", "stock-no-exec", "--snapshot", "never", "--json", "--", "true",
+                       env_extra=env, timeout=1800)
+    result = blocked.json()
+    assert blocked.returncode == 125, result
+    error = result["error"]
+    assert error["phase"] == "boot"
+    # qemu-ga answered, so it is named with what stopped the delivery, and nothing else got in.
+    assert "the QEMU guest agent answered but delivery failed: guest-exec is disabled in the guest's qemu-ga " \
+           "by its configuration (block-rpcs" in error["message"]
+    assert "cloud-init" in error["message"] and "guest-exec and guest-file-* allowed" in error["hint"]
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
+    assert sha256(disk) == before
+    faulttable.record(GUEST_EXEC_BLOCKED, result, "no VM, overlay or seed left; the base unchanged")
