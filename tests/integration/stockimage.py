@@ -185,7 +185,8 @@ def _root_filesystem(rootfs: str, root: Path, part: Path, size: int, uuid: str) 
 def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     """The image's qcow2 in the test cache, built now if absent. Root only (debootstrap, chroot).
 
-    No loop devices or mounts: the root filesystem is made with `mke2fs -d`, the partition
+    No loop devices or mounts: the root filesystem is made with `mke2fs -d` (or, for an XFS
+    root, `mkfs.xfs -p` from a prototype file: xfsproto.py), the partition
     table with sfdisk, grub's boot code and core image written where grub-install puts them
     (MBR, then the gap before the first partition at 1 MiB)."""
     key = recipe_hash(recipe)
