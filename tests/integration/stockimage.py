@@ -22,6 +22,8 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
+from . import xfsproto
+
 CACHE = Path(os.environ.get("VMLOADER_TEST_CACHE", "/var/cache/vmloader-test")) / "stock-images"
 
 BOOKWORM_BIOS = {
@@ -40,6 +42,13 @@ BOOKWORM_BIOS = {
 # removed with dpkg in the image's copy of the tree.
 BOOKWORM_BIOS_QGA_ONLY = dict(BOOKWORM_BIOS, name="bookworm-bios-qga-only", purge=["cloud-init"])
 BOOKWORM_BIOS_BARE = dict(BOOKWORM_BIOS, name="bookworm-bios-bare", purge=["cloud-init", "qemu-guest-agent"])
+# The same qemu-ga-only tree on an XFS root (made with mkfs.xfs -p from a prototype file, no mount):
+# delivery must not depend on the guest's filesystem, and `snapshot diff` cannot read it.
+BOOKWORM_BIOS_XFS_QGA_ONLY = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-xfs-qga-only", rootfs="xfs")
+# qemu-ga only, with guest-exec blocked by qemu-ga's own configuration (and no cloud-init to fall through to).
+QGA_EXEC_BLOCKED_CONF = "[general]\nblock-rpcs=guest-exec\n"
+BOOKWORM_BIOS_QGA_NO_EXEC = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-qga-no-exec",
+                                 files={"etc/qemu/qemu-ga.conf": QGA_EXEC_BLOCKED_CONF})
 
 # What a distribution configures on top of the packages (Debian's cloud image does the same things).
 GRUB_DEFAULTS = """\
@@ -71,7 +80,8 @@ def tree_hash(recipe: dict) -> str:
 
 def recipe_hash(recipe: dict) -> str:
     """The finished image: the tree plus everything this module configures and how it lays out the disk."""
-    return hashlib.sha256(Path(__file__).read_bytes() + tree_hash(recipe).encode()).hexdigest()[:16]
+    code = Path(__file__).read_bytes() + (Path(__file__).parent / "xfsproto.py").read_bytes()
+    return hashlib.sha256(code + tree_hash(recipe).encode()).hexdigest()[:16]
 
 
 def _run(args: list, **kwargs) -> str:
@@ -99,9 +109,14 @@ def _debootstrap(recipe: dict, tree: Path) -> None:
     _say(f"debootstrap done in {time.monotonic() - started:.0f} s")
 
 
-def _configure(root: Path, uuid: str) -> None:
+FSTAB = {"ext4": "UUID={uuid} / ext4 errors=remount-ro 0 1\n",
+         "xfs": "UUID={uuid} / xfs defaults 0 0\n"}       # XFS is never fsck'd at boot (fsck.xfs does nothing)
+GRUB_FS_MODULE = {"ext4": "ext2", "xfs": "xfs"}
+
+
+def _configure(root: Path, uuid: str, rootfs: str = "ext4") -> None:
     (root / ".stock-complete").unlink(missing_ok=True)
-    (root / "etc/fstab").write_text(f"UUID={uuid} / ext4 errors=remount-ro 0 1\n")
+    (root / "etc/fstab").write_text(FSTAB[rootfs].format(uuid=uuid))
     (root / "etc/hostname").write_text("localhost\n")
     (root / "etc/default/grub").write_text(GRUB_DEFAULTS)
     (root / "etc/network/interfaces").write_text(NETWORK_INTERFACES)
@@ -115,7 +130,8 @@ def _configure(root: Path, uuid: str) -> None:
     kernel = sorted((root / "boot").glob("vmlinuz-*"))[-1].name
     initrd = sorted((root / "boot").glob("initrd.img-*"))[-1].name
     (root / "boot/grub").mkdir(parents=True, exist_ok=True)
-    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=uuid, kernel=kernel, initrd=initrd))
+    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=uuid, kernel=kernel, initrd=initrd,
+                                                             fsmodule=GRUB_FS_MODULE[rootfs]))
 
 
 # What update-grub writes for one kernel, reduced: serial console, no menu.
@@ -125,7 +141,7 @@ terminal_input serial console
 terminal_output serial console
 set timeout=0
 insmod part_msdos
-insmod ext2
+insmod {fsmodule}
 search --no-floppy --fs-uuid --set=root {uuid}
 linux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200
 initrd /boot/{initrd}
@@ -134,11 +150,12 @@ boot
 BOOT_DRIVE_CHECK = 0x66      # grub-setup replaces this jump with two NOPs for hard disks
 
 
-def _grub_mbr(root: Path, work: Path) -> tuple:
-    """grub's boot.img (first 440 bytes) and a core.img for sector 1 onwards, as grub-install makes them."""
+def _grub_mbr(root: Path, rootfs: str = "ext4") -> tuple:
+    """grub's boot.img (first 440 bytes) and a core.img for sector 1 onwards, as grub-install makes them,
+    core.img with the module that reads the root filesystem (where /boot/grub is)."""
     lib = root / "usr/lib/grub/i386-pc"
     _run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/core.img",
-          "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2", "search_fs_uuid"])
+          "-p", "(hd0,msdos1)/boot/grub", "biosdisk", "part_msdos", GRUB_FS_MODULE[rootfs], "search_fs_uuid"])
     modules = root / "boot/grub/i386-pc"            # what grub-install copies beside grub.cfg
     modules.mkdir(parents=True, exist_ok=True)
     for path in lib.iterdir():
@@ -153,10 +170,23 @@ def _grub_mbr(root: Path, work: Path) -> tuple:
     return bytes(boot), core
 
 
+def _root_filesystem(rootfs: str, root: Path, part: Path, size: int, uuid: str) -> None:
+    if rootfs == "xfs":
+        made = xfsproto.make(root, part, size, uuid, "rootfs")
+        for names in made.hardlinks.values():
+            _say(f"hard links written as copies (a prototype file cannot link): {', '.join(names)}")
+        if made.acls_left_out:
+            _say(f"POSIX ACLs left out (systemd-tmpfiles sets them at boot): {', '.join(made.acls_left_out)}")
+        return
+    _run(["mke2fs", "-q", "-t", "ext4", "-U", uuid, "-L", "cloudimg-rootfs", "-d", str(root), str(part),
+          f"{size // 1024}k"])
+
+
 def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     """The image's qcow2 in the test cache, built now if absent. Root only (debootstrap, chroot).
 
-    No loop devices or mounts: the root filesystem is made with `mke2fs -d`, the partition
+    No loop devices or mounts: the root filesystem is made with `mke2fs -d` (or, for an XFS
+    root, `mkfs.xfs -p` from a prototype file: xfsproto.py), the partition
     table with sfdisk, grub's boot code and core image written where grub-install puts them
     (MBR, then the gap before the first partition at 1 MiB)."""
     key = recipe_hash(recipe)
@@ -173,17 +203,20 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
         _say("copying the tree")
         _run(["cp", "-a", str(tree), str(root)])
         uuid = str(uuidlib.uuid4())
-        _configure(root, uuid)
+        rootfs = recipe.get("rootfs", "ext4")
+        _configure(root, uuid, rootfs)
+        for inside, text in recipe.get("files", {}).items():
+            (root / inside).parent.mkdir(parents=True, exist_ok=True)
+            (root / inside).write_text(text)
         if recipe.get("purge"):
             _say(f"removing {', '.join(recipe['purge'])}")
             _run(["chroot", str(root), "dpkg", "--purge", *recipe["purge"]],
                  env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-        boot, core = _grub_mbr(root, work)
+        boot, core = _grub_mbr(root, rootfs)
         size = recipe["disk_gib"] * 2 ** 30
         part = work / "part.raw"
-        _say("writing the ext4 root filesystem")
-        _run(["mke2fs", "-q", "-t", "ext4", "-U", uuid, "-L", "cloudimg-rootfs", "-d", str(root), str(part),
-              f"{(size - 2 ** 20) // 1024}k"])
+        _say(f"writing the {rootfs} root filesystem")
+        _root_filesystem(rootfs, root, part, size - 2 ** 20, uuid)
         raw = work / "disk.raw"
         _run(["truncate", "-s", str(size), str(raw)])
         _run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83, bootable\n")
@@ -203,7 +236,8 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     return out
 
 
-RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE)}
+RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,
+                                                  BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC)}
 
 if __name__ == "__main__":
     print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))

@@ -9,7 +9,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +138,83 @@ def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_w
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
     assert sha256(disk) == before
     faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")
+
+
+@pytest.fixture
+def booted(vm_env, tmp_path):
+    """Start `vmloader snapshot boot ID --json` with `env`; yields its announcement; stops it with Ctrl-C."""
+    procs = []
+
+    def boot(snap_id: str, env: dict) -> dict:
+        proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "snapshot", "boot", snap_id,
+                                 "--json"], env=dict(vm_env, **env), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line, f"snapshot boot ended early: {proc.stderr.read()}"
+        return json.loads(line)
+    yield boot
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+
+def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
+        vmloader, own_cache, booted, tmp_path):
+    """Delivery does not depend on the guest's filesystem; `--timeout` freezes a stock image's VM with
+    its memory (the delivered agent, the seed and qemu-ga channel, SeaBIOS) and `snapshot boot`
+    resumes it; `snapshot diff` cannot read XFS and says so. One boot, one resume."""
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_XFS_QGA_ONLY, "stock-xfs", own_cache, tmp_path)
+    started = time.monotonic()
+    run = vmloader("run", "--image", "stock-xfs", "--snapshot", "always", "--timeout", "60",
+                   "--env", "MARKER=frozen-on-xfs", "--json", "--", "sh", "-c",
+                   "stat -f -c %T /; stat -c %a /usr/bin/sudo /var/tmp; ls /var/lib/ucf/cache; "
+                   "echo started; exec sleep 100000", env_extra=env, timeout=1800)
+    result = run.json()
+    ran = time.monotonic() - started
+    assert (result["exit_status"], result["outcome"]) == (124, "timeout"), result["error"]
+    assert result["agent_delivery"] == "qemu-guest-agent"
+    # The root made from a prototype file: setuid and sticky bits, names mkfs.xfs -p cannot say.
+    assert Path(result["stdout_path"]).read_text().split() == [
+        "xfs", "4755", "1777", ":etc:default:grub", ":etc:ssh:sshd_config", "started"]
+    assert not (Path(result["job_dir"]) / "cidata.img").exists()     # the resume gets its own seed
+    snap = result["snapshot"]
+    assert vmloader("snapshot", "show", snap, "--json", env_extra=env).json()["memory"] is True
+
+    diff = vmloader("snapshot", "diff", snap, env_extra=env)
+    assert diff.returncode == 125, diff.err
+    assert "holds an XFS file system" in diff.err and "ext2, ext3 and ext4" in diff.err
+
+    resuming = time.monotonic()
+    up = booted(snap, env)
+    assert up["resumed_from_memory"] is True
+    ps = vmloader("snapshot", "exec", snap, "--", "sh", "-c",
+                  'pgrep -ax sleep; tr "\\0" "\\n" < /proc/$(pgrep -x sleep)/environ | grep MARKER; exit 3',
+                  env_extra=env, timeout=900)
+    assert ps.returncode == 3, ps.err
+    assert "sleep 100000" in ps.out and "MARKER=frozen-on-xfs" in ps.out     # the very process, not a rerun
+    print(f"stock XFS image: run to timeout {ran:.0f} s (boot {result['timings'].get('boot')}), "
+          f"resume to exec answered {time.monotonic() - resuming:.0f} s", file=sys.stderr)
+    assert sha256(disk) == before
+
+
+GUEST_EXEC_BLOCKED = "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)"
+
+
+def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it(vmloader, own_cache, tmp_path):
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec", own_cache,
+                                  tmp_path)
+    blocked = vmloader("run", "--image", "stock-no-exec", "--snapshot", "never", "--json", "--", "true",
+                       env_extra=env, timeout=1800)
+    result = blocked.json()
+    assert blocked.returncode == 125, result
+    error = result["error"]
+    assert error["phase"] == "boot"
+    # qemu-ga answered, so it is named with what stopped the delivery, and nothing else got in.
+    assert "the QEMU guest agent answered but delivery failed: guest-exec is disabled in the guest's qemu-ga " \
+           "by its configuration (block-rpcs" in error["message"]
+    assert "cloud-init" in error["message"] and "guest-exec and guest-file-* allowed" in error["hint"]
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
+    assert sha256(disk) == before
+    faulttable.record(GUEST_EXEC_BLOCKED, result, "no VM, overlay or seed left; the base unchanged")

@@ -5,6 +5,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 import pytest
 
+from vmloader.bootstrapper.errors import SnapshotError
 from vmloader.bootstrapper.domain import (BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec,
                                           JobMetadata, NetworkSpec, domain_xml, read_job_metadata)
 
@@ -120,3 +121,30 @@ def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
     assert out.find("devices/serial/log").get("file") == "/jobs/k/console.log"
     assert read_job_metadata(ET.tostring(out, encoding="unicode")).owner_pid == 99
     assert out.findtext("memory") == saved.findtext("memory") and out.findtext("vcpu") == saved.findtext("vcpu")
+
+
+def test_a_saved_stock_domain_gets_the_new_jobs_seed_and_variable_store_too():
+    """A stock image's timed-out job saved with its memory: its cloud-init seed (vdb) and UEFI
+    variable store lived in that job's directory, so the resumed VM must use the new job's."""
+    from dataclasses import replace
+    from vmloader.bootstrapper.domain import BootSpec, retarget_saved_xml
+
+    def stock(job: str) -> DomainSpec:
+        return replace(spec(), disks=(DiskSpec(f"/jobs/{job}/overlay.qcow2", backing="/cache/artifacts/base"),
+                                      DiskSpec(f"/jobs/{job}/cidata.img", target="vdb", fmt="raw", readonly=True)),
+                       boot=BootSpec(None, None, firmware="uefi", loader="/usr/share/OVMF/OVMF_CODE_4M.fd",
+                                     nvram=f"/jobs/{job}/OVMF_VARS.fd"))
+    out = ET.fromstring(retarget_saved_xml(domain_xml(stock("j")), stock("k")))
+    sources = {d.find("target").get("dev"): d.find("source").get("file") for d in out.iter("disk")}
+    assert sources == {"vda": "/jobs/k/overlay.qcow2", "vdb": "/jobs/k/cidata.img"}
+    assert out.find("devices/disk[2]/readonly") is not None
+    assert out.findtext("os/nvram") == "/jobs/k/OVMF_VARS.fd"
+    assert out.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+
+
+def test_a_saved_domain_without_the_disk_the_new_run_needs_is_refused():
+    from dataclasses import replace
+    from vmloader.bootstrapper.domain import retarget_saved_xml
+    seeded = replace(spec(), disks=spec().disks + (DiskSpec("/jobs/k/cidata.img", target="vdb", fmt="raw"),))
+    with pytest.raises(SnapshotError, match="no disk vdb"):
+        retarget_saved_xml(domain_xml(spec()), seeded)

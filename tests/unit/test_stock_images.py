@@ -192,6 +192,11 @@ def test_qga_replies_are_bounded_in_size_and_time():
     refusing = FakeQGA(lambda r: b'{"error": {"class": "GenericError", "desc": "guest-exec is disabled"}}\n')
     with pytest.raises(QGAError, match="disabled"):
         QGAClient(refusing.host).exec("/bin/sh", [])
+    blocked = FakeQGA(lambda r: b'{"error": {"class": "CommandNotFound", '
+                              b'"desc": "Command guest-exec has been disabled"}}\n')
+    with pytest.raises(QGAError, match=r"guest-exec is disabled in the guest's qemu-ga by its configuration "
+                                       r"\(block-rpcs or allow-rpcs in /etc/qemu/qemu-ga.conf"):
+        QGAClient(blocked.host).exec("/bin/sh", [])
     junk = FakeQGA(lambda r: b"[1, 2]\n")
     with pytest.raises(QGAError, match="not a JSON object"):
         QGAClient(junk.host).call("guest-info", timeout=5)

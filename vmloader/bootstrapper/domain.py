@@ -294,14 +294,10 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec, foreign: bool = False) 
     if spec.metadata:
         metadata.append(spec.metadata.to_element())
     devices = _required(root, "devices")
-    disk = _required(devices, "disk[@device='disk']")
-    new_disk = spec.disks[0].to_element(spec.hypervisor)
-    for keep in ("address", "alias"):
-        element = disk.find(keep)
-        if element is not None:
-            new_disk.append(element)
-    devices.insert(list(devices).index(disk), new_disk)
-    devices.remove(disk)
+    _retarget_disks(devices, spec)
+    nvram = root.find("os/nvram")
+    if nvram is not None and spec.boot.nvram:
+        nvram.text = spec.boot.nvram          # the new job's own copy (the saved one went with its job)
     by_name = {c.name: c for c in spec.channels()}
     for channel in devices.findall("channel"):
         target = by_name.get(_required(channel, "target").get("name"))
@@ -313,6 +309,24 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec, foreign: bool = False) 
             log.set("file", spec.console.log_path)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _retarget_disks(devices: ET.Element, spec: DomainSpec) -> None:
+    """Each saved disk replaced by the new run's disk on the same target (vda: the overlay; vdb: a
+    stock image's cloud-init seed, which lived in the saved job's directory), keeping its address."""
+    saved = {_required(d, "target").get("dev"): d for d in devices.findall("disk[@device='disk']")}
+    for new in spec.disks:
+        new_disk = new.to_element(spec.hypervisor)
+        dev = _required(new_disk, "target").get("dev")
+        disk = saved.get(dev)
+        if disk is None:
+            raise SnapshotError(f"its saved domain XML has no disk {dev}")
+        for keep in ("address", "alias"):
+            element = disk.find(keep)
+            if element is not None:
+                new_disk.append(element)
+        devices.insert(list(devices).index(disk), new_disk)
+        devices.remove(disk)
 
 
 def _remove_everywhere(root: ET.Element, tags: tuple) -> None:

@@ -861,10 +861,15 @@ class JobRunner:
                     # overlay reads from it is copied in, its backing becomes the image itself.
                     proc.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk),
                               str(job.overlay)], phase="snapshot")
-                return self.store.preserve(meta, job.overlay, job.console_log, job.memory_state).meta.id
+                kept = self.store.preserve(meta, job.overlay, job.console_log, job.memory_state).meta.id
             except VMLoaderError as exc:
                 job.error = job.error or exc
                 return None
+            # A stock image's seed and variable store are per job: whatever boots or resumes the
+            # snapshot gets its own (retarget_saved_xml), so the kept job's are not left behind.
+            job.nvram.unlink(missing_ok=True)
+            job.seed.unlink(missing_ok=True)
+            return kept
         job.overlay.unlink(missing_ok=True)
         job.memory_state.unlink(missing_ok=True)
         job.nvram.unlink(missing_ok=True)

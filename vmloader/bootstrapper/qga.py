@@ -19,6 +19,7 @@ MAX_REPLY = 256 * 1024           # a guest-exec-status with captured output is t
 WRITE_CHUNK = 48 * 1024          # bytes per guest-file-write (base64 in one JSON line)
 SYNC_MARK = b"\xff"              # qemu-ga puts it before the reply to guest-sync-delimited
 SEND_TIMEOUT = 2.0
+DISABLED = "has been disabled"   # qemu-ga's refusal of an RPC its configuration blocks
 ALIVE_WAIT = 20.0              # how long a qemu-ga that answered earlier requests may take for ours
 
 
@@ -100,7 +101,15 @@ class QGAClient:
 
     def call(self, command: str, arguments: Optional[dict] = None, timeout: float = 10.0):
         self._send(command, arguments)
-        return self._reply(time.monotonic() + timeout)
+        try:
+            return self._reply(time.monotonic() + timeout)
+        except QGAError as exc:
+            if DISABLED not in exc.message:
+                raise
+            # qemu-ga's own words ("Command guest-exec has been disabled") do not say why or where
+            raise QGAError(f"{command} is disabled in the guest's qemu-ga by its configuration (block-rpcs "
+                           f"or allow-rpcs in /etc/qemu/qemu-ga.conf, or its --block-rpcs option): "
+                           f"{exc.message}") from None
 
     # -- commands -----------------------------------------------------------
     def sync(self, timeout: float = 2.0, catching_up: float = ALIVE_WAIT) -> None:
