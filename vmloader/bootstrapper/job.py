@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles, proc,
-               qemucgroup, sandboxnames, virt, warm)
+from . import (bootmode, cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles,
+               proc, qemucgroup, sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, failure_tail
@@ -32,8 +32,8 @@ from .deliverymemory import DELIVERIES_DIR, DeliveryMemory
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
-                     GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
-                     VMLoaderError)
+                     GuestTimeout, ImageError, JobCommandNotExecutable, JobCommandNotFound, SnapshotError,
+                     UsageError, VMLoaderError)
 from .hypervisors import Hypervisor
 from .launch import LaunchPlan
 from .repository import is_url, url_image
@@ -702,6 +702,12 @@ class JobRunner:
         cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
         disks: tuple = ((DiskSpec(str(build.disk), backing=str(image.disk)),) if build is not None else
                         (DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),))
+        if own_boot and entry.firmware == "bios" and build is None:
+            # A catalogue entry may say bios for a disk SeaBIOS cannot boot: fail now, not at the boot timeout.
+            problem = bootmode.bios_boot_problem(bootmode.read_head(image.disk))
+            if problem:
+                raise ImageError(f"image {entry.ref} cannot boot with SeaBIOS: {problem}", phase="boot",
+                                 hint="check the image (`images add` detects its boot mode from the disk)")
         if own_boot:           # cloud-init's way in: a per-job NoCloud seed
             cidata.make_seed(job.seed, job.job_dir.name, _hostname(job))
             disks += (DiskSpec(str(job.seed), target="vdb", fmt="raw", readonly=True),)
