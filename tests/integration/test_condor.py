@@ -813,8 +813,19 @@ def test_a_job_naming_a_stock_image_root_added_runs_as_the_user_with_the_agent_d
     jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
     job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{job.cluster}.0-*")), 60, "the job's record")[0]
     meta = json.loads((job_dir / "metadata.json").read_text())
-    assert meta["agent_delivery"] == "cloud-init", meta
+    assert meta["agent_delivery"] == "cloud-init" and meta["agent_delivery_remembered"] is False, meta
     assert not [p.name for p in job_dir.iterdir() if p.name in ("overlay.qcow2", "cidata.img", "nvram.fd")]
+    wait_for_no_leftovers(pool)
+    # The user's next job of that image goes the remembered way alone (qemu-ga not asked).
+    again = Submission(pool, "stockjob2", {"job.sub": (
+        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
+        'environment = "VMLOADER_BOOT_TIMEOUT=1500"\n+VMImage = "stock-bookworm"\n+VMLoaderSnapshot = "never"\n'
+        "queue\n")})
+    again.submit("job.sub")
+    assert again.wait({COMPLETED, HELD}, timeout=1800)[0]["ExitCode"] == "0"
+    job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{again.cluster}.0-*")), 60, "the job's record")[0]
+    meta = json.loads((job_dir / "metadata.json").read_text())
+    assert meta["agent_delivery"] == "cloud-init" and meta["agent_delivery_remembered"] is True, meta
     wait_for_no_leftovers(pool)
     for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
         base = pool.path(cache) / "artifacts" / before
