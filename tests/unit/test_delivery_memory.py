@@ -1,6 +1,8 @@
 """The agent delivery that worked for an image is remembered per image sha256 (per user, private)
 and tried alone first by the next job of that image; an overdue or failed remembered way falls
 back to probing every way."""
+import base64
+import json
 import os
 import threading
 import time
@@ -161,4 +163,26 @@ def test_a_remembered_way_that_never_answers_still_ends_with_the_no_way_in_error
     with pytest.raises(GuestTimeout) as caught:
         reach(tmp_path, agent, "cloud-init")
     assert "org.qemu.guest_agent.0" in str(caught.value) and "cloud-init" in caught.value.hint
+    server.close()
+
+
+def test_a_guest_without_python3_fails_at_once_when_qemu_ga_says_so_not_after_the_boot(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 600.0)     # a wait would show as a hang here
+    server = _silent_guest(tmp_path)
+
+    ran = []
+
+    def no_python(request):
+        if request["execute"] == "guest-exec":
+            ran.append(" ".join(request["arguments"]["arg"]))
+        if request["execute"] == "guest-exec-status" and "adopt.sh" in ran[-1]:
+            return json.dumps({"return": {"exited": True, "exitcode": 3, "err-data": base64.b64encode(
+                b"vmloader: the guest has no python3 (the agent needs python3 >= 3.6)\n").decode()}}).encode() + b"\n"
+        return well_behaved(request)
+    monkeypatch.setattr(QGAClient, "connect", staticmethod(lambda path: QGAClient(FakeQGA(no_python).host)))
+    (tmp_path / "console.log").write_text("localhost login: ")
+    with pytest.raises(GuestTimeout) as caught:
+        reach(tmp_path, FakeAgent("unused"), None, deadline_s=600)
+    assert "cannot run vmloader's agent" in str(caught.value) and "has no python3" in str(caught.value)
+    assert "install python3" in caught.value.hint
     server.close()

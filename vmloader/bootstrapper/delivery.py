@@ -67,6 +67,14 @@ class Reached:
     remembered: bool = False       # reached the remembered way, the others never probed
 
 
+ADOPT_NO_PYTHON, ADOPT_NO_USER = 3, 4      # adopt.sh's exits for what no other way would get past either
+
+
+class GuestUnfit(AgentError):
+    """adopt.sh ran and said the guest cannot run the agent at all (no python3 >= 3.6, no job user):
+    every way in runs the same script, so no other is waited for."""
+
+
 def deliver_via_qga(qga: QGAClient) -> None:
     """Write the agent into the guest and start it; AgentError with the guest's words if that fails."""
     code, _, err = qga.exec("/bin/sh", ["-c", f"umask 077; mkdir -p {GUEST_DIR}"], timeout=30)
@@ -76,9 +84,13 @@ def deliver_via_qga(qga: QGAClient) -> None:
     qga.write_file(f"{GUEST_DIR}/adopt.sh", adopt_script())
     code, out, err = qga.exec("/bin/sh", [f"{GUEST_DIR}/adopt.sh", GUEST_DIR, QEMU_GUEST_AGENT], timeout=60)
     if code != 0:
-        raise AgentError(f"starting vmloader's agent through the QEMU guest agent failed (exit {code}): "
-                         f"{_text(err or out)}",
-                         hint="the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)")
+        kind = GuestUnfit if code in (ADOPT_NO_PYTHON, ADOPT_NO_USER) else AgentError
+        raise kind(f"starting vmloader's agent through the QEMU guest agent failed (exit {code}): "
+                   f"{_text(err or out)}",
+                   hint={ADOPT_NO_PYTHON: "install python3 (>= 3.6) in the image: vmloader's agent is "
+                                          "stdlib-only (docs/stock-images.md)",
+                         ADOPT_NO_USER: "give the image useradd, or a 'vmloader' user"}.get(
+                       code, "the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)"))
 
 
 def _delivery_of(client: AgentClient) -> str:
@@ -130,6 +142,8 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                     log.debug("the QEMU guest agent answered %.1f s into the boot; delivering", _since(started))
                     try:
                         deliver_via_qga(qga)
+                    except GuestUnfit as exc:
+                        raise failure(f"the guest cannot run vmloader's agent: {exc.message}", exc.hint or "") from None
                     except AgentError as exc:
                         qga_problem = exc.message
                         log.debug("delivery through the QEMU guest agent failed: %s", exc.message)
