@@ -31,7 +31,8 @@ PACKAGES = ("htcondor", "qemu-system-x86", "qemu-utils", "libvirt-daemon", "libv
             "libvirt-clients", "python3-libvirt", "python3-requests", "python3-psutil",
             "python3-pyinotify", "python3-pyasyncore", "dpkg-dev", "procps",
             "openssh-server", "openssh-client",       # condor_ssh_to_job: the starter's sshd, the user's ssh
-            "e2fsprogs", "fdisk")                     # snapshot diff as the job's user: debugfs, e2fsck, sfdisk
+            "e2fsprogs", "fdisk",                     # snapshot diff as the job's user: debugfs, e2fsck, sfdisk
+            "mtools")                                 # stock images: the per-job cloud-init seed, made without root
 USER = "vmjob"
 CACHE_GROUP = "vmloader-cache"
 IMAGES = ("debian-11", "debian-12", "debian-13")

@@ -82,6 +82,11 @@ FAULTS = (
     # stock images (issue 12)
     "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)",
     "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)",
+    "a stock image with qemu-guest-agent and no python3",
+    "a disk that is neither qcow2 nor raw (vmdk), at `images add`",
+    "a disk with an MBR partition table and no boot code (`images add --boot bios`)",
+    'a disk SeaBIOS finds nothing to boot on (boot code, no boot signature): "No bootable device"',
+    "a worker without mtools: the cloud-init seed cannot be made",
 )
 
 

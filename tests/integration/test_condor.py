@@ -766,3 +766,67 @@ def test_two_slots_running_vm_jobs_at_once_never_hold_more_than_their_two_reques
     print(f"two slots: cgroup peaks {[s['peak'] // mib for s in seen.values()]} MiB of "
           f"{[s['limit'] // mib for s in seen.values()]}; both full together {both_full // mib} MiB; "
           f"ResidentSetSize_RAW, RequestMemory, MemoryUsage {figures}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_a_job_naming_a_stock_image_root_added_runs_as_the_user_with_the_agent_delivered_at_boot(pool):
+    """+VMImage naming a distribution-style cloud image (grub in the MBR, systemd, cloud-init,
+    qemu-guest-agent; no vmloader file) that root added to the worker's shared cache: the job's
+    user runs it through qemu:///session, the agent comes with cloud-init, nothing is left."""
+    from . import stockimage
+    built = stockimage.build(stockimage.BOOKWORM_BIOS)
+    inside = "/var/tmp/stock-bookworm.qcow2"
+    shutil.copyfile(built, pool.path(inside))
+    before = file_sha256(pool.path(inside))
+    for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):    # wherever the job lands
+        added = pool.vmloader("images", "add", "stock-bookworm", "--disk", inside, "--json", user="root",
+                              cache=cache, timeout=900)
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["boot"] == "bios"
+    pool.path(inside).unlink()
+    script = ("id -u; . /etc/os-release; echo $VERSION_CODENAME; cat input.txt; echo to-stderr >&2; "
+              "echo made-in-the-stock-vm > result.txt; exit 4")
+    job = Submission(pool, "stockjob", {"input.txt": "from the submit dir\n", "job.sh": f"#!/bin/sh\n{script}\n",
+                                        "job.sub": (
+        "executable = job.sh\ntransfer_input_files = input.txt\nshould_transfer_files = YES\n"
+        "when_to_transfer_output = ON_EXIT\noutput = out\nerror = err\nlog = log\n"
+        # A stock image boots its firmware, grub, systemd and cloud-init: minutes under TCG on a
+        # loaded host, so a generous boot timeout (a site sets boot_timeout in its config).
+        'environment = "VMLOADER_BOOT_TIMEOUT=1500"\n'
+        '+VMImage = "stock-bookworm"\n+VMLoaderSnapshot = "never"\nqueue\n')})
+    job.file("job.sh").chmod(0o755)
+    job.submit("job.sub")
+    done = job.wait({COMPLETED, HELD}, timeout=1800)[0]
+    assert done["JobStatus"] == str(COMPLETED), (done, job.file("err").read_text())
+    assert done["ExitCode"] == "4", job.file("err").read_text()
+    uid, codename, line = job.file("out").read_text().split("\n")[:3]
+    assert int(uid) >= 60000 and codename == "bookworm" and line == "from the submit dir"
+    assert "to-stderr" in job.file("err").read_text()
+    assert job.file("result.txt").read_text() == "made-in-the-stock-vm\n"
+    jobs_dir = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{job.cluster}.0-*")), 60, "the job's record")[0]
+    meta = json.loads((job_dir / "metadata.json").read_text())
+    assert meta["agent_delivery"] == "cloud-init" and meta["agent_delivery_remembered"] is False, meta
+    assert not [p.name for p in job_dir.iterdir() if p.name in ("overlay.qcow2", "cidata.img", "nvram.fd")]
+    wait_for_no_leftovers(pool)
+    # The user's next job of that image goes the remembered way alone (qemu-ga not asked).
+    again = Submission(pool, "stockjob2", {"job.sub": (
+        "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
+        'environment = "VMLOADER_BOOT_TIMEOUT=1500"\n+VMImage = "stock-bookworm"\n+VMLoaderSnapshot = "never"\n'
+        "queue\n")})
+    again.submit("job.sub")
+    assert again.wait({COMPLETED, HELD}, timeout=1800)[0]["ExitCode"] == "0"
+    job_dir = pool.wait_for(lambda: list(jobs_dir.glob(f"condor-{again.cluster}.0-*")), 60, "the job's record")[0]
+    meta = json.loads((job_dir / "metadata.json").read_text())
+    assert meta["agent_delivery"] == "cloud-init" and meta["agent_delivery_remembered"] is True, meta
+    wait_for_no_leftovers(pool)
+    for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
+        base = pool.path(cache) / "artifacts" / before
+        assert file_sha256(base) == before       # the base untouched

@@ -37,9 +37,11 @@ def test_a_registered_custom_image_boots_and_runs_a_job(vmloader, built_image, o
     assert run.out.startswith("12.")
 
 
-def test_a_raw_disk_is_refused_with_the_conversion_command(vmloader, own_cache, tmp_path):
+def test_a_raw_disk_is_taken_as_a_qcow2_of_it_and_refused_only_for_having_no_boot_loader(vmloader, own_cache,
+                                                                                          tmp_path):
     raw = tmp_path / "disk.img"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
     added = vmloader("images", "add", "mine", "--disk", str(raw), env_extra={"VMLOADER_CACHE_DIR": str(own_cache)})
     assert added.returncode == 125
-    assert "not qcow2" in added.err and "qemu-img convert -O qcow2" in added.err
+    assert f"--disk {raw}: no boot loader found" in added.err and "--boot bios|uefi" in added.err
+    assert not list((own_cache / "tmp").iterdir())          # the conversion's scratch removed

@@ -218,3 +218,37 @@ def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
     assert sha256(disk) == before
     faulttable.record(GUEST_EXEC_BLOCKED, result, "no VM, overlay or seed left; the base unchanged")
+
+
+NO_PYTHON = "a stock image with qemu-guest-agent and no python3"
+
+
+def no_python_recipe() -> dict:
+    """The qemu-ga-only image with every python package of its tree purged too, as a minimal image
+    without python would be. (Here rather than in stockimage.RECIPES: its purge list is read from
+    the tree; the image is cached under its own name beside the others.)"""
+    stock_disk(stockimage.BOOKWORM_BIOS_QGA_ONLY)         # the tree exists from here on
+    tree = stockimage.CACHE / f"tree-{stockimage.tree_hash(stockimage.BOOKWORM_BIOS)}"
+    names = subprocess.run(["chroot", str(tree), "dpkg-query", "-W", "-f", "${Package}\n"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return dict(stockimage.BOOKWORM_BIOS, name="bookworm-bios-qga-nopython",
+                purge=["cloud-init"] + [name for name in names if "python" in name])
+
+
+def test_an_image_without_python3_fails_125_after_its_boot_naming_python3(vmloader, own_cache, tmp_path):
+    env, disk, before = add_stock(vmloader, no_python_recipe(), "stock-nopython", own_cache, tmp_path)
+    run = vmloader("run", "--image", "stock-nopython", "--snapshot", "never", "--json", "--", "true",
+                   env_extra=env, timeout=900)
+    result = run.json()
+    assert run.returncode == 125, result
+    error = result["error"]
+    assert error["phase"] == "boot", error
+    # qemu-ga answered and ran adopt.sh, which said what is missing: no way in can do better, so
+    # the job ends there (not after the boot's grace, nor at the boot timeout).
+    assert "the guest cannot run vmloader's agent" in error["message"], error
+    assert "the guest has no python3 (the agent needs python3 >= 3.6)" in error["message"], error
+    assert "install python3 (>= 3.6)" in error["hint"]
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
+    assert sha256(disk) == before
+    faulttable.record(NO_PYTHON, result, "no VM, overlay or seed left; the base unchanged")

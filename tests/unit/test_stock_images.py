@@ -109,6 +109,7 @@ def test_with_network_the_stock_image_gets_the_ordinary_nic_and_no_qemu_argument
     assert root.find("devices/interface").get("type") == "user"
     assert root.find(f"{{{QEMU_NS}}}commandline") is None
     assert root.find("os/loader") is None and root.find("os/boot").get("dev") == "hd"
+    assert root.find("os/bios").get("useserial") == "yes"      # SeaBIOS's words reach the console log
 
 
 class FakeQGA:
@@ -327,3 +328,10 @@ def test_multi_user_reached_without_a_serial_login_prompt_counts_as_the_end_of_t
     with pytest.raises(delivery.GuestTimeout, match="multi-user.target on the console. and nothing answered"):
         _reach(tmp_path, 60)
     server.close()
+
+
+def test_a_first_sector_without_boot_code_is_named_as_unbootable_by_seabios():
+    table_only = mbr()                              # a partition table and the signature, no code
+    assert "no boot code" in bootmode.bios_boot_problem(bytes(table_only))
+    assert "no boot code" in bootmode.bios_boot_problem(bytes(bootmode.HEAD_SECTORS * 512))
+    assert bootmode.bios_boot_problem(bytes(mbr(b"\xeb\x63"))) is None

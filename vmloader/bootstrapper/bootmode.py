@@ -48,6 +48,18 @@ def gpt_partition_types(head: bytes) -> list:
     return types
 
 
+MBR_CODE = 440             # the boot code's part of the first sector (then the disk id and the table)
+
+
+def bios_boot_problem(head: bytes) -> Optional[str]:
+    """Why SeaBIOS cannot boot a disk whose first sectors are `head`, or None. An MBR with a
+    partition table and no code is the treacherous one: SeaBIOS sees the signature, runs the
+    zeros and the guest hangs silently until the boot timeout."""
+    if not any(head[:MBR_CODE]):
+        return "its first sector holds no boot code (SeaBIOS would find nothing to boot, or run zeros and hang)"
+    return None
+
+
 def detect(head: bytes) -> Optional[str]:
     """"uefi", "bios" or None for a disk whose first sectors are `head`."""
     if len(head) < SECTOR or head[510:512] != b"\x55\xaa":

@@ -43,7 +43,7 @@ def make_seed(path: Path, job_id: str, hostname: str) -> None:
     for tool in ("mformat", "mcopy"):
         if shutil.which(tool) is None:
             raise VMLoaderError(f"cannot make the cloud-init seed: {tool} is missing on this worker",
-                                hint="install Debian's mtools package (scripts/setup-host.sh does)", phase="define")
+                                hint="install Debian's mtools package (scripts/setup-host.sh does)", phase="setup")
     files = {"user-data": user_data(), "meta-data": meta_data(job_id, hostname)}
     work = path.parent
     with open(privatefiles.open_private(path), "wb") as seed:

@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import pwd
+import shutil
 import sqlite3
 import sys
 from pathlib import Path
@@ -370,13 +371,29 @@ def _images_add(args, cfg, cache) -> int:
     for kind, path in files.items():
         if not path.is_file():
             raise UsageError(f"--{kind} {path}: no such file")
-    _check_standalone_qcow2(files["disk"])
     if args.kernel and args.boot:
         raise UsageError("--boot is for disks with their own boot loader, --kernel for direct kernel boot",
                          hint="give one of them")
+    if _disk_format(files["disk"]) == "qcow2":
+        return _add_image(args, cache, files)
+    scratch = cache.scratch_dir("add-raw")       # a raw disk is cached as a qcow2 of it
+    try:
+        converted = scratch / "disk.qcow2"
+        proc.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(files["disk"]), str(converted)],
+                 hint="check there is room in the cache")
+        return _add_image(args, cache, dict(files, disk=converted), shown=files["disk"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_image(args, cache, files: dict, shown: Optional[Path] = None) -> int:
+    shown = shown or files["disk"]
     boot = "direct-kernel" if args.kernel else (args.boot or bootmode.detect_disk(files["disk"]))
+    problem = bootmode.bios_boot_problem(bootmode.read_head(files["disk"])) if args.boot == "bios" else None
+    if problem:
+        raise ImageError(f"--disk {shown} --boot bios: {problem}", hint=NO_BIOS_CODE_HINT)
     if boot is None:
-        raise ImageError(f"--disk {files['disk']}: no boot loader found (no EFI system partition in a GPT, "
+        raise ImageError(f"--disk {shown}: no boot loader found (no EFI system partition in a GPT, "
                          "no boot code in the MBR)",
                          hint="give --kernel and --initrd to boot its kernel directly, or --boot bios|uefi "
                               "if the disk boots in a way vmloader does not recognise")
@@ -387,15 +404,24 @@ def _images_add(args, cfg, cache) -> int:
     return 0
 
 
-def _check_standalone_qcow2(disk: Path) -> None:
+DISK_FORMATS = ("qcow2", "raw")
+NO_BIOS_CODE_HINT = ("a BIOS-booted disk carries its boot loader's code in its first sector (grub-install puts "
+                     "it there); for a GPT disk with an EFI system partition give --boot uefi, or boot its "
+                     "kernel directly with --kernel and --initrd")
+
+
+def _disk_format(disk: Path) -> str:
+    """qcow2 or raw (what qemu-img says); any other format, or a qcow2 with a backing file, is refused."""
     info = json.loads(proc.run(["qemu-img", "info", "--output=json", str(disk)],
                                hint="is it a disk image?").stdout)
-    if info.get("format") != "qcow2":
-        raise UsageError(f"{disk} is {info.get('format')}, not qcow2",
+    fmt = info.get("format")
+    if fmt not in DISK_FORMATS:
+        raise UsageError(f"--disk {disk} is a {fmt} disk image: images add takes qcow2 or raw",
                          hint=f"convert it: qemu-img convert -O qcow2 {disk} {disk.with_suffix('.qcow2')}")
     if info.get("backing-filename"):
         raise UsageError(f"{disk} has a backing file ({info['backing-filename']})",
                          hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
+    return fmt
 
 
 def _managing(cache, action):

@@ -10,6 +10,9 @@ Tried together until the boot deadline, the first that answers wins:
   lock), and the agent says which it was.
 Neither: GuestTimeout (exit 125) naming what was looked for, soon after the guest
 reaches its login prompt instead of at the end of the boot timeout.
+
+With a way remembered for the image (deliverymemory.py), that way is tried alone first: no
+probing of the others unless it has not answered AFTER_LOGIN_GRACE after the boot finished.
 """
 import io
 import logging
@@ -61,6 +64,15 @@ def adopt_script() -> bytes:
 class Reached:
     client: AgentClient
     delivery: str
+    remembered: bool = False       # reached the remembered way, the others never probed
+
+
+ADOPT_NO_PYTHON, ADOPT_NO_USER = 3, 4      # adopt.sh's exits for what no other way would get past either
+
+
+class GuestUnfit(AgentError):
+    """adopt.sh ran and said the guest cannot run the agent at all (no python3 >= 3.6, no job user):
+    every way in runs the same script, so no other is waited for."""
 
 
 def deliver_via_qga(qga: QGAClient) -> None:
@@ -72,9 +84,13 @@ def deliver_via_qga(qga: QGAClient) -> None:
     qga.write_file(f"{GUEST_DIR}/adopt.sh", adopt_script())
     code, out, err = qga.exec("/bin/sh", [f"{GUEST_DIR}/adopt.sh", GUEST_DIR, QEMU_GUEST_AGENT], timeout=60)
     if code != 0:
-        raise AgentError(f"starting vmloader's agent through the QEMU guest agent failed (exit {code}): "
-                         f"{_text(err or out)}",
-                         hint="the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)")
+        kind = GuestUnfit if code in (ADOPT_NO_PYTHON, ADOPT_NO_USER) else AgentError
+        raise kind(f"starting vmloader's agent through the QEMU guest agent failed (exit {code}): "
+                   f"{_text(err or out)}",
+                   hint={ADOPT_NO_PYTHON: "install python3 (>= 3.6) in the image: vmloader's agent is "
+                                          "stdlib-only (docs/stock-images.md)",
+                         ADOPT_NO_USER: "give the image useradd, or a 'vmloader' user"}.get(
+                       code, "the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)"))
 
 
 def _delivery_of(client: AgentClient) -> str:
@@ -90,8 +106,9 @@ def _text(data: bytes) -> str:
 
 def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadline: float,
                 make_client: Callable[[socket.socket], AgentClient],
-                failure: Callable[[str, str], GuestTimeout]) -> Reached:
-    """Wait for ours or deliver it; `failure(why, hint)` builds the error for no way in."""
+                failure: Callable[[str, str], GuestTimeout], remembered: Optional[str] = None) -> Reached:
+    """Wait for ours or deliver it; `failure(why, hint)` builds the error for no way in. `remembered`:
+    the way that worked for this image before, tried alone until it is overdue."""
     sock = _connect(agent_socket, deadline, failure)
     client = make_client(sock)
     qga: Optional[QGAClient] = None
@@ -99,19 +116,23 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
     qga_problem = ""
     qga_seen = False
     grace = AFTER_LOGIN_GRACE
+    only = remembered if remembered in (BUILTIN, QEMU_GUEST_AGENT, CLOUD_INIT) else None
     started = time.monotonic()
     try:
         while True:
-            try:
-                client.handshake(timeout=1.0)
-                return Reached(client, _delivery_of(client))
-            except GuestTimeout:
-                pass
-            if qga is None and not qga_problem:
+            if only != QEMU_GUEST_AGENT:         # ours answers when baked in or cloud-init started it
+                try:
+                    client.handshake(timeout=1.0)
+                    return Reached(client, _delivery_of(client), remembered=only is not None)
+                except GuestTimeout:
+                    pass
+            if qga is None and not qga_problem and only in (None, QEMU_GUEST_AGENT):
                 try:
                     qga = QGAClient.connect(str(qga_socket))
                 except OSError:
                     qga = None
+                    if only == QEMU_GUEST_AGENT:
+                        time.sleep(0.5)          # (no handshake wait paces this loop)
             if qga is not None:
                 try:
                     qga.sync(timeout=1.0)
@@ -121,16 +142,19 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                     log.debug("the QEMU guest agent answered %.1f s into the boot; delivering", _since(started))
                     try:
                         deliver_via_qga(qga)
+                    except GuestUnfit as exc:
+                        raise failure(f"the guest cannot run vmloader's agent: {exc.message}", exc.hint or "") from None
                     except AgentError as exc:
                         qga_problem = exc.message
                         log.debug("delivery through the QEMU guest agent failed: %s", exc.message)
+                        only = None             # remembered or not, it failed: every other way now
                         qga.close()
                         qga = None
                     else:
                         log.debug("agent started through the QEMU guest agent %.1f s into the boot",
                                   _since(started))
                         client.handshake(timeout=max(5.0, deadline - time.monotonic()))
-                        return Reached(client, _delivery_of(client))
+                        return Reached(client, _delivery_of(client), remembered=only is not None)
             console = tail(console_log, 40)
             if any(mark in console for mark in NO_BOOT_MARKS):
                 raise failure("the firmware found nothing to boot on the disk",
@@ -145,13 +169,22 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 login_seen = time.monotonic()
                 log.debug("login prompt on the console %.1f s into the boot", _since(started))
             gave_up = login_seen is not None and time.monotonic() - login_seen > grace
+            if gave_up and only is not None:
+                # The remembered way is overdue: the image (same sha256) behaves differently this
+                # time (e.g. a config it reads from the job); probe every way, with a fresh grace.
+                log.debug("the remembered delivery %s did not answer; trying every way", only)
+                only, login_seen, gave_up = None, time.monotonic(), False
             if gave_up and grace == AFTER_LOGIN_GRACE and not qga_problem and qga_started(console_log):
                 # qemu-ga is up (the console says so) but has not answered yet: on a loaded host
                 # it can lag the login prompt; wait for it longer, still bounded.
                 grace, gave_up = AFTER_LOGIN_GRACE_QGA_STARTED, False
                 qga_seen = True
             if gave_up or time.monotonic() > deadline:
-                raise failure(_nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT)
+                why = _nothing_found(qga_problem, gave_up, grace, qga_seen)
+                if only is not None:
+                    why = (f"nothing answered within the boot timeout, and the boot never finished: tried "
+                           f"the way in that worked for this image before ({only}) alone")
+                raise failure(why, NO_WAY_IN_HINT)
     except BaseException:
         client.close()
         raise

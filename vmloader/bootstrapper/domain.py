@@ -156,6 +156,10 @@ class BootSpec:
         if self.kernel is None:
             if hypervisor != "xen":          # xen: DomainSpec adds a <bootloader> instead
                 _sub(os_el, "boot", dev="hd")
+            if hypervisor != "xen" and self.firmware != "uefi":
+                # SeaBIOS writes to the serial console too (QEMU's graphics=off): its "No bootable
+                # device" reaches the console log, so such a disk fails at once (delivery.py).
+                _sub(os_el, "bios", useserial="yes")
             return os_el
         _sub(os_el, "kernel", self.kernel)
         if self.initrd:

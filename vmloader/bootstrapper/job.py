@@ -22,17 +22,18 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
-from . import (cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles, proc,
-               qemucgroup, sandboxnames, virt, warm)
+from . import (bootmode, cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles,
+               proc, qemucgroup, sandboxnames, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, failure_tail
 from .config import Config
+from .deliverymemory import DELIVERIES_DIR, DeliveryMemory
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
-                     GuestTimeout, JobCommandNotExecutable, JobCommandNotFound, SnapshotError, UsageError,
-                     VMLoaderError)
+                     GuestTimeout, ImageError, JobCommandNotExecutable, JobCommandNotFound, SnapshotError,
+                     UsageError, VMLoaderError)
 from .hypervisors import Hypervisor
 from .launch import LaunchPlan
 from .repository import is_url, url_image
@@ -98,6 +99,7 @@ class JobResult:
     output_errors: list = field(default_factory=list)   # outputs that could not be copied back, and why
     start: str = ""                # "warm": restored from a warm state; "cold": booted
     agent_delivery: Optional[str] = None   # how the agent was reached: builtin, qemu-guest-agent, cloud-init
+    agent_delivery_remembered: bool = False  # ... the way remembered for the image, the others not probed
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -206,6 +208,7 @@ class Job:
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
         self.output_errors: list = []
         self.agent_delivery: Optional[str] = None   # delivery.BUILTIN, QEMU_GUEST_AGENT, ...
+        self.agent_delivery_remembered = False
         self.borrowed: Optional[warm.BorrowedLane] = None   # root's warm lane this user's job restores
 
     def _record_phase(self, name: str) -> None:
@@ -699,6 +702,12 @@ class JobRunner:
         cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
         disks: tuple = ((DiskSpec(str(build.disk), backing=str(image.disk)),) if build is not None else
                         (DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),))
+        if own_boot and entry.firmware == "bios" and build is None:
+            # A catalogue entry may say bios for a disk SeaBIOS cannot boot: fail now, not at the boot timeout.
+            problem = bootmode.bios_boot_problem(bootmode.read_head(image.disk))
+            if problem:
+                raise ImageError(f"image {entry.ref} cannot boot with SeaBIOS: {problem}", phase="boot",
+                                 hint="check the image (`images add` detects its boot mode from the disk)")
         if own_boot:           # cloud-init's way in: a per-job NoCloud seed
             cidata.make_seed(job.seed, job.job_dir.name, _hostname(job))
             disks += (DiskSpec(str(job.seed), target="vdb", fmt="raw", readonly=True),)
@@ -721,11 +730,16 @@ class JobRunner:
         deadline = time.monotonic() + (timeout or self.config.boot_timeout)
         image = _known(job.image, "image")
         if image.entry.firmware is not None and image.kernel is None:
+            memory = DeliveryMemory(self.config.state_dir / DELIVERIES_DIR)
+            sha256 = image.entry.artifacts["disk"].sha256
+            remembered = memory.recall(sha256)
             reached = delivery.reach_agent(
                 job.socket_path, job.qga_socket, job.console_log, deadline,
                 lambda sock: AgentClient(sock, max_file_bytes=self.config.output_max_bytes),
-                lambda why, hint: self._boot_failure(job, why, hint))
-            job.agent_delivery = reached.delivery
+                lambda why, hint: self._boot_failure(job, why, hint), remembered=remembered)
+            job.agent_delivery, job.agent_delivery_remembered = reached.delivery, reached.remembered
+            if reached.delivery != remembered:
+                memory.remember(sha256, reached.delivery)
             return reached.client
         job.agent_delivery = delivery.BUILTIN
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -883,7 +897,7 @@ class JobRunner:
         data = {"job_id": job.job_dir.name, "command": list(job.spec.command), "image": job.spec.image,
                 "exit_status": job.status, "outcome": outcome_of(job.status), "snapshot": snapshot_id,
                 "start": job.start, "timings": job.timer.to_dict(), "error": job.error.to_dict() if job.error else None,
-                "agent_delivery": job.agent_delivery}
+                "agent_delivery": job.agent_delivery, "agent_delivery_remembered": job.agent_delivery_remembered}
         privatefiles.write_private(job.job_dir / "metadata.json", json.dumps(data, indent=2) + "\n")
 
     def _write_tails(self, job: Job, out: TailWriter, err: TailWriter) -> None:
@@ -907,7 +921,8 @@ class JobRunner:
             stdout_path=str(job.job_dir / "stdout") if captured else None,
             stderr_path=str(job.job_dir / "stderr") if captured else None,
             error=job.error.to_dict() if job.error else None, output_errors=list(job.output_errors),
-            start=job.start, agent_delivery=job.agent_delivery)
+            start=job.start, agent_delivery=job.agent_delivery,
+            agent_delivery_remembered=job.agent_delivery_remembered)
 
 
 def host_credentials(config: Config, image: str, user: str) -> list:
