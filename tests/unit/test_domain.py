@@ -120,3 +120,16 @@ def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
     assert out.find("devices/serial/log").get("file") == "/jobs/k/console.log"
     assert read_job_metadata(ET.tostring(out, encoding="unicode")).owner_pid == 99
     assert out.findtext("memory") == saved.findtext("memory") and out.findtext("vcpu") == saved.findtext("vcpu")
+
+
+def test_a_saved_uefi_domain_is_retargeted_at_the_new_runs_copy_of_the_variable_store():
+    from dataclasses import replace
+    from vmloader.bootstrapper.domain import retarget_saved_xml
+    uefi = BootSpec(None, None, firmware="uefi", loader="/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    nvram="/jobs/j/uefi-vars.fd")
+    saved = domain_xml(replace(spec(), boot=uefi))
+    new = replace(spec(), boot=replace(uefi, nvram="/jobs/k/uefi-vars.fd"),
+                  disks=(DiskSpec("/jobs/k/overlay.qcow2", backing="/cache/artifacts/base"),))
+    out = ET.fromstring(retarget_saved_xml(saved, new))
+    assert out.findtext("os/nvram") == "/jobs/k/uefi-vars.fd"
+    assert out.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"
