@@ -81,6 +81,7 @@ FAULTS = (
     "a guest writes .chirp.config, .job.ad and _condor_stdout into an HTCondor job's sandbox",
     # stock images (issue 12)
     "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)",
+    "a UEFI image on a worker without OVMF",
 )
 
 
