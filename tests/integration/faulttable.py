@@ -87,6 +87,7 @@ FAULTS = (
     "a disk with an MBR partition table and no boot code (`images add --boot bios`)",
     'a disk SeaBIOS finds nothing to boot on (boot code, no boot signature): "No bootable device"',
     "a worker without mtools: the cloud-init seed cannot be made",
+    "a UEFI image on a worker without OVMF",
 )
 
 

@@ -4,10 +4,13 @@ Nothing can be downloaded from outside, so the tests build what Debian's
 genericcloud image is: a partitioned (MBR) disk whose first sector holds grub's
 boot code, an ext4 root with systemd, linux-image-cloud-amd64, cloud-init,
 qemu-guest-agent, python3 and openssh-server, and no vmloader file inside.
+And its trixie UEFI counterpart (TRIXIE_UEFI): a GPT disk with an EFI system
+partition holding grub at the removable path \\EFI\\BOOT\\BOOTX64.EFI, cloud-init
+and no qemu-guest-agent.
 
 Built once (several minutes) into the test cache under a hash of the recipe
-below and reused until the recipe changes. Needs root (debootstrap, loop
-devices, no mounts).
+below and reused until the recipe changes. Needs root (debootstrap, chroot); no
+loop devices, no mounts (losetup -P makes no partitions on some hosts).
 
     sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
 """
@@ -49,6 +52,20 @@ BOOKWORM_BIOS_XFS_QGA_ONLY = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-xf
 QGA_EXEC_BLOCKED_CONF = "[general]\nblock-rpcs=guest-exec\n"
 BOOKWORM_BIOS_QGA_NO_EXEC = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-qga-no-exec",
                                  files={"etc/qemu/qemu-ga.conf": QGA_EXEC_BLOCKED_CONF})
+# Debian 13 the way its genericcloud image boots on UEFI: GPT, an EFI system partition holding grub
+# at the removable path \EFI\BOOT\BOOTX64.EFI, cloud-init and no qemu-guest-agent.
+TRIXIE_UEFI = {
+    "name": "trixie-uefi",
+    "suite": "trixie",
+    "packages": ["systemd", "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
+                 "grub-efi-amd64-bin", "cloud-init",
+                 "python3-cffi-backend",     # provides a virtual package debootstrap cannot resolve
+                 "python3", "openssh-server", "sudo",
+                 "ifupdown", "isc-dhcp-client", "netbase", "e2fsprogs"],
+    "disk_gib": 3,
+    "layout": "gpt-esp",
+    "version": "1",
+}
 
 # What a distribution configures on top of the packages (Debian's cloud image does the same things).
 GRUB_DEFAULTS = """\
@@ -114,7 +131,7 @@ FSTAB = {"ext4": "UUID={uuid} / ext4 errors=remount-ro 0 1\n",
 GRUB_FS_MODULE = {"ext4": "ext2", "xfs": "xfs"}
 
 
-def _configure(root: Path, uuid: str, rootfs: str = "ext4") -> None:
+def _configure(root: Path, uuid: str, rootfs: str = "ext4", layout: str = "mbr") -> None:
     (root / ".stock-complete").unlink(missing_ok=True)
     (root / "etc/fstab").write_text(FSTAB[rootfs].format(uuid=uuid))
     (root / "etc/hostname").write_text("localhost\n")
@@ -130,7 +147,8 @@ def _configure(root: Path, uuid: str, rootfs: str = "ext4") -> None:
     kernel = sorted((root / "boot").glob("vmlinuz-*"))[-1].name
     initrd = sorted((root / "boot").glob("initrd.img-*"))[-1].name
     (root / "boot/grub").mkdir(parents=True, exist_ok=True)
-    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=uuid, kernel=kernel, initrd=initrd,
+    table = "part_gpt" if layout == "gpt-esp" else "part_msdos"
+    (root / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(uuid=uuid, kernel=kernel, initrd=initrd, table=table,
                                                              fsmodule=GRUB_FS_MODULE[rootfs]))
 
 
@@ -140,7 +158,7 @@ serial --speed=115200
 terminal_input serial console
 terminal_output serial console
 set timeout=0
-insmod part_msdos
+insmod {table}
 insmod {fsmodule}
 search --no-floppy --fs-uuid --set=root {uuid}
 linux /boot/{kernel} root=UUID={uuid} ro console=tty0 console=ttyS0,115200
@@ -182,6 +200,66 @@ def _root_filesystem(rootfs: str, root: Path, part: Path, size: int, uuid: str) 
           f"{size // 1024}k"])
 
 
+# The EFI system partition's grub.cfg, as Debian's grub-install writes it beside grub: find the
+# root filesystem by UUID and read the real configuration there.
+ESP_GRUB_CFG = """\
+search --no-floppy --fs-uuid --set=root {uuid}
+set prefix=($root)/boot/grub
+configfile $prefix/grub.cfg
+"""
+EFI_MODULES = ["part_gpt", "part_msdos", "fat", "ext2", "search", "search_fs_uuid", "configfile", "normal",
+               "linux", "echo", "test", "serial", "terminal", "efi_gop", "all_video", "gzio", "boot"]
+ESP_MIB = 32
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+
+def _efi_system_partition(root: Path, work: Path, uuid: str) -> Path:
+    """A FAT image for the EFI system partition, made from a file with mtools: grub as
+    \\EFI\\BOOT\\BOOTX64.EFI (the removable path firmware boots with no boot entry in its NVRAM,
+    as grub-install --removable puts it) and a grub.cfg pointing at the root filesystem."""
+    _run(["chroot", str(root), "grub-mkimage", "-O", "x86_64-efi", "-o", "/BOOTX64.EFI",
+          "-p", "/EFI/BOOT", *EFI_MODULES])
+    modules = root / "boot/grub/x86_64-efi"          # what grub-install copies beside grub.cfg
+    modules.mkdir(parents=True, exist_ok=True)
+    for path in (root / "usr/lib/grub/x86_64-efi").iterdir():
+        if path.suffix in (".mod", ".lst"):
+            shutil.copyfile(path, modules / path.name)
+    loader = work / "BOOTX64.EFI"
+    shutil.move(str(root / "BOOTX64.EFI"), loader)
+    cfg = work / "esp-grub.cfg"
+    cfg.write_text(ESP_GRUB_CFG.format(uuid=uuid))
+    esp = work / "esp.raw"
+    sectors = ESP_MIB * 2048
+    _run(["truncate", "-s", f"{ESP_MIB}M", str(esp)])
+    _run(["mformat", "-i", str(esp), "-T", str(sectors), "-h", "64", "-s", "32", "-H", "2048",
+          "-v", "EFI", "::"])
+    _run(["mmd", "-i", str(esp), "::/EFI", "::/EFI/BOOT"])
+    _run(["mcopy", "-i", str(esp), str(loader), "::/EFI/BOOT/BOOTX64.EFI"])
+    _run(["mcopy", "-i", str(esp), str(cfg), "::/EFI/BOOT/grub.cfg"])
+    return esp
+
+
+def _write_gpt_disk(raw: Path, size: int, esp: Path, part: Path) -> None:
+    """GPT: the EFI system partition at 1 MiB, the root filesystem after it, 1 MiB left at the end
+    for the backup table."""
+    root_start = (1 + ESP_MIB) * 2048
+    root_sectors = (size // 512) - root_start - 2048
+    _run(["sfdisk", "-q", str(raw)], input=(
+        "label: gpt\n"
+        f"start=2048, size={ESP_MIB * 2048}, type={ESP_TYPE}, name=\"EFI System\"\n"
+        f"start={root_start}, size={root_sectors}, type={LINUX_TYPE}, name=root\n"))
+    _run(["dd", f"if={esp}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc", "status=none"])
+    _run(["dd", f"if={part}", f"of={raw}", "bs=1M", f"seek={1 + ESP_MIB}", "conv=notrunc,sparse", "status=none"])
+
+
+def root_fs_bytes(recipe: dict) -> int:
+    size = recipe["disk_gib"] * 2 ** 30
+    if recipe.get("layout") == "gpt-esp":
+        return size - (2 + ESP_MIB) * 2 ** 20
+    return size - 2 ** 20
+
+
 def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     """The image's qcow2 in the test cache, built now if absent. Root only (debootstrap, chroot).
 
@@ -204,7 +282,8 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
         _run(["cp", "-a", str(tree), str(root)])
         uuid = str(uuidlib.uuid4())
         rootfs = recipe.get("rootfs", "ext4")
-        _configure(root, uuid, rootfs)
+        layout = recipe.get("layout", "mbr")
+        _configure(root, uuid, rootfs, layout)
         for inside, text in recipe.get("files", {}).items():
             (root / inside).parent.mkdir(parents=True, exist_ok=True)
             (root / inside).write_text(text)
@@ -212,19 +291,25 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
             _say(f"removing {', '.join(recipe['purge'])}")
             _run(["chroot", str(root), "dpkg", "--purge", *recipe["purge"]],
                  env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-        boot, core = _grub_mbr(root, rootfs)
+        if layout == "gpt-esp":
+            esp = _efi_system_partition(root, work, uuid)
+        else:
+            boot, core = _grub_mbr(root, rootfs)
         size = recipe["disk_gib"] * 2 ** 30
         part = work / "part.raw"
         _say(f"writing the {rootfs} root filesystem")
-        _root_filesystem(rootfs, root, part, size - 2 ** 20, uuid)
+        _root_filesystem(rootfs, root, part, root_fs_bytes(recipe), uuid)
         raw = work / "disk.raw"
         _run(["truncate", "-s", str(size), str(raw)])
-        _run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83, bootable\n")
-        with open(raw, "r+b") as disk:
-            disk.write(boot)
-            disk.seek(512)
-            disk.write(core)
-        _run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
+        if layout == "gpt-esp":
+            _write_gpt_disk(raw, size, esp, part)
+        else:
+            _run(["sfdisk", "-q", str(raw)], input="label: dos\nstart=2048, type=83, bootable\n")
+            with open(raw, "r+b") as disk:
+                disk.write(boot)
+                disk.seek(512)
+                disk.write(core)
+            _run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=notrunc,sparse", "status=none"])
         _say("converting to qcow2")
         tmp = work / "disk.qcow2"
         _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(tmp)])
@@ -237,7 +322,8 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
 
 
 RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,
-                                                  BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC)}
+                                                  BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
+                                                  TRIXIE_UEFI)}
 
 if __name__ == "__main__":
     print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))

@@ -1,6 +1,8 @@
 """A distribution-style cloud image (grub in the MBR, systemd, cloud-init, qemu-guest-agent, no vmloader
 file inside) registered with `images add` and run unmodified: firmware boot, the agent delivered at boot.
 Its variants without cloud-init (the agent comes through qemu-ga) and with neither (a clear exit 125).
+A trixie image booting with UEFI (GPT, EFI system partition, OVMF), its variable store kept with its
+snapshots, and the clear error on a worker without OVMF.
 
 Stock images boot slowly under TCG (their own boot loader, systemd, cloud-init): few boots, each
 checking several things.
@@ -252,3 +254,78 @@ def test_an_image_without_python3_fails_125_after_its_boot_naming_python3(vmload
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
     assert sha256(disk) == before
     faulttable.record(NO_PYTHON, result, "no VM, overlay or seed left; the base unchanged")
+
+
+NO_OVMF = "a UEFI image on a worker without OVMF"
+PROBE_CONTROL = """\
+Package: uefi-probe
+Version: 1.0
+Architecture: all
+Maintainer: vmloader tests <tests@vmloader.invalid>
+Description: a package a root job installs in a stock image
+"""
+
+
+def tiny_deb(where: Path) -> Path:
+    """A .deb built here (nothing is downloaded): one file, /usr/share/uefi-probe/hello."""
+    tree = where / "uefi-probe"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN/control").write_text(PROBE_CONTROL)
+    (tree / "usr/share/uefi-probe").mkdir(parents=True)
+    (tree / "usr/share/uefi-probe/hello").write_text("installed by a job\n")
+    deb = where / "uefi-probe_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return deb
+
+
+def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package_and_its_snapshot_reopens(
+        vmloader, own_cache, state_dir, tmp_path):
+    disk = tmp_path / "trixie.qcow2"
+    shutil.copyfile(stock_disk(stockimage.TRIXIE_UEFI), disk)
+    # OVMF, grub, systemd and cloud-init under TCG: 849 s to the agent once on a host loaded 12-14.
+    env = {"VMLOADER_CACHE_DIR": str(own_cache), "VMLOADER_BOOT_TIMEOUT": "1800"}
+    added = vmloader("images", "add", "stock-trixie", "--disk", str(disk), "--json", env_extra=env)
+    assert added.returncode == 0, added.err
+    assert added.json()["boot"] == "uefi"                  # read from the disk: GPT with an EFI system partition
+    before = added.json()["artifacts"]["disk"]["sha256"]
+    deb = tiny_deb(tmp_path)
+
+    # As root: installs the package it was given, keeps a mark, output apart, its own exit code.
+    root = vmloader("run", "--image", "stock-trixie", "--root", "--snapshot", "always", "--input", str(deb),
+                    "--json", "--", "sh", "-c",
+                    "dpkg -i uefi-probe_1.0_all.deb >/dev/null && dpkg -s uefi-probe | grep '^Status:'; "
+                    "test -d /sys/firmware/efi && echo efi; id -u; echo to-stderr >&2; "
+                    "echo kept > /root/mark; exit 3", env_extra=env, timeout=2400)
+    result = root.json()
+    assert root.returncode == 3, result["error"]
+    assert result["agent_delivery"] == "cloud-init"        # no qemu-guest-agent in this image
+    assert Path(result["stdout_path"]).read_text().splitlines() == [
+        "Status: install ok installed", "efi", "0"]
+    assert Path(result["stderr_path"]).read_text() == "to-stderr\n"
+    print(f"UEFI stock image: timings {result['timings']}")
+    kept_vars = state_dir / "snapshots" / result["snapshot"] / "uefi-vars.fd"
+    assert kept_vars.stat().st_size > 0                    # OVMF's variable store, kept with the disk
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "uefi-vars.fd").exists() and not (job_dir / "overlay.qcow2").exists()
+
+    # Reopened: the kept disk and the kept variable store (a copy of it) boot again.
+    again = vmloader("snapshot", "exec", "--root", result["snapshot"], "--", "sh", "-c",
+                     "cat /root/mark; cat /usr/share/uefi-probe/hello; test -d /sys/firmware/efi && echo efi",
+                     env_extra=env, timeout=2400)
+    assert again.returncode == 0, again.err
+    assert again.out.splitlines() == ["kept", "installed by a job", "efi"]
+
+    # A worker without OVMF: a clear error before any VM or file is made, the base untouched.
+    missing = vmloader("run", "--image", "stock-trixie", "--snapshot", "always", "--json", "--", "true",
+                       env_extra=dict(env, VMLOADER_OVMF_DIR=str(tmp_path / "no-ovmf-here")), timeout=600)
+    failed = missing.json()
+    assert missing.returncode == 125, failed
+    assert failed["error"]["phase"] == "define" and failed["snapshot"] is None
+    assert "OVMF" in failed["error"]["message"] and "apt-get install ovmf" in failed["error"]["hint"]
+    left = {path.name for path in Path(failed["job_dir"]).iterdir()}
+    assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
+    assert sha256(disk) == before
+    base = own_cache / "artifacts" / before
+    assert not base.exists() or sha256(base) == before
+    faulttable.record(NO_OVMF, failed, "no VM, overlay, seed or variable store left; the base unchanged")

@@ -148,3 +148,16 @@ def test_a_saved_domain_without_the_disk_the_new_run_needs_is_refused():
     seeded = replace(spec(), disks=spec().disks + (DiskSpec("/jobs/k/cidata.img", target="vdb", fmt="raw"),))
     with pytest.raises(SnapshotError, match="no disk vdb"):
         retarget_saved_xml(domain_xml(spec()), seeded)
+
+
+def test_a_saved_uefi_domain_is_retargeted_at_the_new_runs_copy_of_the_variable_store():
+    from dataclasses import replace
+    from vmloader.bootstrapper.domain import retarget_saved_xml
+    uefi = BootSpec(None, None, firmware="uefi", loader="/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    nvram="/jobs/j/uefi-vars.fd")
+    saved = domain_xml(replace(spec(), boot=uefi))
+    new = replace(spec(), boot=replace(uefi, nvram="/jobs/k/uefi-vars.fd"),
+                  disks=(DiskSpec("/jobs/k/overlay.qcow2", backing="/cache/artifacts/base"),))
+    out = ET.fromstring(retarget_saved_xml(saved, new))
+    assert out.findtext("os/nvram") == "/jobs/k/uefi-vars.fd"
+    assert out.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import xml.etree.ElementTree as ET
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -240,3 +241,67 @@ def test_a_job_within_its_disk_limit_runs_as_before(world):
     result = rig.run("true", snapshot="never", disk_limit=DiskLimit(64 * MIB))
     assert result.exit_status == 0, result.error
     assert "pause" not in rig.fake.kinds()
+
+
+class UefiImageCache(OneImageCache):
+    """A stock image that boots with UEFI (its own boot loader, no kernel beside it)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        disk = self.image.paths["disk"]
+        self.image = ResolvedImage(ImageEntry("fake", "1", boot="uefi",
+                                              artifacts={"disk": Artifact("file:///disk", "d" * 64, 4)}),
+                                   {"disk": disk})
+
+
+@pytest.fixture
+def ovmf_dir(world, monkeypatch):
+    firmware = world / "ovmf"
+    firmware.mkdir()
+    (firmware / "OVMF_CODE_4M.fd").write_bytes(b"code")
+    (firmware / "OVMF_VARS_4M.fd").write_bytes(b"empty variable store")
+    monkeypatch.setenv("VMLOADER_OVMF_DIR", str(firmware))
+    return firmware
+
+
+@pytest.mark.skipif(shutil.which("mcopy") is None, reason="mtools missing (the cloud-init seed)")
+def test_a_uefi_jobs_variable_store_is_kept_with_its_snapshot_and_a_booted_snapshot_starts_from_a_copy(
+        world, ovmf_dir):
+    rig = Rig(world)
+    rig.cache = UefiImageCache(world)
+    first = rig.run("true", snapshot="always")
+    assert first.exit_status == 0, first.error
+    snap = rig.store.get(first.snapshot)
+    assert snap.uefi_vars.read_bytes() == b"empty variable store"       # moved in with the disk
+    assert (snap.uefi_vars.stat().st_mode & 0o077) == 0
+    assert not Path(first.job_dir, "uefi-vars.fd").exists()
+    snap.uefi_vars.write_bytes(b"boot entries the guest wrote")         # as OVMF does while the guest runs
+
+    again = rig.run("true", snapshot="always", from_snapshot=snap.meta.id)
+    assert again.exit_status == 0, again.error
+    xml = ET.fromstring(rig.job_file(again, "domain.xml"))
+    assert xml.findtext("os/nvram") == str(Path(again.job_dir, "uefi-vars.fd"))     # a copy, not the kept file
+    assert xml.findtext("os/loader") == str(ovmf_dir / "OVMF_CODE_4M.fd")
+    assert rig.store.get(again.snapshot).uefi_vars.read_bytes() == b"boot entries the guest wrote"
+    assert snap.uefi_vars.read_bytes() == b"boot entries the guest wrote"    # the snapshot is only read
+
+    dropped = rig.run("true", snapshot="never", from_snapshot=snap.meta.id)
+    assert dropped.exit_status == 0, dropped.error
+    assert not Path(dropped.job_dir, "uefi-vars.fd").exists()
+
+
+def test_a_uefi_image_on_a_worker_without_ovmf_fails_125_naming_the_package_and_leaves_nothing(
+        world, monkeypatch):
+    monkeypatch.setenv("VMLOADER_OVMF_DIR", str(world / "no-such-dir"))
+    rig = Rig(world)
+    rig.cache = UefiImageCache(world)
+    before = rig.cache.image.paths["disk"].read_bytes()
+    result = rig.run("true", snapshot="always")
+    assert result.exit_status == EXIT_INFRA and result.snapshot is None
+    assert result.error["phase"] == "define"
+    assert "no OVMF firmware" in result.error["message"]
+    assert "apt-get install ovmf" in result.error["hint"]
+    assert "create" not in rig.fake.kinds()                               # no VM was ever defined
+    left = {path.name for path in Path(result.job_dir).iterdir()}
+    assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
+    assert rig.cache.image.paths["disk"].read_bytes() == before

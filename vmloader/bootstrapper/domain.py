@@ -281,7 +281,7 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec, foreign: bool = False) 
 
     Resuming must keep the guest's hardware exactly as saved (libvirt checks the ABI),
     so only host-side paths change: the disk (a fresh throwaway overlay over the kept
-    one), the agent sockets, the console log; plus the name and job metadata. `foreign`:
+    one), a UEFI variable store, the agent sockets, the console log; plus the name and job metadata. `foreign`:
     saved by another libvirt daemon (root's, qemu:///system) and restored by a user's session
     daemon: the security labels (QEMU's user under the system daemon) and the cgroup
     partition are host-side and system-only, so they go (the session daemon sets its own).
@@ -297,11 +297,11 @@ def retarget_saved_xml(saved_xml: str, spec: DomainSpec, foreign: bool = False) 
         metadata.remove(old)
     if spec.metadata:
         metadata.append(spec.metadata.to_element())
+    nvram = root.find("os/nvram")
+    if nvram is not None and spec.boot.nvram:     # UEFI: the run's own copy of the kept variable store
+        nvram.text = spec.boot.nvram
     devices = _required(root, "devices")
     _retarget_disks(devices, spec)
-    nvram = root.find("os/nvram")
-    if nvram is not None and spec.boot.nvram:
-        nvram.text = spec.boot.nvram          # the new job's own copy (the saved one went with its job)
     by_name = {c.name: c for c in spec.channels()}
     for channel in devices.findall("channel"):
         target = by_name.get(_required(channel, "target").get("name"))

@@ -37,7 +37,7 @@ from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEO
 from .hypervisors import Hypervisor
 from .launch import LaunchPlan
 from .repository import is_url, url_image
-from .snapshots import Retention, SnapshotMeta, SnapshotStore, check_chain, should_keep
+from .snapshots import Retention, Snapshot, SnapshotMeta, SnapshotStore, check_chain, should_keep
 from .timings import PhaseTimer
 from .warm import Lane, WarmUnusable
 
@@ -416,6 +416,8 @@ class JobRunner:
 
     def _bring_up(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> AgentClient:
         """Overlay, VM, agent, identity: the job's VM ready for its command."""
+        if image.kernel is None and image.entry.firmware == "uefi":
+            firmware.ovmf()                  # no firmware on this worker: say so before making any file
         with job.timer.phase("overlay"):
             if job.kept is not None:
                 check_chain(job.kept, image.disk, phase="overlay")
@@ -715,7 +717,7 @@ class JobRunner:
             name=build.domain_name if build is not None else job.domain_name, hypervisor=hypervisor.domain_type,
             memory_mib=spec.memory_mib or entry.memory_mib or self.config.memory_mib,
             vcpus=spec.cpus or entry.cpus or self.config.cpus,
-            boot=_boot_spec(image, cmdline, job.nvram),
+            boot=_boot_spec(image, cmdline, job.nvram, job.kept),
             disks=disks, smbios_serial=cidata.SMBIOS_SERIAL if own_boot else None,
             channel=ChannelSpec(str(job.socket_path)),
             attach_channels=tuple(ChannelSpec(str(path), name=f"{P.CHANNEL_PREFIX}{n}")
@@ -875,7 +877,8 @@ class JobRunner:
                     # overlay reads from it is copied in, its backing becomes the image itself.
                     proc.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk),
                               str(job.overlay)], phase="snapshot")
-                kept = self.store.preserve(meta, job.overlay, job.console_log, job.memory_state).meta.id
+                kept = self.store.preserve(meta, job.overlay, job.console_log, job.memory_state,
+                                           job.nvram).meta.id
             except VMLoaderError as exc:
                 job.error = job.error or exc
                 return None
@@ -995,10 +998,13 @@ def _say_unusable(image: ResolvedImage, why: WarmUnusable) -> None:
           file=sys.stderr)
 
 
-def _boot_spec(image: ResolvedImage, cmdline: str, nvram: Path) -> BootSpec:
+def _boot_spec(image: ResolvedImage, cmdline: str, nvram: Path, kept: Optional[Snapshot] = None) -> BootSpec:
+    """`kept`: the snapshot the job boots, whose UEFI variable store (if it has one) the job
+    starts from, as the machine it was taken from would."""
     if image.kernel is None:                 # firmware boot: the disk's own boot loader
         if image.entry.firmware == "uefi":
-            code = firmware.uefi_vars_copy(nvram)
+            kept_vars = kept.uefi_vars if kept is not None and kept.uefi_vars.is_file() else None
+            code = firmware.uefi_vars_copy(nvram, kept_vars)
             return BootSpec(None, None, firmware="uefi", loader=str(code), nvram=str(nvram))
         return BootSpec(None, None)
     return BootSpec(str(image.kernel), str(image.initrd) if image.initrd else None, cmdline)

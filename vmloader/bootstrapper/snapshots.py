@@ -1,8 +1,8 @@
 """The snapshot store: a job's final disk state kept for post-mortem debugging.
 
 A snapshot is a directory `<store>/<id>/` holding the job's overlay (moved
-there, never copied: preserving is a rename), the console log and
-`metadata.json` (image and its sha256, command, exit status, timings, user).
+there, never copied: preserving is a rename), the console log, a UEFI job's
+variable store (its NVRAM: boot entries the guest wrote) and `metadata.json` (image and its sha256, command, exit status, timings, user).
 The overlay's backing file is the cached base image, which is never written.
 """
 import builtins
@@ -68,6 +68,11 @@ class Snapshot:
         return self.path / "memory.save"
 
     @property
+    def uefi_vars(self) -> Path:
+        """A UEFI job's variable store as its job ended; a booted snapshot starts from a copy of it."""
+        return self.path / "uefi-vars.fd"
+
+    @property
     def booted_file(self) -> Path:
         """Written by `vmloader snapshot boot` while the snapshot runs: how to attach to it."""
         return self.path / "booted.json"
@@ -114,9 +119,9 @@ class SnapshotStore:
         return self.root / snap_id
 
     def preserve(self, meta: SnapshotMeta, overlay: Path, console_log: Optional[Path],
-                 memory_state: Optional[Path] = None) -> Snapshot:
+                 memory_state: Optional[Path] = None, uefi_vars: Optional[Path] = None) -> Snapshot:
         """Move the overlay (a rename: constant time whatever the disk size) into the store,
-        and the memory state file with it when there is one."""
+        and the memory state and UEFI variable store with it when there are."""
         path = self._dir(meta.id)
         privatefiles.private_dir(self.root, self.access, "snapshot store", parents=True)
         tmp = self.root / f".{meta.id}.partial"
@@ -130,6 +135,9 @@ class SnapshotStore:
             if memory_state is not None and memory_state.exists():
                 os.replace(memory_state, tmp / "memory.save")
                 os.chmod(tmp / "memory.save", 0o600)
+            if uefi_vars is not None and uefi_vars.exists():
+                os.replace(uefi_vars, tmp / "uefi-vars.fd")
+                os.chmod(tmp / "uefi-vars.fd", 0o600)
             if console_log is not None and console_log.exists():
                 shutil.copyfile(console_log, tmp / "console.log")
                 os.chmod(tmp / "console.log", 0o600)
@@ -140,6 +148,8 @@ class SnapshotStore:
                 os.replace(tmp / "disk.qcow2", overlay)   # give the overlay back, lose nothing
             if memory_state is not None and (tmp / "memory.save").exists():
                 os.replace(tmp / "memory.save", memory_state)
+            if uefi_vars is not None and (tmp / "uefi-vars.fd").exists():
+                os.replace(tmp / "uefi-vars.fd", uefi_vars)
             shutil.rmtree(tmp, ignore_errors=True)
             raise SnapshotError(f"could not preserve snapshot {meta.id}: {exc}",
                                 hint=f"the job's disk state is still at {overlay}", phase="snapshot") from None
