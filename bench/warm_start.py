@@ -121,7 +121,8 @@ def main() -> None:
     print(f"  bare qemu boot-to-poweroff           : {med(bare_s):6.2f} s")
     print(f"  warm vs cold                         : {med(cold_s) / med(warm_s):6.2f}x faster")
     if makespans:
-        print(f"  {args.concurrent} concurrent warm jobs, makespan   : {med(makespans):6.2f} s on "
+        label = f"{args.concurrent} concurrent warm jobs, makespan"
+        print(f"  {label:37}: {med(makespans):6.2f} s on "
               f"{os.cpu_count()} cores ({warm_starts} of {args.concurrent * args.rounds} started warm)")
     print(f"  Vagrant + vagrant-libvirt (earlier)  : {VAGRANT_S:6.2f} s: warm vmloader "
           f"{VAGRANT_S / med(warm_s):.1f}x ahead, cold {VAGRANT_S / med(cold_s):.1f}x")
