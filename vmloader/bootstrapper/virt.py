@@ -1,6 +1,7 @@
 """The one place that opens libvirt connections and translates libvirt errors, and the
 machine interface the job runner drives VMs through."""
 import os
+import select
 import signal
 import sys
 import time
@@ -184,17 +185,27 @@ class LibvirtMachine:
     def kill(self) -> None:
         """SIGKILL to QEMU itself, then wait for it to exit (seconds sooner than libvirt's destroy:
         that also waits until the exited process is reaped, which this host's init may take its time
-        over; libvirt notices the exit on its own and forgets the VM). Without a certain pid: destroy."""
+        over; libvirt notices the exit on its own and forgets the VM). Signalled through a pidfd taken
+        before the pid is checked again, so no other process that took the pid meanwhile is hit.
+        Without a certain pid (or pidfds): destroy."""
         pid = self.qemu_pid()
-        if pid is None:
+        try:
+            fd = os.pidfd_open(pid) if pid is not None else -1
+        except OSError:
+            fd = -1
+        if fd < 0:
             self.destroy()
             return
         try:
-            os.kill(pid, signal.SIGKILL)
+            exited = False
+            if self.qemu_pid() == pid:               # (still our QEMU now that the pidfd holds it)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                exited = wait_exited(fd, KILL_WAIT)
         except OSError:
-            self.destroy()
-            return
-        if not wait_exited(pid, KILL_WAIT):
+            exited = False
+        finally:
+            os.close(fd)
+        if not exited:
             self.destroy()
 
     def _destroy_reconnecting(self) -> None:
@@ -220,21 +231,12 @@ class LibvirtMachine:
             conn.close()
 
 
-def wait_exited(pid: int, seconds: float) -> bool:
-    """Whether process `pid` exited (a zombie or gone) within `seconds`. A zombie keeps its pid:
-    none other can take it while this looks."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in (b"Z", b"X"):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
+def wait_exited(pidfd: int, seconds: float) -> bool:
+    """Whether the process of `pidfd` exited within `seconds` (a zombie counts: it is the reaping,
+    by this host's init, that can take a while)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(seconds * 1000)))
 
 
 class LibvirtMachines:
