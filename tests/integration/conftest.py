@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,18 @@ def libvirt_domains() -> list:
     return [line for line in out.split() if line.startswith("vmloader-")]
 
 
+def domains_left(names, seconds: float = 60.0) -> set:
+    """Which of `names` libvirt still lists after waiting up to `seconds` for them to go: a VM that
+    nothing was kept of is killed (its QEMU has exited when the job ends), and libvirt forgets it
+    only once this host's init has reaped the process."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = set(names) & set(libvirt_domains())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def no_leftovers(state_dir):
     """After the test: none of its jobs left a domain, and no overlay is outside the snapshot store.
@@ -118,7 +131,7 @@ def no_leftovers(state_dir):
     if not jobs.exists():
         return
     mine = {f"vmloader-{job.name}" for job in jobs.iterdir()}
-    assert mine & set(libvirt_domains()) == set()
+    assert domains_left(mine) == set()
     assert list(jobs.glob("*/overlay.qcow2")) == []
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 
-from .conftest import job_domain, libvirt_domains, world_readable_tmpdir
+from .conftest import domains_left, job_domain, world_readable_tmpdir
 from .faulttable import record, record_row
 from .nginx import free_port
 
@@ -202,7 +202,7 @@ def qemu_processes(job_id: str) -> list:
 
 
 def assert_nothing_left(job_id: str, *roots: Path) -> None:
-    assert f"vmloader-{job_id}" not in libvirt_domains()
+    assert domains_left({f"vmloader-{job_id}"}) == set()
     assert qemu_processes(job_id) == []
     for root in roots:                 # no partial download; no disk layer outside the snapshot store
         assert list(root.rglob("*.part")) == []   # but a whole warm state (the job built it to start warm)

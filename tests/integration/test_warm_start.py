@@ -24,7 +24,7 @@ from vmloader.bootstrapper import config, privatefiles, warm
 from vmloader.bootstrapper.agentclient import AgentClient
 from vmloader.bootstrapper.errors import AgentError
 
-from .conftest import as_user, ensure_user, libvirt_domains, world_readable_tmpdir
+from .conftest import as_user, domains_left, ensure_user, world_readable_tmpdir
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
@@ -68,7 +68,7 @@ def unusable_lines(err: str) -> list:
 
 def no_warm_domain_left() -> bool:
     names = {warm.Lane(lane, lane.parent.name, int(lane.name[5:])).domain_name for lane in lanes()}
-    return not names & set(libvirt_domains())
+    return not domains_left(names)
 
 
 def start_probe(vm_env, cwd: Path, job_id: str) -> subprocess.Popen:
@@ -166,7 +166,7 @@ def test_a_kept_snapshot_of_a_warm_job_reopens_without_its_lane(vmloader, state_
 
 def ours_running(*names: str) -> list:
     """libvirt domains and processes (QEMU's -name guest=...) named for any of `names`."""
-    found = [name for name in libvirt_domains() if name in names]
+    found = sorted(domains_left(names))
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
@@ -297,8 +297,9 @@ def resave_with_its_agent_stopped(lane: Path, scratch: Path) -> None:
     for log in xml.iter("log"):
         log.set("file", str(scratch / "console.log"))
     (scratch / "domain.xml").write_text(ET.tostring(xml, encoding="unicode"))
-    subprocess.run([*virsh, "restore", str(memory), "--xml", str(scratch / "domain.xml")], check=True)
     name = xml.findtext("name")
+    assert domains_left({name}) == set()          # (the lane's last job's VM: libvirt forgets it first)
+    subprocess.run([*virsh, "restore", str(memory), "--xml", str(scratch / "domain.xml")], check=True)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(scratch / "agent.sock"))

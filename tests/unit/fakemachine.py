@@ -142,6 +142,10 @@ class FakeMachine:
         self.owner.events.append(("destroy", self.name))
         self._stop()
 
+    def kill(self) -> None:
+        self.owner.events.append(("kill", self.name))
+        self._stop()
+
 
 class FakeMachines:
     """Records what the runner asks for; `boot_answers=False` makes guests that never reach

@@ -86,10 +86,10 @@ class Rig:
 
 
 def torn_down(fake: FakeMachines) -> bool:
-    """Every machine stopped (destroyed or saved) and the connection closed, in that order."""
+    """Every machine stopped (destroyed, killed or saved) and the connection closed, in that order."""
     kinds = fake.kinds()
     return (all(not m.is_active() for m in fake.machines) and kinds[-1] == "close"
-            and any(k in ("destroy", "save") for k in kinds))
+            and any(k in ("destroy", "kill", "save") for k in kinds))
 
 
 def test_a_cold_job_runs_its_command_and_tears_down(world):
@@ -97,8 +97,8 @@ def test_a_cold_job_runs_its_command_and_tears_down(world):
     result = rig.run("sh", "-c", "echo hello from $VMLOADER_IMAGE; pwd", snapshot="never")
     assert result.exit_status == 0, result.error
     assert rig.out.getvalue().decode().splitlines() == ["hello from fake@1", str(world / "work")]
-    # (the agent may power off before the runner destroys the VM: both are fine)
-    assert [k for k in rig.fake.kinds() if k != "poweroff"] == ["connect", "create", "identity", "destroy", "close"]
+    # (the agent may power off before the runner kills the VM: both are fine)
+    assert [k for k in rig.fake.kinds() if k != "poweroff"] == ["connect", "create", "identity", "kill", "close"]
     assert rig.fake.events[1] == ("create", f"vmloader-{result.job_id}")
     assert result.snapshot is None and not Path(result.job_dir, "overlay.qcow2").exists()
 
@@ -165,6 +165,17 @@ def test_a_timeout_without_a_kept_state_is_destroyed_not_saved(world):
     result = rig.run("sleep", "60", timeout=1.0, snapshot="never")
     assert result.exit_status == EXIT_TIMEOUT and result.snapshot is None
     assert "save" not in rig.fake.kinds() and torn_down(rig.fake)
+
+
+@pytest.mark.parametrize("policy, command, stop", [
+    ("never", "exit 3", "kill"), ("on-failure", "exit 0", "kill"), ("on-failure", "exit 3", "destroy"),
+    ("always", "exit 0", "destroy")])
+def test_a_vm_nothing_is_kept_of_is_killed_and_a_kept_one_destroyed_after_the_sync(world, policy, command, stop):
+    rig = Rig(world)
+    rig.run("sh", "-c", command, snapshot=policy)
+    stops = [k for k in rig.fake.kinds() if k in ("kill", "destroy")]
+    assert stops == [stop] and torn_down(rig.fake)
+    assert ("shutdown" in rig.fake.kinds()) == (stop == "destroy")
 
 
 def test_a_failed_memory_save_keeps_the_disk_state_only(world):

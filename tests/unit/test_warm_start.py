@@ -282,7 +282,7 @@ def test_a_job_that_keeps_nothing_is_destroyed_without_the_agent_sync(world):
     rig.run("true", snapshot="never")
     rig.fake.events.clear()
     rig.run("true", snapshot="never")
-    assert "shutdown" not in rig.fake.kinds() and "destroy" in rig.fake.kinds()
+    assert "shutdown" not in rig.fake.kinds() and "kill" in rig.fake.kinds()
     rig.fake.events.clear()
     rig.run("true", snapshot="always")
     assert "shutdown" in rig.fake.kinds()                    # the agent synced first: the disk is kept

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import bootmode, build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish, reposerver
+from . import bootmode, build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish
 from . import job as job_mod, runners, sessions, status, virt, warm
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
@@ -480,6 +480,7 @@ def cmd_repo(args, cfg) -> int:
     host, _, port = args.bind.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--bind {args.bind!r}: expected HOST:PORT", hint="e.g. --bind 127.0.0.1:8080")
+    from . import reposerver              # (http.server: imported by this command alone)
     reposerver.serve(Path(args.dir), host, int(port))
     return 0
 

@@ -10,8 +10,6 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-import pyinotify
-
 from .guesttext import escape
 
 
@@ -113,6 +111,7 @@ class ConsoleFollower:
         self._copy_new(final=True)
 
     def _run(self) -> None:
+        import pyinotify          # (here: only `--console` follows the log; a job's start-up need not load it)
         manager = pyinotify.WatchManager()
         notifier = pyinotify.Notifier(manager, default_proc_fun=lambda event: None, timeout=200)
         mask = pyinotify.IN_MODIFY | pyinotify.IN_CREATE | pyinotify.IN_CLOSE_WRITE

@@ -8,6 +8,8 @@ its sha256 matches (ImageCache.insert_file re-reads the file as it lies on disk,
 not the network stream, then renames it into place). The partial file is opened
 with O_NOFOLLOW, created 0600, and reused only when the writer owns it.
 """
+from __future__ import annotations
+
 import errno
 import fcntl
 import hashlib
@@ -16,14 +18,15 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol
-
-import requests
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 
 from .cacheindex import open_lock
 from .catalog import Artifact
 from .errors import ImageError
 from .ownedfiles import open_owned
+
+if TYPE_CHECKING:
+    import requests             # (imported where a download runs: it is slow to import)
 
 CHUNK = 1 << 20
 RETRIES = 6
@@ -121,6 +124,7 @@ def download(session: requests.Session, url: str, artifact: Artifact, part: Path
 
     The caller hashes the file again from disk (ImageCache.insert_file) before caching.
     """
+    import requests
     progress = progress or Progress(Path(url).name, artifact.size)
     written = _Written(part)
     for attempt in range(RETRIES):

@@ -842,21 +842,26 @@ class JobRunner:
         return True
 
     def _stop_domain(self, job: Job) -> None:
-        if job.keep_memory and job.status == EXIT_TIMEOUT and self._save_memory(job):
+        saved = job.keep_memory and job.status == EXIT_TIMEOUT and self._save_memory(job)
+        if saved:
             _known(job.client, "agent client").close()     # keep_memory is only set by a command it ran
             job.client = None
+        keeps_disk = job.exec_started and should_keep(job.spec.snapshot, job.status != 0)
         if job.client is not None:
-            if job.exec_started and should_keep(job.spec.snapshot, job.status != 0):
+            if keeps_disk:
                 try:
                     # The agent acknowledges only after sync(): the overlay is consistent,
                     # so the VM can be destroyed at once instead of waiting for power-off.
                     job.client.shutdown()
                 except VMLoaderError:
                     pass
-            # else nothing of the disk is kept (outputs are already copied back): destroy at once
+            # else nothing of the disk is kept (outputs are already copied back): killed at once
             job.client.close()
         if job.machine is not None:
-            job.machine.destroy()
+            if keeps_disk or saved:
+                job.machine.destroy()             # (libvirt done with the files before they are kept)
+            else:
+                job.machine.kill()
         if job.machines is not None:
             job.machines.close()
 

@@ -4,6 +4,8 @@ A repository is a directory or an HTTP(S) URL with `manifest.json` at its
 root and artifact URLs relative to it (or absolute). The same layout works
 from `vmloader repo serve` or any stock web server.
 """
+from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,15 +13,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol
 from urllib.parse import urljoin, urlparse
 
-import requests
-
 from .catalog import Artifact, ImageEntry, Manifest, atomic_write_text, load_manifest, parse_manifest
 from .download import Progress, artifact_lock, download
 from .errors import ImageError
 from .ownedfiles import owner_of, read_trusted
 
 if TYPE_CHECKING:
+    import requests
+
     from .cache import ImageCache
+
+
+def new_session() -> "requests.Session":
+    """An HTTP session (honours HTTP(S)_PROXY); `requests` is imported only when one is needed:
+    it costs a job's start-up a noticeable part of a second."""
+    import requests
+    return requests.Session()
 
 
 class Repository(Protocol):
@@ -59,7 +68,7 @@ class HttpRepository:
 
     base_url: str
     state_dir: Path                  # where the last manifest and its ETag are kept
-    session: requests.Session = field(default_factory=requests.Session)   # honours HTTP(S)_PROXY
+    session: requests.Session = field(default_factory=new_session)   # honours HTTP(S)_PROXY
 
     @property
     def name(self) -> str:
@@ -70,6 +79,7 @@ class HttpRepository:
         return self.state_dir / "manifests" / f"{safe}.json"
 
     def manifest(self) -> Manifest:
+        import requests
         saved = self._load_saved()
         url = urljoin(self.base_url, "manifest.json")
         headers = {"If-None-Match": saved["etag"]} if saved and saved.get("etag") else {}
@@ -144,7 +154,8 @@ def url_image(url: str, sha256: Optional[str], cache: "ImageCache",
 
     It boots its own boot loader (firmware boot) and is remembered as a custom image.
     """
-    session = session or requests.Session()
+    import requests
+    session = session or new_session()
     sha256 = (sha256 or _sidecar_sha256(session, url)).lower()
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ImageError(f"--sha256 {sha256!r} is not a sha256 (64 hex digits)", phase="cache lookup")
@@ -162,6 +173,7 @@ def url_image(url: str, sha256: Optional[str], cache: "ImageCache",
 
 
 def _sidecar_sha256(session: requests.Session, url: str) -> str:
+    import requests
     try:
         resp = session.get(url + ".sha256", timeout=(10, 30))
         resp.raise_for_status()

@@ -1,13 +1,16 @@
 """`vmloader status`: the job VMs running on this worker, as vNode showed its VM table."""
+from __future__ import annotations
+
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
-
-import psutil
+from typing import TYPE_CHECKING, List, Optional
 
 from .orphans import pid_alive
+
+if TYPE_CHECKING:
+    import psutil             # (imported by `vmloader status` alone: the CLI's other commands start faster)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class RunningJob:
 
 
 def _qemu_process(domain: str) -> Optional[psutil.Process]:
+    import psutil
     marker = f"guest={domain}"
     for proc in psutil.process_iter(["cmdline"]):
         if any(marker in arg for arg in (proc.info["cmdline"] or [])):
@@ -51,6 +55,7 @@ def running_jobs(jobs_dir: Path, user: str) -> List[RunningJob]:
 
 
 def _describe(job_dir: Path, owner: dict, user: str) -> RunningJob:
+    import psutil
     qemu = _qemu_process(owner.get("domain") or f"vmloader-{job_dir.name}")
     cpu = rss = None
     if qemu is not None:

@@ -1,7 +1,11 @@
 """The one place that opens libvirt connections and translates libvirt errors, and the
 machine interface the job runner drives VMs through."""
+import os
+import select
+import signal
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -80,6 +84,11 @@ class Machine(Protocol):
     def destroy(self) -> None:
         """Stop the VM at once; never raises (says on stderr how to do it by hand if it cannot)."""
 
+    def kill(self) -> None:
+        """Stop a VM nothing is kept of: its QEMU has exited when this returns, while libvirt's own
+        bookkeeping of it (which waits until the process is reaped) goes on without us. Falls back
+        to `destroy`; never raises."""
+
 
 class Machines(Protocol):
     """One connection to a hypervisor."""
@@ -103,6 +112,9 @@ class Machines(Protocol):
 
 
 Connect = Callable[[str], Machines]
+
+KILL_WAIT = 5.0           # seconds a killed QEMU has to exit before `kill` falls back to libvirt's destroy
+NAME_WAIT = 30.0          # seconds a VM name stays taken by one just killed (libvirt finishing with it)
 
 # Where a libvirt daemon keeps its QEMU pid files (only the system daemon's matter: it alone
 # starts QEMU outside the caller's process tree, see qemucgroup.py).
@@ -170,6 +182,32 @@ class LibvirtMachine:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 self._destroy_reconnecting()      # e.g. libvirtd restarted during the job
 
+    def kill(self) -> None:
+        """SIGKILL to QEMU itself, then wait for it to exit (seconds sooner than libvirt's destroy:
+        that also waits until the exited process is reaped, which this host's init may take its time
+        over; libvirt notices the exit on its own and forgets the VM). Signalled through a pidfd taken
+        before the pid is checked again, so no other process that took the pid meanwhile is hit.
+        Without a certain pid (or pidfds): destroy."""
+        pid = self.qemu_pid()
+        try:
+            fd = os.pidfd_open(pid) if pid is not None else -1
+        except OSError:
+            fd = -1
+        if fd < 0:
+            self.destroy()
+            return
+        try:
+            exited = False
+            if self.qemu_pid() == pid:               # (still our QEMU now that the pidfd holds it)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                exited = wait_exited(fd, KILL_WAIT)
+        except OSError:
+            exited = False
+        finally:
+            os.close(fd)
+        if not exited:
+            self.destroy()
+
     def _destroy_reconnecting(self) -> None:
         """Our connection died with libvirtd; the VM may not have: find it by name on a new one."""
         deadline = time.monotonic() + 30                 # libvirtd may be starting up again
@@ -193,6 +231,14 @@ class LibvirtMachine:
             conn.close()
 
 
+def wait_exited(pidfd: int, seconds: float) -> bool:
+    """Whether the process of `pidfd` exited within `seconds` (a zombie counts: it is the reaping,
+    by this host's init, that can take a while)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(seconds * 1000)))
+
+
 class LibvirtMachines:
     """The real hypervisor connection (libvirt + QEMU or Xen)."""
 
@@ -200,8 +246,27 @@ class LibvirtMachines:
         self.uri = uri
         self.conn = connect(uri)
 
+    def _wait_name_free(self, name: str) -> None:
+        """A VM just killed (`LibvirtMachine.kill`) keeps its name in libvirt a moment longer (until
+        its QEMU is reaped): a lane's next restore or build waits for that, up to NAME_WAIT seconds
+        (after that libvirt's own error says the name is taken)."""
+        if _QEMU_RUN_DIRS.get(self.uri.split("?")[0].replace("+unix", "")) is None:
+            return                           # (only killed where the pid is known: the system daemon's)
+        deadline = time.monotonic() + NAME_WAIT
+        while time.monotonic() < deadline:
+            try:
+                domain = self.conn.lookupByName(name)
+            except libvirt.libvirtError:
+                return                       # no such VM (or libvirt cannot tell: its call says)
+            if LibvirtMachine(domain, name, self.uri).qemu_pid() is not None:
+                return                       # a live VM of that name: not one ending (libvirt refuses)
+            time.sleep(0.02)
+
     def create(self, xml: str, paused: bool = False) -> LibvirtMachine:
         flags = libvirt.VIR_DOMAIN_START_VALIDATE | (libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
+        name = ET.fromstring(xml).findtext("name")
+        if name:
+            self._wait_name_free(name)
         try:
             domain = self.conn.createXML(xml, flags)
         except libvirt.libvirtError as exc:
@@ -216,6 +281,7 @@ class LibvirtMachines:
 
     def restore(self, state: Path, xml: str, name: str, paused: bool = False) -> LibvirtMachine:
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._wait_name_free(name)
         try:
             self.conn.restoreFlags(str(state), xml, flags)
             return LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
