@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import job_domain, libvirt_domains
+from .conftest import job_domain, domains_left, libvirt_domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -27,7 +27,7 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
     run = vmloader("run", "--image", "debian-12", "--snapshot", "never", "--", "true")
     assert run.returncode == 0, run.err
     assert f"cleaned up job {job_dir.name}" in run.err and "VM destroyed" in run.err
-    assert domain not in libvirt_domains()
+    assert domains_left({domain}) == set()
     assert not (job_dir / "overlay.qcow2").exists()
     meta = json.loads((state_dir / "snapshots" / job_dir.name / "metadata.json").read_text())
     assert meta["outcome"] == "orphaned" and meta["exit_status"] == 125
@@ -48,7 +48,7 @@ def test_sigterm_to_vmloader_stops_the_vm_keeps_its_state_and_exits_143(vm_env, 
     assert job.returncode == 143, err
     assert b"stopped by SIGTERM" in err
     [job_dir] = list((state_dir / "jobs").iterdir())
-    assert domain not in libvirt_domains()
+    assert domains_left({domain}) == set()
     assert (state_dir / "snapshots" / job_dir.name / "disk.qcow2").exists()
 
 
@@ -63,4 +63,4 @@ def test_a_job_dir_removed_under_a_running_job_still_ends_its_vm(vm_env, state_d
     subprocess.run(["rm", "-rf", str(job_dir)], check=True)
     out, err = job.communicate(timeout=300)
     assert job.returncode == 0 and out == b"done\n", err         # the command's own status
-    assert domain not in libvirt_domains()
+    assert domains_left({domain}) == set()
