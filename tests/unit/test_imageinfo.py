@@ -181,3 +181,19 @@ def test_the_parsers_run_as_nobody_when_root_inspects(tmp_path, monkeypatch):
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(disk), "8M"], check=True)
     imageinfo.inspect(disk)
     assert seen and all(identity is not None and identity.uid != 0 for identity in seen)
+
+
+@needs_tools
+def test_cli_inspects_a_catalogue_image_and_shows_its_recorded_boot_mode(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VMLOADER_CACHE_DIR", str(tmp_path / "cache"))
+    disk = _qcow2(_disk(tmp_path, "gpt", _tree(tmp_path / "tree"), first_sector_code=False))
+    assert cli.main(["images", "add", "stockish", "--disk", str(disk), "--boot", "bios"]) == 125   # no MBR code
+    capsys.readouterr()
+    assert cli.main(["images", "add", "stockish", "--disk", str(disk)]) == 0
+    capsys.readouterr()
+    assert cli.main(["images", "inspect", "stockish", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["boot"], data["catalogue_boot"], data["os_release"]["ID"]) == ("uefi", "uefi", "testix")
+    assert data["disk"].startswith("stockish@custom: ")
+    assert cli.main(["images", "inspect", "no-such-image"]) == 125
+    assert "no-such-image" in capsys.readouterr().err

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--json", action="store_true")
     ins = images.add_parser("inspect", help="what an image's disk holds (partitions, boot mode, OS, kernels, "
                             "python3, cloud-init, guest agents), read offline without booting it")
-    ins.add_argument("name", help="a catalogue image (NAME or NAME@VERSION), or a path to a qcow2 or raw disk")
+    ins.add_argument("name", help="a catalogue image (NAME or NAME@VERSION), or a path with a / "
+                     "(./disk.qcow2) to a qcow2 or raw disk")
     ins.add_argument("--json", action="store_true")
     rm = images.add_parser("rm", help="remove an image's files from the cache (not while a job uses it)")
     rm.add_argument("name")
@@ -438,7 +439,7 @@ def _managing(cache, action):
 
 def _images_inspect(args, cfg, cache) -> int:
     from . import imageinfo
-    if "/" in args.name or Path(args.name).is_file():
+    if "/" in args.name:                      # a path; catalogue names have no slash
         info = imageinfo.inspect(Path(args.name))
     else:
         image = cache.resolve(args.name)
