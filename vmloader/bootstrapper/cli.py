@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", action="store_true")
     val = images.add_parser("validate", help="check a manifest.json")
     val.add_argument("file")
-    pub = images.add_parser("publish", help="copy locally built images into a repository directory")
+    pub = images.add_parser("publish", help="copy locally built (or added) images into a repository directory")
     pub.add_argument("dir")
-    pub.add_argument("names", nargs="*", help="images to publish (default: all built here)")
+    pub.add_argument("names", nargs="*", help="images to publish: built here, or added here with `images add` "
+                                              "(a stock image keeps its boot mode); default: all built here")
     repo = sub.add_parser("repo", help="serve a repository").add_subparsers(dest="repo_cmd", required=True)
     serve = repo.add_parser("serve", help="serve a repository directory over HTTP (Range, ETag)")
     serve.add_argument("dir")
