@@ -197,3 +197,19 @@ def test_cli_inspects_a_catalogue_image_and_shows_its_recorded_boot_mode(tmp_pat
     assert data["disk"].startswith("stockish@custom: ")
     assert cli.main(["images", "inspect", "no-such-image"]) == 125
     assert "no-such-image" in capsys.readouterr().err
+
+
+@needs_tools
+def test_a_path_through_hundreds_of_directories_is_given_up(tmp_path):
+    tree = tmp_path / "tree"
+    deep = tree.joinpath(*["d"] * 300)                             # each a debugfs run to walk
+    deep.mkdir(parents=True)
+    (deep / "python3.11").write_bytes(b"\x7fELF")
+    (tree / "usr/bin").mkdir(parents=True)
+    (tree / "usr/bin/python3").symlink_to("/" + "/".join(["d"] * 300) + "/python3.11")
+    (tree / "usr/bin/cloud-init").symlink_to("/" + "/".join(["d"] * 200) + "/../" * 200 + "usr/bin/python3.11")
+    (tree / "usr/bin/python3.11").write_bytes(b"\x7fELF")
+    disk = tmp_path / "whole.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", str(tree), str(disk), "16M"], check=True)
+    info = imageinfo.inspect(disk)
+    assert info.python3 is None and not info.cloud_init

@@ -30,6 +30,7 @@ FS_HEAD_BYTES = 128 * 1024       # a file system's superblock (Btrfs's lies at 6
 MAX_TEXT = 64 * 1024             # os-release read at most
 MAX_LISTING = 16 * 1024 * 1024   # debugfs output for one directory
 MAX_LINK_HOPS = 40               # as the kernel's MAXSYMLINKS
+MAX_STEPS = 256                  # path components looked at while resolving one path
 MAX_KERNELS = 32
 MAX_VALUE = 200                  # bytes of one os-release value shown
 DISK_FORMATS = ("qcow2", "raw")
@@ -238,8 +239,11 @@ class Tree:
         image's root; None when missing, a loop, or unreadable."""
         todo = [c for c in path.encode().split(b"/") if c]
         where: List[Tuple[bytes, int]] = []          # the directories walked: (name, inode)
-        hops = 0
+        hops = steps = 0
         while todo:
+            steps += 1
+            if steps > MAX_STEPS:
+                return None          # a hostile tree of links into deep directories: each step is a debugfs run
             name = todo.pop(0)
             if name == b".":
                 continue
@@ -263,7 +267,7 @@ class Tree:
             where.append((name, entry.ino))
         ino = where[-1][1] if where else debugfs.ROOT_INO
         inode = self.inode(ino)
-        resolved = "/" + "/".join(escape(name) for name, _ in where)
+        resolved = cap("/" + "/".join(escape(name) for name, _ in where), MAX_VALUE * 4)
         return (resolved, ino, inode) if inode else None
 
     def exists(self, path: str) -> bool:
