@@ -28,8 +28,8 @@ def timed(call) -> float:
 
 def parts(base: Path, identity) -> tuple:
     with tempfile.TemporaryDirectory(prefix="vmloader-bench-") as work:
-        reader = guestdisk.Reader(guestdisk._scratch(Path(work), identity), identity)
-        layer = guestdisk._stage(reader, base, "base.qcow2", "base image")
+        reader = guestdisk.Reader(guestdisk.scratch_dir(Path(work), identity), identity)
+        layer = guestdisk.stage(reader, base, "base.qcow2", "base image")
         convert = timed(lambda: reader.to_raw([layer], "base.raw"))
         reader.replay_journal("base.raw")
         tree = {}

@@ -329,3 +329,26 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
     base = own_cache / "artifacts" / before
     assert not base.exists() or sha256(base) == before
     faulttable.record(NO_OVMF, failed, "no VM, overlay, seed or variable store left; the base unchanged")
+
+
+# What `images inspect` must read in each stock image, offline: (table, boot, root fs, os-release ID and
+# VERSION_ID, python3, cloud-init, qemu-guest-agent). The XFS root's contents are not readable offline.
+INSPECTED = [(stockimage.BOOKWORM_BIOS, ("mbr", "bios", "ext4", "12", "3.11", True, True)),
+             (stockimage.BOOKWORM_BIOS_BARE, ("mbr", "bios", "ext4", "12", "3.11", False, False)),
+             (stockimage.BOOKWORM_BIOS_XFS_QGA_ONLY, ("mbr", "bios", "xfs", None, None, False, False)),
+             (stockimage.TRIXIE_UEFI, ("gpt", "uefi", "ext4", "13", "3.13", True, False))]
+
+
+@pytest.mark.parametrize("recipe, expected", INSPECTED, ids=[recipe["name"] for recipe, _ in INSPECTED])
+def test_images_inspect_reads_a_stock_image_offline_without_booting_it(vmloader, recipe, expected, tmp_path):
+    disk = stock_disk(recipe)
+    before = disk.stat().st_mtime_ns
+    shown = vmloader("images", "inspect", str(disk), "--json", timeout=600)
+    assert shown.returncode == 0, shown.err
+    info = shown.json()
+    python = info["python3"]["version"] if info["python3"] else None
+    assert (info["table"], info["boot"], info["filesystem"], info["os_release"].get("VERSION_ID"), python,
+            info["cloud_init"], info["qemu_guest_agent"]) == expected
+    assert info["contents_read"] == (expected[2] != "xfs") and not info["vmloader_agent"]
+    assert bool(info["kernels"]) == info["contents_read"]
+    assert disk.stat().st_mtime_ns == before

@@ -169,6 +169,9 @@ def _entry(data, source: str, where: str) -> ImageEntry:
         if kind not in ARTIFACT_KINDS:
             raise _bad(source, f"{where}.artifacts.{kind}", f"unknown artifact kind; known: {', '.join(ARTIFACT_KINDS)}")
         artifacts[kind] = _artifact(art, source, f"{where}.artifacts.{kind}")
+    if data.get("boot", "direct-kernel") != "direct-kernel" and artifacts.keys() & {"kernel", "initrd"}:
+        raise _bad(source, where + ".artifacts", f"an image booted by its own boot loader (boot {data['boot']}) "
+                   "carries its disk only, no kernel or initrd")
     return ImageEntry(
         name=data["name"], version=data["version"], arch=data.get("arch", "x86_64"),
         os_family=osinfo.get("family", "linux"), os_release=str(osinfo.get("release", "")),

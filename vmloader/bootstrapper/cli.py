@@ -8,6 +8,7 @@ import pwd
 import shutil
 import sqlite3
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--cmdline", default="root=/dev/vda rw console=ttyS0",
                      help="kernel command line for direct boot")
     add.add_argument("--json", action="store_true")
+    ins = images.add_parser("inspect", help="what an image's disk holds (partitions, boot mode, OS, kernels, "
+                            "python3, cloud-init, guest agents), read offline without booting it")
+    ins.add_argument("name", help="a catalogue image (NAME or NAME@VERSION), or a path with a / "
+                     "(./disk.qcow2) to a qcow2 or raw disk")
+    ins.add_argument("--json", action="store_true")
     rm = images.add_parser("rm", help="remove an image's files from the cache (not while a job uses it)")
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true")
@@ -111,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--json", action="store_true")
     val = images.add_parser("validate", help="check a manifest.json")
     val.add_argument("file")
-    pub = images.add_parser("publish", help="copy locally built images into a repository directory")
+    pub = images.add_parser("publish", help="copy locally built (or added) images into a repository directory")
     pub.add_argument("dir")
-    pub.add_argument("names", nargs="*", help="images to publish (default: all built here)")
+    pub.add_argument("names", nargs="*", help="images to publish: built here, or added here with `images add` "
+                                              "(a stock image keeps its boot mode); default: all built here")
     repo = sub.add_parser("repo", help="serve a repository").add_subparsers(dest="repo_cmd", required=True)
     serve = repo.add_parser("serve", help="serve a repository directory over HTTP (Range, ETag)")
     serve.add_argument("dir")
@@ -307,7 +314,6 @@ def cmd_images(args, cfg) -> int:
                              hint="images with recipes: " + ", ".join(
                                  catalog.load_manifest(catalog.EMBEDDED_MANIFEST).names()))
         if args.init == "systemd":
-            from dataclasses import replace
             entry = replace(entry, name=entry.name + "-systemd",
                             recipe=replace(entry.recipe, init="systemd"))
         built = build.build_image(entry, cache, force=args.force)
@@ -432,6 +438,19 @@ def _managing(cache, action):
                          hint="do it as the cache's owner (README: one cache for all users of a worker)") from None
 
 
+def _images_inspect(args, cfg, cache) -> int:
+    from . import imageinfo
+    if "/" in args.name:                      # a path; catalogue names have no slash
+        info = imageinfo.inspect(Path(args.name))
+    else:
+        image = cache.resolve(args.name)
+        with cache.pin(image):
+            info = imageinfo.inspect(image.disk, "qcow2", catalogue_boot=image.entry.boot)
+        info = replace(info, disk=f"{image.entry.ref}: {info.disk}")
+    _emit(info.to_dict(), args.json, "\n".join(info.lines()))
+    return 0
+
+
 def _images_rm(args, cfg, cache) -> int:
     removed = _managing(cache, lambda: cache.remove_image(args.name))
     _emit([e.sha256 for e in removed], args.json, f"removed {len(removed)} files of {args.name}")
@@ -461,7 +480,8 @@ def _images_warm(args, cfg, cache) -> int:
 
 
 IMAGE_ACTIONS = {"warm": _images_warm, "pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
-                 "publish": _images_publish, "add": _images_add, "rm": _images_rm, "prune": _images_prune}
+                 "publish": _images_publish, "add": _images_add, "inspect": _images_inspect, "rm": _images_rm,
+                 "prune": _images_prune}
 
 
 def cmd_cache(args, cfg) -> int:

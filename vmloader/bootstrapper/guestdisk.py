@@ -67,18 +67,19 @@ class Layer:
 class Reader:
     """Runs the parsers in `scratch` as `identity` (None: as ourselves)."""
 
-    def __init__(self, scratch: Path, identity: Optional[Identity], progress: Progress = lambda _: None):
-        self.scratch, self.identity, self.progress = scratch, identity, progress
+    def __init__(self, scratch: Path, identity: Optional[Identity], progress: Progress = lambda _: None,
+                 phase: str = PHASE):
+        self.scratch, self.identity, self.progress, self.phase = scratch, identity, progress, phase
         self.ran_as: set = set()     # uids the parsers ran as (shown with --debug)
 
     def run(self, argv: List[str], timeout: float, max_output: int = 1 << 20, input: bytes = b"",
             check: bool = True):
         result = proc.run_bounded(argv, max_output=max_output, timeout=timeout, input=input,
-                                  as_user=self.identity, cwd=str(self.scratch), env=_child_env(), phase=PHASE)
+                                  as_user=self.identity, cwd=str(self.scratch), env=_child_env(), phase=self.phase)
         self.ran_as.add(self.identity.uid if self.identity else os.geteuid())
         if check and result.returncode != 0:
             raise VMLoaderError(f"{argv[0]} failed (exit {result.returncode}): "
-                                f"{_first_line(result.stderr + result.stdout)}", phase=PHASE)
+                                f"{first_line(result.stderr + result.stdout)}", phase=self.phase)
         return result
 
     def check(self, layer: Layer) -> None:
@@ -86,7 +87,7 @@ class Reader:
         alone = {"driver": "qcow2", "file": {"driver": "file", "filename": layer.path}, "backing": None}
         result = self.run(["qemu-img", "check", "-U", "json:" + json.dumps(alone)], timeout=300, check=False)
         if result.returncode not in (0, 3):
-            raise SnapshotError(f"the disk of {layer.what} is damaged ({_first_line(result.stderr + result.stdout)}"
+            raise SnapshotError(f"the disk of {layer.what} is damaged ({first_line(result.stderr + result.stdout)}"
                                 f"): {layer.origin}", hint=f"`qemu-img check {layer.origin}` says more; nothing "
                                 "was changed or removed", phase=PHASE)
 
@@ -178,7 +179,7 @@ class Walk:
             return debugfs.parse(result.stdout, commands)
         except debugfs.DebugfsOutputError as exc:
             raise SnapshotError(f"could not list the file system of the {self.label}: debugfs printed what its "
-                                f"commands cannot produce ({exc}); {_first_line(result.stderr)}",
+                                f"commands cannot produce ({exc}); {first_line(result.stderr)}",
                                 hint="the file system is damaged (or hostile)", phase=PHASE) from None
 
     def found(self, dirs: list, listings: list) -> Tuple[list, list]:
@@ -234,7 +235,7 @@ def _child_env() -> dict:
     return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
 
 
-def _first_line(output: bytes) -> str:
+def first_line(output: bytes) -> str:
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     return cap(escape(lines[0]), 300) if lines else "no message"
 
@@ -247,9 +248,9 @@ def read_trees(base: Path, disk: Path, snapshot_id: str, identity: Optional[Iden
             raise SnapshotError(f"the disk of {what} is missing: {path}",
                                 hint="the directory is incomplete; inspect it by hand", phase=PHASE)
     with tempfile.TemporaryDirectory(prefix="vmloader-diff-") as work:
-        reader = Reader(_scratch(Path(work), identity), identity, progress)
-        base_layer = _stage(reader, base, "base.qcow2", "base image")
-        snap_layer = _stage(reader, disk, "snap.qcow2", f"snapshot {snapshot_id}")
+        reader = Reader(scratch_dir(Path(work), identity), identity, progress)
+        base_layer = stage(reader, base, "base.qcow2", "base image")
+        snap_layer = stage(reader, disk, "snap.qcow2", f"snapshot {snapshot_id}")
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(reader.check, (snap_layer, base_layer)))
             raws = list(pool.map(lambda job: _open_fs(reader, *job),
@@ -259,7 +260,7 @@ def read_trees(base: Path, disk: Path, snapshot_id: str, identity: Optional[Iden
         return trees[0], trees[1], reader
 
 
-def _scratch(work: Path, identity: Optional[Identity]) -> Path:
+def scratch_dir(work: Path, identity: Optional[Identity]) -> Path:
     """A directory only the parsers' user can reach: inside our own 0700 mkdtemp, owned by them."""
     scratch = work / "scratch"
     scratch.mkdir(mode=0o700)
@@ -268,7 +269,7 @@ def _scratch(work: Path, identity: Optional[Identity]) -> Path:
     return scratch
 
 
-def _stage(reader: Reader, source: Path, name: str, what: str) -> Layer:
+def stage(reader: Reader, source: Path, name: str, what: str) -> Layer:
     """Where the parsers read `source`: in place when they run as ourselves or anyone may read it
     (a shared cache's base image), else a copy they own that we made (they cannot open our files,
     and we never open a path they could have chosen)."""

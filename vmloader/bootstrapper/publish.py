@@ -1,4 +1,4 @@
-"""`vmloader images publish DIR`: put locally built images into a repository directory.
+"""`vmloader images publish DIR`: put locally built (or added) images into a repository directory.
 
 Artifacts land at `DIR/<name>/<version>/<file>` and the manifest is merged
 (other images already published there are kept), written atomically last, so
@@ -16,12 +16,20 @@ from .errors import ImageError
 
 
 def publish(cache: ImageCache, repo_dir: Path, names: Sequence[str] = ()) -> list:
-    built = cache.built_manifest().images
-    chosen = [e for e in built if not names or e.name in names]
+    """Images built here (all of them when no names are given) and, by name, images added here
+    (`images add`: a stock image with its boot mode, or a disk with its kernel and initrd)."""
+    chosen = [e for e in cache.built_manifest().images if not names or e.name in names]
+    chosen += [e for e in load_manifest(cache.custom_manifest_path).images
+               if e.name in names and e.name not in {c.name for c in chosen}]
     missing = set(names) - {e.name for e in chosen}
     if missing or not chosen:
-        raise ImageError(f"nothing built here to publish: {', '.join(sorted(missing)) or 'no images'}",
-                         hint="build first: vmloader images build NAME")
+        raise ImageError(f"nothing built or added here to publish: {', '.join(sorted(missing)) or 'no images'}",
+                         hint="build first (vmloader images build NAME) or add the disk (vmloader images add "
+                              "NAME --disk FILE)")
+    for entry in chosen:
+        if not cache.has_all(entry):
+            raise ImageError(f"{entry.ref} is not complete in the cache {cache.root}",
+                             hint=f"pull or add it again (vmloader images pull {entry.name})")
     repo_dir.mkdir(parents=True, exist_ok=True)
     published = [_copy_entry(cache, entry, repo_dir) for entry in chosen]
     current = load_manifest(repo_dir / "manifest.json").images
