@@ -3,6 +3,7 @@
 The unit tests run as one user: a "user's" job is one whose config sees the shared cache as
 another's (`warm.shared_root`) and whose libvirt daemon is its own (`XDG_RUNTIME_DIR`).
 """
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -212,3 +213,17 @@ def test_the_schedd_transform_ranks_a_warm_worker_above_one_with_the_image_alone
     nothing, cached, warmed = {}, {"VMLoaderImages": "debian-12"}, {
         "VMLoaderImages": "debian-12", "VMLoaderWarmImages": "debian-12"}
     assert score(warmed) > score(cached) > score(nothing)
+
+
+def test_an_htcondor_job_restores_roots_state_but_never_builds_one_of_its_own(world):
+    """A state built inside a job would be charged to its slot (memory, disk) for that user's later
+    jobs only: the wrapper's jobs borrow root's shared states and otherwise boot cold."""
+    from vmloader.bootstrapper.condor import _machine_overrides
+    assert _machine_overrides(None)["warm_own_states"] is False
+    rig = Rig(world, warm_start=True)
+    rig.config = dataclasses.replace(rig.config, warm_own_states=False)
+    result = rig.run("true", snapshot="never")
+    assert result.start == "cold"
+    assert list(warm.own_store(rig.config, 4).states()) == []
+    rig.config = dataclasses.replace(rig.config, warm_own_states=True)      # (the same job elsewhere: warm)
+    assert rig.run("true", snapshot="never").start == "warm"

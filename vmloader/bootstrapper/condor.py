@@ -287,11 +287,15 @@ def _worker_name(machine: Optional[classad.Ad]) -> str:
 
 def _machine_overrides(machine: Optional[classad.Ad]) -> dict:
     """The startd's probe advertises its cache dir: jobs of that startd use the same one; QEMU
-    always joins the job's cgroups."""
+    always joins the job's cgroups; warm states are root's shared ones only."""
     cache_dir = _machine_value(machine, "VMLoaderCacheDir")
     # A wrapper running as root (the system libvirtd) moves QEMU into the job's cgroup: the
     # slot's limits and accounting must cover the VM (qemucgroup.py).
-    overrides = {"qemu_cgroup": "caller"}
+    # A job never builds a warm state of its own: it would be saved inside the job's slot (its
+    # memory and disk charged to the job's cgroup, 180+ MiB per shape, in a home that may be NFS
+    # or tmpfs) for later jobs of the same user only. Jobs restore the states root builds in the
+    # shared cache (`images warm` from a STARTD_CRON) and otherwise boot cold.
+    overrides = {"qemu_cgroup": "caller", "warm_own_states": False}
     return dict(overrides, cache_dir=cache_dir) if isinstance(cache_dir, str) and cache_dir else overrides
 
 

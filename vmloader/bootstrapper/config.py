@@ -143,6 +143,9 @@ SETTINGS: Sequence[Setting] = (
     Setting("warm_lanes", "VMLOADER_WARM_LANES", _non_negative(int),
             "saved states per image and shape, one per job starting at once (default 2 x host CPUs; "
             "0 = that default); more concurrent jobs boot cold"),
+    Setting("warm_own_states", "VMLOADER_WARM_OWN_STATES", _bool,
+            "build a warm state of your own when no shared one (root's) serves the job (default true; "
+            "HTCondor jobs never do: they restore root's or boot cold)"),
     Setting("qemu_cgroup", "VMLOADER_QEMU_CGROUP", _qemu_cgroup,
             "as root (system libvirtd): `caller` starts each VM paused and moves QEMU into vmloader's own "
             "cgroups so their limits and accounting cover the VM (always so under the HTCondor wrapper); "
@@ -181,6 +184,7 @@ class Config:
     output_max_bytes: int = 16 * 2**30
     warm_start: bool = True
     warm_lanes: int = 0
+    warm_own_states: bool = True
     qemu_cgroup: str = "libvirt"   # "caller": QEMU joins vmloader's cgroups (qemucgroup.py)
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None

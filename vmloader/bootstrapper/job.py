@@ -516,6 +516,8 @@ class JobRunner:
                 warm_plan = job.plan = launch.warm_state(plan.image_ref, borrowed)
                 _write_owner(job)
                 return warm_plan
+            if not self.config.warm_own_states:
+                return plan                         # (an HTCondor job: see condor._machine_overrides)
             store = warm.own_store(self.config, self.config.warm_lanes or warm.default_lanes())
             held = store.acquire(warm.state_key(parts))
             if held is None:
