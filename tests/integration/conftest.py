@@ -4,16 +4,19 @@ The guest image is built (or found up to date) in the real default cache,
 so CI reuses it across runs; every test gets its own state dir (jobs and
 snapshots) so they cannot see each other's leftovers.
 """
+import hashlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -180,3 +183,40 @@ def as_user(user: "pwd.struct_passwd", checkout: Path, args: list, env: dict, **
     argv = ["runuser", "-u", user.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in base.items()),
             "/usr/bin/python3", "-m", "vmloader.bootstrapper.cli", *args]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp", **kwargs)
+
+
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (disk images are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def own_cache():
+    """An image cache of the test's own (QEMU reads the images in it), removed afterwards."""
+    path = world_readable_tmpdir("vmloader-own-cache-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def booted(vm_env, tmp_path):
+    """Start `vmloader snapshot boot ID --json [EXTRA...]` (with `env` over the test's environment);
+    yields its announcement; each is stopped with Ctrl-C when the test ends."""
+    procs = []
+
+    def boot(snap_id: str, *extra: str, env: Optional[dict] = None) -> dict:
+        proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "snapshot", "boot", snap_id,
+                                 "--json", *extra], env=dict(vm_env, **(env or {})), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line, f"snapshot boot ended early: {proc.stderr.read()}"
+        return json.loads(line)
+    yield boot
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()

@@ -14,6 +14,7 @@ import htcondor2
 import pytest
 
 from .condor_pool import IMAGES, REPO, USER, start_pool
+from .conftest import file_sha256
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.condor]
@@ -766,14 +767,6 @@ def test_two_slots_running_vm_jobs_at_once_never_hold_more_than_their_two_reques
     print(f"two slots: cgroup peaks {[s['peak'] // mib for s in seen.values()]} MiB of "
           f"{[s['limit'] // mib for s in seen.values()]}; both full together {both_full // mib} MiB; "
           f"ResidentSetSize_RAW, RequestMemory, MemoryUsage {figures}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_a_job_naming_a_stock_image_root_added_runs_as_the_user_with_the_agent_delivered_at_boot(pool):

@@ -118,24 +118,6 @@ def terminal(vm_env, tmp_path):
             pass
 
 
-@pytest.fixture
-def booted(vm_env, tmp_path):
-    """Start `vmloader snapshot boot ID --json ...`; yields its announcement; stops it with Ctrl-C."""
-    procs = []
-
-    def boot(snap_id, *extra):
-        proc = subprocess.Popen([*CLI, "snapshot", "boot", snap_id, "--json", *extra], env=vm_env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        line = proc.stdout.readline()
-        assert line, f"snapshot boot ended early: {proc.stderr.read()}"
-        return json.loads(line)
-    yield boot
-    for proc in procs:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
-
-
 def test_a_timed_out_job_is_frozen_with_its_memory_and_boot_resumes_the_hung_process(
         vmloader, state_dir, booted, tmp_path):
     run = vmloader("run", "--image", "debian-12", "--timeout", "20", "--env", "MARKER=frozen-at-3am", "--json",

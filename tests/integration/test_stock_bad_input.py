@@ -3,11 +3,7 @@ time), nothing left behind (VM, overlay, seed, NVRAM), the base untouched, and a
 
 None of these boots a guest to its login prompt: each fails in the firmware or before the VM starts.
 """
-import hashlib
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ from vmloader.bootstrapper.cache import ImageCache
 from vmloader.bootstrapper.catalog import ImageEntry
 
 from . import faulttable
+from .conftest import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -23,18 +20,6 @@ NOT_QCOW2_NOR_RAW = "a disk that is neither qcow2 nor raw (vmdk), at `images add
 NO_BOOT_CODE = "a disk with an MBR partition table and no boot code (`images add --boot bios`)"
 NO_BOOTABLE_DEVICE = "a disk SeaBIOS finds nothing to boot on (boot code, no boot signature): \"No bootable device\""
 NO_MTOOLS = "a worker without mtools: the cloud-init seed cannot be made"
-
-
-@pytest.fixture
-def own_cache():
-    path = Path(tempfile.mkdtemp(prefix="vmloader-stockbad-", dir="/var/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def raw_disk(tmp_path: Path, name: str, first_bytes: bytes = b"", mbr_table: bool = False) -> Path:
@@ -57,7 +42,7 @@ def add_unbootable_bios_image(vmloader, own_cache: Path, tmp_path: Path) -> tupl
     entry = added.json()
     assert entry["boot"] == "bios"
     base = own_cache / "artifacts" / entry["artifacts"]["disk"]["sha256"]
-    return env, base, sha256(base)
+    return env, base, file_sha256(base)
 
 
 def nothing_left(job_dir: Path) -> list:
@@ -67,13 +52,13 @@ def nothing_left(job_dir: Path) -> list:
 def test_a_disk_neither_qcow2_nor_raw_is_refused_at_images_add_naming_its_format(vmloader, own_cache, tmp_path):
     vmdk = tmp_path / "disk.vmdk"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
-    before = sha256(vmdk)
+    before = file_sha256(vmdk)
     added = vmloader("images", "add", "mine", "--disk", str(vmdk), env_extra={"VMLOADER_CACHE_DIR": str(own_cache)})
     assert added.returncode == 125, added.err
     assert "is a vmdk disk image: images add takes qcow2 or raw" in added.err
     assert "qemu-img convert -O qcow2" in added.err
     assert not list((own_cache / "artifacts").glob("*")) if (own_cache / "artifacts").exists() else True
-    assert sha256(vmdk) == before
+    assert file_sha256(vmdk) == before
     said = added.err.strip().splitlines()[0].replace(str(vmdk), vmdk.name)
     faulttable.record_row(NOT_QCOW2_NOR_RAW, 125, "refused", "", said,
                           "nothing cached; the file unchanged")
@@ -119,7 +104,7 @@ def test_a_disk_seabios_finds_nothing_to_boot_on_fails_125_at_once_naming_it(vml
     assert "--boot" in error["hint"]
     assert "No bootable device" in Path(result["console_log"]).read_text(errors="replace")
     assert nothing_left(Path(result["job_dir"])) == []
-    assert sha256(base) == before
+    assert file_sha256(base) == before
     faulttable.record(NO_BOOTABLE_DEVICE, result, "no VM, overlay or seed left; the base unchanged")
 
 
@@ -142,5 +127,5 @@ def test_a_worker_without_mtools_fails_125_before_the_vm_naming_mtools(vmloader,
     assert error["phase"] == "setup" and "mformat is missing on this worker" in error["message"], error
     assert "mtools" in error["hint"]
     assert nothing_left(Path(result["job_dir"])) == []
-    assert sha256(base) == before
+    assert file_sha256(base) == before
     faulttable.record(NO_MTOOLS, result, "no VM, overlay or seed left; the base unchanged")

@@ -7,20 +7,18 @@ snapshots, and the clear error on a worker without OVMF.
 Stock images boot slowly under TCG (their own boot loader, systemd, cloud-init): few boots, each
 checking several things.
 """
-import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from . import faulttable, stockimage
+from .conftest import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -34,22 +32,6 @@ def stock_disk(recipe: dict) -> Path:
 @pytest.fixture(scope="module")
 def stock_bios_disk():
     return stock_disk(stockimage.BOOKWORM_BIOS)
-
-
-@pytest.fixture
-def own_cache():
-    path = Path(tempfile.mkdtemp(prefix="vmloader-stock-", dir="/var/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays_byte_identical(
@@ -87,8 +69,8 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     assert diff.returncode == 0, diff.err
     assert "/root/mark" in {change["path"] for change in diff.json()["added"]}
 
-    assert sha256(disk) == before
-    assert not base.exists() or sha256(base) == before
+    assert file_sha256(disk) == before
+    assert not base.exists() or file_sha256(base) == before
 
 
 def add_stock(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path) -> tuple:
@@ -116,7 +98,7 @@ def test_an_image_with_qemu_guest_agent_and_no_cloud_init_gets_the_agent_through
     name, uid, cwd, line, cloud = Path(result["stdout_path"]).read_text().split("\n")[:5]
     assert (name, cwd, line, cloud) == ("vmloader", "/work", "from stdin", "no-cloud-init")
     assert int(uid) >= 60000
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
 
 
 NONE_OF_THESE = "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)"
@@ -138,27 +120,8 @@ def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_w
     assert "install qemu-guest-agent" in error["hint"] and "cloud-init" in error["hint"]
     job_dir = Path(result["job_dir"])
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
     faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")
-
-
-@pytest.fixture
-def booted(vm_env, tmp_path):
-    """Start `vmloader snapshot boot ID --json` with `env`; yields its announcement; stops it with Ctrl-C."""
-    procs = []
-
-    def boot(snap_id: str, env: dict) -> dict:
-        proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "snapshot", "boot", snap_id,
-                                 "--json"], env=dict(vm_env, **env), cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        line = proc.stdout.readline()
-        assert line, f"snapshot boot ended early: {proc.stderr.read()}"
-        return json.loads(line)
-    yield boot
-    for proc in procs:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
 
 
 def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
@@ -188,7 +151,7 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
     assert "holds an XFS file system" in diff.err and "ext2, ext3 and ext4" in diff.err
 
     resuming = time.monotonic()
-    up = booted(snap, env)
+    up = booted(snap, env=env)
     assert up["resumed_from_memory"] is True
     ps = vmloader("snapshot", "exec", snap, "--", "sh", "-c",
                   'pgrep -ax sleep; tr "\\0" "\\n" < /proc/$(pgrep -x sleep)/environ | grep MARKER; exit 3',
@@ -197,7 +160,7 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
     assert "sleep 100000" in ps.out and "MARKER=frozen-on-xfs" in ps.out     # the very process, not a rerun
     print(f"stock XFS image: run to timeout {ran:.0f} s (boot {result['timings'].get('boot')}), "
           f"resume to exec answered {time.monotonic() - resuming:.0f} s", file=sys.stderr)
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
 
 
 GUEST_EXEC_BLOCKED = "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)"
@@ -218,7 +181,7 @@ def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it
     assert "cloud-init" in error["message"] and "guest-exec and guest-file-* allowed" in error["hint"]
     job_dir = Path(result["job_dir"])
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
     faulttable.record(GUEST_EXEC_BLOCKED, result, "no VM, overlay or seed left; the base unchanged")
 
 
@@ -252,7 +215,7 @@ def test_an_image_without_python3_fails_125_after_its_boot_naming_python3(vmload
     assert "install python3 (>= 3.6)" in error["hint"]
     job_dir = Path(result["job_dir"])
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
     faulttable.record(NO_PYTHON, result, "no VM, overlay or seed left; the base unchanged")
 
 
@@ -325,9 +288,9 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
     assert "OVMF" in failed["error"]["message"] and "apt-get install ovmf" in failed["error"]["hint"]
     left = {path.name for path in Path(failed["job_dir"]).iterdir()}
     assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
     base = own_cache / "artifacts" / before
-    assert not base.exists() or sha256(base) == before
+    assert not base.exists() or file_sha256(base) == before
     faulttable.record(NO_OVMF, failed, "no VM, overlay, seed or variable store left; the base unchanged")
 
 
