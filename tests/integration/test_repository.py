@@ -217,10 +217,11 @@ def test_an_image_url_is_verified_by_its_sha256_file_cached_and_booted_by_firmwa
     relative = entry["artifacts"]["disk"]["url"]
     (published_repo / (relative + ".sha256")).write_text(f"{disk.sha256}  disk.qcow2\n")
     run = run_url(vm_env, fresh_cache, nginx.url + relative)
-    # Our images boot a kernel directly and carry no boot loader, so firmware boot finds
-    # nothing to boot: what this shows is the download, verification and firmware path.
+    # Our images boot a kernel directly and carry no boot loader, so SeaBIOS would find nothing
+    # to boot: what this shows is the download, verification and caching, and that a disk with
+    # no boot code fails before its VM (not at the boot timeout), naming why.
     assert run.returncode == 125
-    assert "never reached the agent" in run.stderr
+    assert "cannot boot with SeaBIOS: its first sector holds no boot code" in run.stderr, run.stderr
     assert (fresh_cache / "artifacts" / disk.sha256).exists()
     assert len(disk_gets(nginx)) == 1
 
@@ -288,9 +289,15 @@ def test_two_users_read_one_cache_that_only_its_owners_service_writes(nginx, rea
         record_row("a cache user plants a symlink in the shared cache", 1, "refused", "",
                    "ln: Permission denied (every cache dir is root's, 0755)", "cache unchanged")
         own = world_readable_tmpdir("vmloader-own-")
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(own / "evil.qcow2"), "64M"], check=True)
+        with open(own / "evil.raw", "wb") as raw:   # boot code (a jump to itself) and the MBR signature
+            raw.truncate(64 << 20)
+            raw.write(b"\xeb\xfe")
+            raw.seek(510)
+            raw.write(b"\x55\xaa")
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(own / "evil.raw"),
+                        str(own / "evil.qcow2")], check=True)
         add = as_user(users[0], readable_checkout, ["images", "add", "debian-12", "--disk", str(own / "evil.qcow2"),
-                                                    "--boot", "bios", "--json"], env)   # (blank: no loader to detect)
+                                                    "--boot", "bios", "--json"], env)
         _, err = add.communicate(timeout=120)
         assert add.returncode == 0, err
         evil_sha = _sha_of(_pull(users[0], readable_checkout, env))
