@@ -1,21 +1,14 @@
 """Post-mortem: a kept job state boots again (unchanged), and exports to a standalone image."""
-import hashlib
 import json
 import subprocess
 
 import pytest
 
+from .conftest import file_sha256
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
 POWEROFF = 'init=/bin/sh -- -c "mount -t proc proc /proc; cat /work/made.txt; echo o > /proc/sysrq-trigger; sleep 30"'
-
-
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @pytest.fixture
@@ -30,7 +23,7 @@ def failed_job(vmloader):
 
 def test_snapshot_exec_sees_the_jobs_state_and_leaves_the_snapshot_unchanged(vmloader, state_dir, failed_job):
     disk = state_dir / "snapshots" / failed_job / "disk.qcow2"
-    before = sha256(disk)
+    before = file_sha256(disk)
     run = vmloader("snapshot", "exec", failed_job, "--", "sh", "-c",
                    "cat /work/made.txt; test -e /etc/issue.net || echo issue.net-gone; echo stage=$STAGE; "
                    "echo scratch > /work/made.txt; exit 3")
@@ -38,7 +31,7 @@ def test_snapshot_exec_sees_the_jobs_state_and_leaves_the_snapshot_unchanged(vml
     assert run.out.split() == ["built-by-job", "issue.net-gone", "stage=nightly"]
     again = vmloader("snapshot", "exec", failed_job, "--", "cat", "/work/made.txt")
     assert again.out == "built-by-job\n"             # the first exec's write went to a throwaway overlay
-    assert sha256(disk) == before
+    assert file_sha256(disk) == before
 
 
 def test_snapshot_export_boots_on_its_own_with_plain_qemu(vmloader, state_dir, failed_job, tmp_path):
@@ -89,11 +82,11 @@ def test_export_without_room_leaves_no_partial_file_and_says_so(vmloader, state_
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
     try:
-        before = sha256(state_dir / "snapshots" / failed_job / "disk.qcow2")
+        before = file_sha256(state_dir / "snapshots" / failed_job / "disk.qcow2")
         run = vmloader("snapshot", "export", failed_job, "-o", str(small / "full.qcow2"))
         assert run.returncode == 125, run.err
         assert "is there room" in run.err and str(small) in run.err, run.err
         assert list(small.iterdir()) == []
-        assert sha256(state_dir / "snapshots" / failed_job / "disk.qcow2") == before
+        assert file_sha256(state_dir / "snapshots" / failed_job / "disk.qcow2") == before
     finally:
         subprocess.run(["umount", str(small)], check=True)
