@@ -19,6 +19,7 @@ from vmloader.bootstrapper import launch
 from vmloader.bootstrapper.cache import ResolvedImage
 from vmloader.bootstrapper.catalog import Artifact, ImageEntry
 from vmloader.bootstrapper.config import Config
+from vmloader.bootstrapper.deliverymemory import DELIVERIES_DIR, DeliveryMemory
 from vmloader.bootstrapper.errors import EXIT_INFRA, EXIT_NOT_FOUND, EXIT_TIMEOUT
 from vmloader.bootstrapper.hypervisors import Hypervisor
 from vmloader.bootstrapper.job import JobRunner, JobSpec
@@ -316,3 +317,31 @@ def test_a_uefi_image_on_a_worker_without_ovmf_fails_125_naming_the_package_and_
     left = {path.name for path in Path(result.job_dir).iterdir()}
     assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
     assert rig.cache.image.paths["disk"].read_bytes() == before
+
+
+class BiosImageCache(OneImageCache):
+    """A stock image with its own boot loader in the MBR (no kernel beside it)."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        raw, disk = root / "mbr.raw", self.image.paths["disk"]
+        raw.write_bytes((b"\xeb\x63\x90" + bytes(507) + b"\x55\xaa").ljust(1 << 20, b"\0"))   # boot code, signature
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
+        self.image = ResolvedImage(ImageEntry("fake", "1", boot="bios",
+                                              artifacts={"disk": Artifact("file:///disk", "b" * 64, 4)}),
+                                   {"disk": disk})
+
+
+@pytest.mark.skipif(shutil.which("mcopy") is None, reason="mtools missing (the cloud-init seed)")
+def test_a_stock_jobs_memory_snapshot_resumes_with_the_agent_it_had_not_a_second_delivery(world):
+    rig = Rig(world, boot_timeout=10)
+    rig.cache = BiosImageCache(world)
+    frozen = rig.run("sh", "-c", "echo started; sleep 60", timeout=1.5, snapshot="on-failure")
+    assert frozen.exit_status == EXIT_TIMEOUT and frozen.snapshot is not None
+    # The image's later jobs go straight to qemu-ga; a resumed VM already runs its agent (a second
+    # one would find the port taken), so that memory must not apply to it.
+    DeliveryMemory(rig.config.state_dir / DELIVERIES_DIR).remember("b" * 64, "qemu-guest-agent")
+    again = rig.run("echo", "resumed", snapshot="never", from_snapshot=frozen.snapshot)
+    assert again.exit_status == 0, again.error
+    assert rig.out.getvalue().decode().splitlines()[-1] == "resumed"
+    assert DeliveryMemory(rig.config.state_dir / DELIVERIES_DIR).recall("b" * 64) == "qemu-guest-agent"

@@ -93,7 +93,7 @@ def deliver_via_qga(qga: QGAClient) -> None:
                        code, "the guest needs python3 >= 3.6 and useradd (or a 'vmloader' user)"))
 
 
-def _delivery_of(client: AgentClient) -> str:
+def delivery_of(client: AgentClient) -> str:
     """What the agent says brought it (adopt.sh tells it); an agent that does not say is baked in."""
     said = client.info.delivery if client.info is not None else None
     return said if said in (QEMU_GUEST_AGENT, CLOUD_INIT) else BUILTIN
@@ -123,7 +123,7 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
             if only != QEMU_GUEST_AGENT:         # ours answers when baked in or cloud-init started it
                 try:
                     client.handshake(timeout=1.0)
-                    return Reached(client, _delivery_of(client), remembered=only is not None)
+                    return Reached(client, delivery_of(client), remembered=only is not None)
                 except GuestTimeout:
                     pass
             if qga is None and not qga_problem and only in (None, QEMU_GUEST_AGENT):
@@ -154,7 +154,7 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                         log.debug("agent started through the QEMU guest agent %.1f s into the boot",
                                   _since(started))
                         client.handshake(timeout=max(5.0, deadline - time.monotonic()))
-                        return Reached(client, _delivery_of(client), remembered=only is not None)
+                        return Reached(client, delivery_of(client), remembered=only is not None)
             console = tail(console_log, 40)
             if any(mark in console for mark in NO_BOOT_MARKS):
                 raise failure("the firmware found nothing to boot on the disk",

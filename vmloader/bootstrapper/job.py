@@ -450,7 +450,7 @@ class JobRunner:
             with job.timer.phase("define"):
                 job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
             with job.timer.phase("boot"):
-                client = job.client = self._connect_agent(job)
+                client = job.client = self._connect_agent(job, resumed=plan.restores_memory)
         with job.timer.phase("identity"):
             self._personalize(job, client, plan.warm)
         return client
@@ -730,10 +730,12 @@ class JobRunner:
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
-    def _connect_agent(self, job: Job, timeout: Optional[float] = None) -> AgentClient:
+    def _connect_agent(self, job: Job, timeout: Optional[float] = None, resumed: bool = False) -> AgentClient:
+        """The agent of the job's VM, delivered first if a stock image needs it. A VM `resumed` from
+        memory runs the agent it had when saved (delivering another would find its port taken)."""
         deadline = time.monotonic() + (timeout or self.config.boot_timeout)
         image = _known(job.image, "image")
-        if image.entry.firmware is not None and image.kernel is None:
+        if image.entry.firmware is not None and image.kernel is None and not resumed:
             memory = DeliveryMemory(self.config.state_dir / DELIVERIES_DIR)
             sha256 = image.entry.artifacts["disk"].sha256
             remembered = memory.recall(sha256)
@@ -745,7 +747,6 @@ class JobRunner:
             if reached.delivery != remembered:
                 memory.remember(sha256, reached.delivery)
             return reached.client
-        job.agent_delivery = delivery.BUILTIN
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         while True:
             try:
@@ -761,6 +762,7 @@ class JobRunner:
         except AgentError as exc:
             client.close()
             raise self._boot_failure(job, exc.message) from None
+        job.agent_delivery = delivery.delivery_of(client)
         return client
 
     def _explain_guest_death(self, job: Job, exc: AgentError) -> AgentError:
