@@ -124,7 +124,6 @@ def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_w
     faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")
 
 
-@pytest.mark.skip(reason="failed (and errored in teardown) in the fresh-clone run of the merged code at the end of the 2026-11-26 session after passing on its branch; cause not yet known: see the closing note")
 def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
         vmloader, own_cache, booted, tmp_path):
     """Delivery does not depend on the guest's filesystem; `--timeout` freezes a stock image's VM with
