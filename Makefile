@@ -17,11 +17,12 @@ demo: image
 
 # mypy first: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
 # Unit tests in a process of their own, before the VM tests: nothing a VM test leaves in its
-# process (signal handlers, threads) reaches the fakes.
+# process (signal handlers, threads) reaches the fakes. The slowest VM tests are listed at the end
+# (where the suite's minutes go).
 test: image
 	$(VENV)/bin/python -m mypy vmloader
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/integration
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests/integration
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader
@@ -33,5 +34,5 @@ bench: image
 	$(VENV)/bin/python bench/pull_throughput.py
 	$(VENV)/bin/python bench/snapshot_times.py
 	$(VENV)/bin/python bench/shell_prompt.py
-	$(VENV)/bin/python bench/condor_throughput.py
+	$(VENV)/bin/python bench/condor_throughput.py --warm
 	$(VENV)/bin/python bench/ssh_to_job.py

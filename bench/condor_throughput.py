@@ -6,9 +6,14 @@ slot each), times one VM job alone, then submits N jobs at once and reports
 their makespan against the ideal N x single / slots (`x ideal`). With --compare-cgroups it
 does so twice: with HTCondor's cgroup accounting and limits (the pool's default)
 and without them (jobs tracked by process tree), for the cost of the accounting.
+With --warm, each pool then runs the same jobs again after root warmed debian-12 in both
+workers' caches (`images warm`, what a STARTD_CRON does): jobs restore root's shared state
+instead of booting (an HTCondor job never builds a state of its own).
 Not a test: no thresholds, just figures for the README.
 """
 import argparse
+import json
+import os
 import re
 import sys
 import time
@@ -39,33 +44,73 @@ def run_cluster(pool, name: str, count: int) -> float:
     return time.monotonic() - started
 
 
+CACHES = ("/var/cache/vmloader-1", "/var/cache/vmloader-2")
+
+
+def warm_workers(pool) -> float:
+    """Root's warm state of debian-12 in both workers' caches (the system libvirt daemon saves it)."""
+    qemu_conf = pool.path("/etc/libvirt/qemu.conf")
+    if "namespaces = []" not in qemu_conf.read_text():       # no mount namespace for QEMU in the chroot
+        qemu_conf.write_text(qemu_conf.read_text() + "namespaces = []\n")
+    pool.run(["sh", "-c", "virtlogd -d && libvirtd -d"], user=None, check=True)
+    pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
+    started = time.monotonic()
+    for cache in CACHES:
+        pool.vmloader("images", "warm", "debian-12", cache=cache, user="root", check=True, timeout=1800)
+    return time.monotonic() - started
+
+
+def starts(pool) -> dict:
+    """How the pool's jobs so far started (job dir -> "warm"/"cold"), from their metadata."""
+    jobs = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    seen = {}
+    for job in (jobs.iterdir() if jobs.is_dir() else ()):
+        try:
+            seen[job.name] = json.loads((job / "metadata.json").read_text()).get("start", "?")
+        except (OSError, ValueError):
+            pass
+    return seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--compare-cgroups", action="store_true",
                         help="also run without HTCondor's cgroup accounting and limits")
+    parser.add_argument("--warm", action="store_true",
+                        help="then run the jobs again from root's warm states (built with `images warm`)")
     args = parser.parse_args()
-    results = {}
+    results, rows = {}, []
+    print(f"load average at the start: {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     for cgroups in ((True, False) if args.compare_cgroups else (True,)):
+        what = "with cgroup limits" if cgroups else "without cgroups"
         pool = start_pool(cgroups=cgroups)
         try:
             run_cluster(pool, "warmup", 2)               # images into both workers' caches
             single = run_cluster(pool, "single", 1)
             makespan = run_cluster(pool, "batch", args.jobs)
+            results[cgroups] = (single, makespan)
+            rows.append((f"{what}, cold", single, makespan))
+            print(f"{what}: one VM job alone {single:.1f} s, {args.jobs} VM jobs on 2 slots {makespan:.1f} s",
+                  file=sys.stderr, flush=True)
+            if args.warm:
+                built = warm_workers(pool)
+                before = set(starts(pool))
+                single = run_cluster(pool, "warm-single", 1)
+                makespan = run_cluster(pool, "warm-batch", args.jobs)
+                kinds = [kind for name, kind in starts(pool).items() if name not in before]
+                rows.append((f"{what}, warm", single, makespan))
+                print(f"{what}: warm states built in {built:.1f} s (both workers); then one VM job alone "
+                      f"{single:.1f} s, {args.jobs} VM jobs on 2 slots {makespan:.1f} s; "
+                      f"{kinds.count('warm')}/{len(kinds)} jobs started warm", file=sys.stderr, flush=True)
         finally:
             pool.stop()
-        results[cgroups] = (single, makespan)
-        what = "with cgroup limits" if cgroups else "without cgroups"
-        print(f"{what}: one VM job alone {single:.1f} s, {args.jobs} VM jobs on 2 slots {makespan:.1f} s",
-              file=sys.stderr, flush=True)
-    # Side by side: the same pool, the same jobs, with and without HTCondor's cgroup accounting and limits.
-    rows = [("with cgroup limits", *results[True])]
-    if False in results:
-        rows.append(("without cgroups", *results[False]))
-    print(f"{'':<20} {'one job alone':>14} {f'{args.jobs} jobs, 2 slots':>18} {'x ideal':>8}")
+    # Side by side: the same pool, the same jobs (with and without HTCondor's cgroup accounting and
+    # limits; booted, then restored from warm states).
+    print(f"{'':<30} {'one job alone':>14} {f'{args.jobs} jobs, 2 slots':>18} {'x ideal':>8}")
     for what, single, makespan in rows:
         ideal = args.jobs * single / 2
-        print(f"{what:<20} {single:>12.1f} s {makespan:>16.1f} s {makespan / ideal:>8.2f}")
+        print(f"{what:<30} {single:>12.1f} s {makespan:>16.1f} s {makespan / ideal:>8.2f}")
     if False in results:
         with_, without = results[True][1], results[False][1]
         print(f"cgroup accounting and limits: {with_ - without:+.1f} s on the makespan "
