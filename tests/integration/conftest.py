@@ -4,15 +4,20 @@ The guest image is built (or found up to date) in the real default cache,
 so CI reuses it across runs; every test gets its own state dir (jobs and
 snapshots) so they cannot see each other's leftovers.
 """
+import fcntl
 import hashlib
 import json
 import os
+import pty
 import pwd
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,3 +225,72 @@ def booted(vm_env, tmp_path):
     for proc in procs:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+
+CLI = [sys.executable, "-m", "vmloader.bootstrapper.cli"]
+
+
+class Terminal:
+    """A real pseudo-terminal around a vmloader command, driven like a user at a keyboard."""
+
+    def __init__(self, argv, env, cwd, rows=33, cols=111):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        self.resize(rows, cols)
+        self.seen = b""
+
+    def resize(self, rows, cols):
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def send(self, keys: bytes):
+        os.write(self.fd, keys)
+
+    def expect(self, text: bytes, timeout=120) -> bytes:
+        """Everything up to and including `text` (then forgotten)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never saw {text!r}; the terminal shows {self.seen[-1500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.seen += os.read(self.fd, 4096)
+                except OSError:
+                    raise AssertionError(f"the terminal closed before {text!r}: {self.seen[-1500:]!r}")
+        head, _, self.seen = self.seen.partition(text)
+        return head + text
+
+    def wait(self, timeout=120) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.read(self.fd, 4096)          # keep draining so the child never blocks on output
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("the command did not end")
+
+
+@pytest.fixture
+def terminal(vm_env, tmp_path):
+    """Start a vmloader command (with `env` over the test's environment) on a Terminal; a test that
+    fails half-way still ends it (and its VM)."""
+    started = []
+
+    def open_terminal(*args, env: Optional[dict] = None):
+        term = Terminal([*CLI, *args], dict(vm_env, **(env or {})), tmp_path)
+        started.append(term)
+        return term
+    yield open_terminal
+    for term in started:
+        try:
+            os.kill(term.pid, signal.SIGTERM)
+            term.wait()
+        except (ProcessLookupError, ChildProcessError):
+            pass

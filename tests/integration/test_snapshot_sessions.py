@@ -1,19 +1,13 @@
 """Post-mortem sessions through real boots: a timed-out job frozen with its memory and
 resumed by `snapshot boot`; shells on a real terminal; ports and ssh into a booted
 snapshot. The snapshot's files are byte-identical afterwards every time."""
-import fcntl
 import json
 import os
-import pty
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import socket
-import sys
 import tempfile
-import termios
 import time
 from pathlib import Path
 
@@ -26,8 +20,6 @@ from .conftest import as_user, ensure_user
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
-
-CLI = [sys.executable, "-m", "vmloader.bootstrapper.cli"]
 
 
 def http_get(socket_path: str, path: str) -> bytes:
@@ -51,71 +43,6 @@ SERVE_ETC = ("cd /etc && (python3 -m http.server --bind 127.0.0.1 8000 >/dev/nul
 def snapshot_files(state_dir: Path, snap_id: str) -> dict:
     folder = state_dir / "snapshots" / snap_id
     return {name: sha256_file(folder / name) for name in ("disk.qcow2", "memory.save") if (folder / name).exists()}
-
-
-class Terminal:
-    """A real pseudo-terminal around a vmloader command, driven like a user at a keyboard."""
-
-    def __init__(self, argv, env, cwd, rows=33, cols=111):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:
-            os.chdir(cwd)
-            os.execve(sys.executable, [sys.executable, *argv[1:]], env)
-        self.resize(rows, cols)
-        self.seen = b""
-
-    def resize(self, rows, cols):
-        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def send(self, keys: bytes):
-        os.write(self.fd, keys)
-
-    def expect(self, text: bytes, timeout=120) -> bytes:
-        """Everything up to and including `text` (then forgotten)."""
-        deadline = time.monotonic() + timeout
-        while text not in self.seen:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never saw {text!r}; the terminal shows {self.seen[-1500:]!r}")
-            ready, _, _ = select.select([self.fd], [], [], 0.5)
-            if ready:
-                try:
-                    self.seen += os.read(self.fd, 4096)
-                except OSError:
-                    raise AssertionError(f"the terminal closed before {text!r}: {self.seen[-1500:]!r}")
-        head, _, self.seen = self.seen.partition(text)
-        return head + text
-
-    def wait(self, timeout=120) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.read(self.fd, 4096)          # keep draining so the child never blocks on output
-            except OSError:
-                pass
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.1)
-        os.kill(self.pid, signal.SIGKILL)
-        raise AssertionError("the command did not end")
-
-
-@pytest.fixture
-def terminal(vm_env, tmp_path):
-    """Start a command on a Terminal; a test that fails half-way still ends it (and its VM)."""
-    started = []
-
-    def open_terminal(*args):
-        term = Terminal([*CLI, *args], vm_env, tmp_path)
-        started.append(term)
-        return term
-    yield open_terminal
-    for term in started:
-        try:
-            os.kill(term.pid, signal.SIGTERM)
-            term.wait()
-        except (ProcessLookupError, ChildProcessError):
-            pass
 
 
 def test_a_timed_out_job_is_frozen_with_its_memory_and_boot_resumes_the_hung_process(

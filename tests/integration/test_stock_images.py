@@ -49,12 +49,16 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     before = entry["artifacts"]["disk"]["sha256"]
 
     # As root, with no network: the NIC reaches nothing, yet the boot does not wait for it.
+    out = tmp_path / "out"
     root = vmloader("run", "--image", "stock-bookworm", "--network", "none", "--root", "--snapshot", "always",
-                    "--json", "--", "sh", "-c",
+                    "--output", "deep/file", "--output-new", "--output-dir", str(out), "--json", "--", "sh", "-c",
                     "id -u; echo to-stderr >&2; echo kept > /root/mark && cat /root/mark; "
+                    "mkdir deep && echo deep > deep/file; echo made > made.txt; "
                     "test -e /usr/lib/vmloader && echo baked-in; exit 7", env_extra=env, timeout=900)
     result = root.json()
     assert root.returncode == 7, result["error"]
+    # Files back as from our own image: one named, the new top-level ones found by listing.
+    assert (out / "deep" / "file").read_text() == "deep\n" and (out / "made.txt").read_text() == "made\n"
     # Both are in the image and both are tried, but cloud-init always comes first: its units are
     # ordered before sysinit.target and run the seed's bootcmd there, while qemu-ga's unit (default
     # dependencies) starts only after basic.target, so after cloud-init's first stages have ended.
@@ -68,6 +72,16 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     diff = vmloader("snapshot", "diff", result["snapshot"], "--json", env_extra=env)
     assert diff.returncode == 0, diff.err
     assert "/root/mark" in {change["path"] for change in diff.json()["added"]}
+    # ... and exported as a standalone disk that is still the stock image (its boot code, partitions).
+    exported = tmp_path / "exported.qcow2"
+    export = vmloader("snapshot", "export", result["snapshot"], "-o", str(exported), "--json", env_extra=env)
+    assert export.returncode == 0, export.err
+    assert "backing-filename" not in json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(exported)], capture_output=True, check=True).stdout)
+    shown = vmloader("images", "inspect", str(exported), "--json", env_extra=env, timeout=600)
+    assert shown.returncode == 0, shown.err
+    info = shown.json()
+    assert (info["table"], info["boot"], info["filesystem"], info["cloud_init"]) == ("mbr", "bios", "ext4", True)
 
     assert file_sha256(disk) == before
     assert not base.exists() or file_sha256(base) == before
@@ -125,10 +139,11 @@ def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_w
 
 
 def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
-        vmloader, own_cache, booted, tmp_path):
+        vmloader, own_cache, booted, terminal, tmp_path):
     """Delivery does not depend on the guest's filesystem; `--timeout` freezes a stock image's VM with
     its memory (the delivered agent, the seed and qemu-ga channel, SeaBIOS) and `snapshot boot`
-    resumes it; `snapshot diff` cannot read XFS and says so. One boot, one resume."""
+    resumes it with the agent it had; `snapshot exec` and `snapshot shell` attach to it; `snapshot
+    diff` cannot read XFS and says so. One boot, one resume."""
     env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_XFS_QGA_ONLY, "stock-xfs", own_cache, tmp_path)
     started = time.monotonic()
     run = vmloader("run", "--image", "stock-xfs", "--snapshot", "always", "--timeout", "60",
@@ -158,6 +173,12 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
                   env_extra=env, timeout=900)
     assert ps.returncode == 3, ps.err
     assert "sleep 100000" in ps.out and "MARKER=frozen-on-xfs" in ps.out     # the very process, not a rerun
+    # A shell on a real terminal, as the job's user, in the same running VM (no second boot).
+    term = terminal("snapshot", "shell", snap, env=env)
+    term.expect(b"$ ", timeout=600)
+    term.send(b"echo shell-as-$(id -un)-on-$(stat -f -c %T /)-sees-$(pgrep -cx sleep)-sleep; exit 4\r")
+    term.expect(b"shell-as-vmloader-on-xfs-sees-1-sleep", timeout=600)
+    assert term.wait(timeout=300) == 4
     print(f"stock XFS image: run to timeout {ran:.0f} s (boot {result['timings'].get('boot')}), "
           f"resume to exec answered {time.monotonic() - resuming:.0f} s", file=sys.stderr)
     assert file_sha256(disk) == before
