@@ -63,6 +63,9 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     # ordered before sysinit.target and run the seed's bootcmd there, while qemu-ga's unit (default
     # dependencies) starts only after basic.target, so after cloud-init's first stages have ended.
     assert result["agent_delivery"] == "cloud-init"
+    # Warm start (the default) covers SeaBIOS stock images: this first job booted the image once,
+    # delivered the agent, saved that VM with its memory and restored it for the command.
+    assert result["start"] == "warm" and "warm build" in result["timings"], result["timings"]
     assert Path(result["stdout_path"]).read_text().split() == ["0", "kept"]
     assert Path(result["stderr_path"]).read_text() == "to-stderr\n"
     meta = json.loads((Path(result["job_dir"]) / "metadata.json").read_text())
@@ -82,6 +85,17 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     assert shown.returncode == 0, shown.err
     info = shown.json()
     assert (info["table"], info["boot"], info["filesystem"], info["cloud_init"]) == ("mbr", "bios", "ext4", True)
+
+    # The next job of the image restores that state: no boot, no delivery, its own identity.
+    again = vmloader("run", "--image", "stock-bookworm", "--network", "none", "--snapshot", "never", "--json",
+                     "--", "sh", "-c", "hostname; id -un; cat /root/mark 2>/dev/null || echo clean",
+                     env_extra=env, timeout=900)
+    warm = again.json()
+    assert again.returncode == 0, warm["error"]
+    assert warm["start"] == "warm" and "warm build" not in warm["timings"], warm["timings"]
+    assert warm["agent_delivery"] == "cloud-init"
+    assert Path(warm["stdout_path"]).read_text().split() == [f"vm-{warm['job_id'][-6:]}", "vmloader", "clean"]
+    print(f"stock BIOS image: first job {result['timings']}, warm job {warm['timings']}", file=sys.stderr)
 
     assert file_sha256(disk) == before
     assert not base.exists() or file_sha256(base) == before

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from vmloader.bootstrapper import warm
 from vmloader.bootstrapper.config import Config, load
 from vmloader.bootstrapper.errors import EXIT_TIMEOUT
 
-from test_job_runner import QEMU, Rig, torn_down, world  # noqa: F401  (world: the fixture)
+from test_job_runner import (QEMU, BiosImageCache, Rig, UefiImageCache, ovmf_dir, torn_down,  # noqa: F401
+                             world)  # (world, ovmf_dir: fixtures)
 
 XEN = type(QEMU)("xen", True, "fake", "test:///fake", "xen")
 
@@ -413,3 +415,31 @@ def test_an_agent_without_the_identity_feature_is_never_used_warm(world, capsys,
     [line] = warm_lines(capsys.readouterr().err)
     assert "its agent is too old to take a new identity" in line
     assert "identity" not in rig.fake.kinds() and torn_down(rig.fake)
+
+
+@pytest.mark.skipif(shutil.which("mcopy") is None, reason="mtools missing (the cloud-init seed)")
+def test_a_stock_bios_image_starts_warm_with_the_agent_delivered_when_its_state_was_built(world):
+    rig = Rig(world, warm_start=True)
+    rig.cache = BiosImageCache(world)
+    first = rig.run("echo", "one", snapshot="never")
+    assert first.exit_status == 0 and first.start == "warm", first.error
+    [lane] = lanes_of(rig)
+    assert lane.meta()["parts"]["firmware"] == "bios"
+    rig.fake.events.clear()
+    second = rig.run("echo", "two", snapshot="never")
+    assert second.exit_status == 0 and second.start == "warm", second.error
+    assert "create" not in rig.fake.kinds() and ("restore", lane.domain_name) in rig.fake.events
+    # The restored XML: the job's own overlay on the lane's disk, and its own cloud-init seed on vdb.
+    disks = ET.fromstring(rig.job_file(second, "domain.xml")).findall("devices/disk")
+    assert [d.find("source").get("file") for d in disks] == [str(Path(second.job_dir, "overlay.qcow2")),
+                                                             str(Path(second.job_dir, "cidata.img"))]
+    assert rig.out.getvalue().decode().split() == ["one", "two"]
+
+
+@pytest.mark.skipif(shutil.which("mcopy") is None, reason="mtools missing (the cloud-init seed)")
+def test_a_uefi_image_boots_cold_its_variable_store_is_outside_any_saved_state(world, ovmf_dir):
+    rig = Rig(world, warm_start=True)
+    rig.cache = UefiImageCache(world)
+    result = rig.run("true", snapshot="never")
+    assert result.exit_status == 0 and result.start == "cold", result.error
+    assert "save" not in rig.fake.kinds() and not lanes_of(rig)

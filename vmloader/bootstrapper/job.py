@@ -442,7 +442,7 @@ class JobRunner:
                         job.borrowed.restored()       # QEMU holds root's files now: root may drop them
             with job.timer.phase("boot"):             # (restored: until its agent answers again)
                 try:
-                    client = job.client = self._connect_agent(job, timeout=warm.AGENT_SILENCE)
+                    client = job.client = self._connect_agent(job, timeout=warm.AGENT_SILENCE, resumed=True)
                 except VMLoaderError:
                     raise WarmUnusable(f"its agent did not answer within {warm.AGENT_SILENCE:.0f} s "
                                        "after restore") from None
@@ -477,7 +477,7 @@ class JobRunner:
         spec = job.spec
         return (self.config.warm_start and not spec.cold and job.plan is not None and job.plan.kind == launch.COLD_IMAGE
                 and job.qemu_placement is None
-                and hypervisor.domain_type in ("kvm", "qemu") and image.kernel is not None
+                and hypervisor.domain_type in ("kvm", "qemu") and _warmable(image)
                 and not (spec.timeout is not None and should_keep(spec.snapshot, True)))
 
     def _warm_parts(self, job: Job, image: ResolvedImage, hypervisor: Hypervisor, machines: virt.Machines) -> dict:
@@ -488,6 +488,7 @@ class JobRunner:
                 "cpus": spec.cpus or entry.cpus or self.config.cpus,
                 "memory_mib": spec.memory_mib or entry.memory_mib or self.config.memory_mib,
                 "network": spec.network, "cmdline": _cmdline(image, spec.network, None),
+                **({"firmware": entry.firmware} if image.kernel is None else {}),
                 "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
                 **machines.host_identity()}
 
@@ -1000,6 +1001,13 @@ def _hostname(job: Job) -> str:
 def _cmdline(image: ResolvedImage, network: str, hostname: Optional[str]) -> str:
     named = f" vmloader.hostname={hostname}" if hostname else ""
     return f"{image.entry.cmdline} panic=1{named} vmloader.net={network}"
+
+
+def _warmable(image: ResolvedImage) -> bool:
+    """Our images (direct kernel boot) and stock images booted by SeaBIOS: their state is the saved
+    memory and disk alone. A UEFI guest also has its variable store in flash, outside the saved
+    state: its jobs boot cold."""
+    return image.kernel is not None or image.entry.firmware == "bios"
 
 
 def _say_unusable(image: ResolvedImage, why: WarmUnusable) -> None:
