@@ -83,6 +83,7 @@ FAULTS = (
     "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)",
     "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)",
     "a stock image with qemu-guest-agent and no python3",
+    "a stock image whose cloud-init never reads the seed (`datasource_list: [ None ]`), and no qemu-guest-agent",
     "a disk that is neither qcow2 nor raw (vmdk), at `images add`",
     "a disk with an MBR partition table and no boot code (`images add --boot bios`)",
     'a disk SeaBIOS finds nothing to boot on (boot code, no boot signature): "No bootable device"',

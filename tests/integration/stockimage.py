@@ -52,6 +52,13 @@ BOOKWORM_BIOS_XFS_QGA_ONLY = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-xf
 QGA_EXEC_BLOCKED_CONF = "[general]\nblock-rpcs=guest-exec\n"
 BOOKWORM_BIOS_QGA_NO_EXEC = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-qga-no-exec",
                                  files={"etc/qemu/qemu-ga.conf": QGA_EXEC_BLOCKED_CONF})
+# A site's golden image whose cloud-init reads no datasource vmloader can seed (its cloud.cfg.d says
+# `datasource_list: [ None ]`), and no qemu-guest-agent: cloud-init runs at boot but never reads the
+# job's cidata seed.
+SITE_DATASOURCE_CFG = "datasource_list: [ None ]\n"
+BOOKWORM_BIOS_CLOUD_INIT_NO_SEED = dict(BOOKWORM_BIOS, name="bookworm-bios-cloud-init-no-seed",
+                                        purge=["qemu-guest-agent"],
+                                        files={"etc/cloud/cloud.cfg.d/99-site-datasource.cfg": SITE_DATASOURCE_CFG})
 # Debian 13 the way its genericcloud image boots on UEFI: GPT, an EFI system partition holding grub
 # at the removable path \EFI\BOOT\BOOTX64.EFI, cloud-init and no qemu-guest-agent.
 TRIXIE_UEFI = {
@@ -323,7 +330,7 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
 
 RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,
                                                   BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
-                                                  TRIXIE_UEFI)}
+                                                  BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
 
 if __name__ == "__main__":
     print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))

@@ -1,8 +1,11 @@
 """Bad input for images with their own boot loader (issue 12): each a clear error (exit 125 at run
 time), nothing left behind (VM, overlay, seed, NVRAM), the base untouched, and a row in the fault table.
 
-None of these boots a guest to its login prompt: each fails in the firmware or before the VM starts.
+All but one fail in the firmware or before the VM starts; the image whose cloud-init ignores the seed
+boots to its login prompt (a stock test image, stockimage.py).
 """
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 from vmloader.bootstrapper.cache import ImageCache
 from vmloader.bootstrapper.catalog import ImageEntry
 
-from . import faulttable
+from . import faulttable, stockimage
 from .conftest import file_sha256
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
@@ -20,6 +23,8 @@ NOT_QCOW2_NOR_RAW = "a disk that is neither qcow2 nor raw (vmdk), at `images add
 NO_BOOT_CODE = "a disk with an MBR partition table and no boot code (`images add --boot bios`)"
 NO_BOOTABLE_DEVICE = "a disk SeaBIOS finds nothing to boot on (boot code, no boot signature): \"No bootable device\""
 NO_MTOOLS = "a worker without mtools: the cloud-init seed cannot be made"
+SEED_IGNORED = ("a stock image whose cloud-init never reads the seed (`datasource_list: [ None ]`), "
+                "and no qemu-guest-agent")
 
 
 def raw_disk(tmp_path: Path, name: str, first_bytes: bytes = b"", mbr_table: bool = False) -> Path:
@@ -129,3 +134,32 @@ def test_a_worker_without_mtools_fails_125_before_the_vm_naming_mtools(vmloader,
     assert nothing_left(Path(result["job_dir"])) == []
     assert file_sha256(base) == before
     faulttable.record(NO_MTOOLS, result, "no VM, overlay or seed left; the base unchanged")
+
+
+def test_an_image_whose_cloud_init_never_reads_the_seed_fails_125_soon_after_its_boot_naming_that(
+        vmloader, own_cache, tmp_path):
+    # A site's golden image: cloud-init configured to read no datasource vmloader can seed, no qemu-ga.
+    if os.geteuid() != 0:
+        pytest.skip("building the stock test image needs root")
+    disk = tmp_path / "noseed.qcow2"
+    shutil.copyfile(stockimage.build(stockimage.BOOKWORM_BIOS_CLOUD_INIT_NO_SEED), disk)
+    env = {"VMLOADER_CACHE_DIR": str(own_cache), "VMLOADER_BOOT_TIMEOUT": "900"}
+    added = vmloader("images", "add", "stock-noseed", "--disk", str(disk), "--json", env_extra=env)
+    assert added.returncode == 0, added.err
+    before = added.json()["artifacts"]["disk"]["sha256"]
+    run = vmloader("run", "--image", "stock-noseed", "--snapshot", "never", "--json", "--", "true", env_extra=env,
+                   timeout=1200)
+    result = run.json()
+    assert run.returncode == 125, result
+    error = result["error"]
+    assert error["phase"] == "boot", error
+    # Soon after the boot finished (the grace after its login prompt), not at the 900 s boot timeout.
+    assert "the guest's boot finished (its login prompt" in error["message"], error
+    assert "cloud-init ran in the guest but never read vmloader's seed (the `cidata` disk, NoCloud)" \
+        in error["message"], error
+    assert "datasource_list" in error["hint"] and "NoCloud" in error["hint"] and "qemu-guest-agent" in error["hint"]
+    console = Path(result["console_log"]).read_text(errors="replace")
+    assert "Cloud-init v. " in console and "cloud-init[" in console      # it did run, and said so
+    assert nothing_left(Path(result["job_dir"])) == []
+    assert file_sha256(disk) == before
+    faulttable.record(SEED_IGNORED, result, "no VM, overlay or seed left; the base unchanged")

@@ -9,13 +9,16 @@ Tried together until the boot deadline, the first that answers wins:
   bootcmd does the same. Whichever comes first starts the agent (adopt.sh takes a
   lock), and the agent says which it was.
 Neither: GuestTimeout (exit 125) naming what was looked for, soon after the guest
-reaches its login prompt instead of at the end of the boot timeout.
+reaches its login prompt instead of at the end of the boot timeout; when the console shows
+the image's cloud-init ran but never read the seed (a site's datasource_list without NoCloud),
+that is what the error says.
 
 With a way remembered for the image (deliverymemory.py), that way is tried alone first: no
 probing of the others unless it has not answered AFTER_LOGIN_GRACE after the boot finished.
 """
 import io
 import logging
+import re
 import socket
 import time
 import zipfile
@@ -27,6 +30,7 @@ from . import build
 from .agentclient import AgentClient
 from .console import crash_line, tail
 from .errors import AgentError, GuestTimeout
+from .guesttext import cap, escape
 from .qga import QGAClient, QGAError
 
 BUILTIN = "builtin"
@@ -180,11 +184,16 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 grace, gave_up = AFTER_LOGIN_GRACE_QGA_STARTED, False
                 qga_seen = True
             if gave_up or time.monotonic() > deadline:
-                why = _nothing_found(qga_problem, gave_up, grace, qga_seen)
+                why, hint = _nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT
+                # Past the login prompt cloud-init's early stages are over (they come before sysinit.target):
+                # had it read the seed, its bootcmd would have started the agent by then.
+                ignored = cloud_init_ignored_seed(tail(console_log, CLOUD_INIT_CONSOLE_LINES)) if gave_up else None
+                if ignored is not None:
+                    why, hint = _seed_ignored(ignored, qga_problem, grace, qga_seen), SEED_IGNORED_HINT
                 if only is not None:
                     why = (f"nothing answered within the boot timeout, and the boot never finished: tried "
                            f"the way in that worked for this image before ({only}) alone")
-                raise failure(why, NO_WAY_IN_HINT)
+                raise failure(why, hint)
     except BaseException:
         client.close()
         raise
@@ -205,17 +214,70 @@ def qga_started(console_log: Path) -> bool:
     return any(mark in console for mark in QGA_STARTED_MARKS)
 
 
-def _nothing_found(qga_problem: str, after_login: bool, grace: float = AFTER_LOGIN_GRACE,
-                   qga_seen: bool = False) -> str:
-    when = (f"the guest's boot finished (its login prompt or multi-user.target on the console) and nothing "
+def _when(after_login: bool, grace: float) -> str:
+    return (f"the guest's boot finished (its login prompt or multi-user.target on the console) and nothing "
             f"answered within {grace:.0f} s"
             if after_login else "nothing answered within the boot timeout")
-    qga = (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
-           else "the QEMU guest agent started on the guest's console but never answered on "
-                "org.qemu.guest_agent.0" if qga_seen
-           else "no QEMU guest agent on org.qemu.guest_agent.0")
-    return (f"{when}: looked for vmloader's agent (no answer on its channel), {qga}, and cloud-init "
-            f"starting the agent from the job's cidata seed (it did not: no cloud-init, or it ignored the seed)")
+
+
+def _qga_state(qga_problem: str, qga_seen: bool) -> str:
+    return (f"the QEMU guest agent answered but delivery failed: {qga_problem}" if qga_problem
+            else "the QEMU guest agent started on the guest's console but never answered on "
+                 "org.qemu.guest_agent.0" if qga_seen
+            else "no QEMU guest agent on org.qemu.guest_agent.0")
+
+
+def _nothing_found(qga_problem: str, after_login: bool, grace: float = AFTER_LOGIN_GRACE,
+                   qga_seen: bool = False) -> str:
+    return (f"{_when(after_login, grace)}: looked for vmloader's agent (no answer on its channel), "
+            f"{_qga_state(qga_problem, qga_seen)}, and cloud-init starting the agent from the job's cidata "
+            f"seed (it did not: no cloud-init, or it ignored the seed)")
+
+
+# cloud-init's own console lines (stderr of its units, which systemd copies to the console): each stage
+# starts with "Cloud-init v. 22.4.2 running 'init-local' at ...", the last ends with cc_final_message's
+# "Cloud-init v. 22.4.2 finished at <date>. Datasource DataSourceNone.  Up 61.20 seconds".
+CLOUD_INIT_RAN = re.compile(r"Cloud-init v\. \S+ (?:running '|finished at )")
+CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at .*? Datasource DataSource(\w+)(.*?)\.  Up ")
+CLOUD_INIT_CONSOLE_LINES = 2000        # the whole boot's console from cloud-init's first stage on (tail caps bytes)
+# NoCloud's description names what it read: "[seed=dmi,/dev/vdb]" for our SMBIOS serial and the cidata disk.
+NOCLOUD_READ_A_DISK = re.compile(r"\[seed=[^\]]*/dev/")
+# The seed's bootcmd ran: adopt.sh's "started" (or "already started", after qemu-ga) or its complaint
+# ("vmloader: the guest has no python3 ...") as cloud-init's output, or systemd starting the agent's unit.
+SEED_RAN = re.compile(r"cloud-init\[\d+\]: (?:(?:already )?started$|vmloader: )|vmloader-agent", re.MULTILINE)
+
+
+def cloud_init_ignored_seed(console: str) -> Optional[str]:
+    """When the console of a guest whose boot finished shows its cloud-init ran but never ran the seed's
+    bootcmd: what it used instead ("datasource None"; "" when its last stage has not said yet), escaped.
+    None when cloud-init did not show itself, or the seed was read (then something else went wrong:
+    the generic error stays)."""
+    if not CLOUD_INIT_RAN.search(console) or SEED_RAN.search(console):
+        return None
+    finished = CLOUD_INIT_FINISHED.findall(console)
+    if not finished:
+        return ""
+    name, rest = finished[-1]              # a guest rebooted by its own config prints one per boot
+    if name == "NoCloud" and NOCLOUD_READ_A_DISK.search(rest):
+        return None
+    return cap(escape(f"datasource {name}{rest}"), 200)
+
+
+def _seed_ignored(used: str, qga_problem: str, grace: float, qga_seen: bool) -> str:
+    instead = (f": it used {used}" if used
+               else ": its early stages ran (their lines on the console) and ended without running the "
+                    "seed's bootcmd, which starts the agent")
+    return (f"{_when(True, grace)}: cloud-init ran in the guest but never read vmloader's seed "
+            f"(the `cidata` disk, NoCloud){instead}; {_qga_state(qga_problem, qga_seen)}, and no "
+            f"vmloader's agent baked in (no answer on its channel)")
+
+
+SEED_IGNORED_HINT = ("the image's cloud-init must be allowed to read the job's NoCloud seed: NoCloud in "
+                     "datasource_list of /etc/cloud/cloud.cfg and /etc/cloud/cloud.cfg.d/*.cfg (a site "
+                     "config such as `datasource_list: [ None ]` or `[ Ec2 ]` shuts it out), and no "
+                     "/etc/cloud/cloud-init.disabled; or install qemu-guest-agent (with guest-exec and "
+                     "guest-file-* allowed), or bake vmloader's agent into the image (docs/stock-images.md); "
+                     "the guest needs python3 >= 3.6")
 
 
 def _since(started: float) -> float:
