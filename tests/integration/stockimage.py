@@ -48,6 +48,9 @@ BOOKWORM_BIOS_BARE = dict(BOOKWORM_BIOS, name="bookworm-bios-bare", purge=["clou
 # The same qemu-ga-only tree on an XFS root (made with mkfs.xfs -p from a prototype file, no mount):
 # delivery must not depend on the guest's filesystem, and `snapshot diff` cannot read it.
 BOOKWORM_BIOS_XFS_QGA_ONLY = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-xfs-qga-only", rootfs="xfs")
+# A site's golden image with vmloader's agent baked in (`images agent-kit` + its install.sh run on the
+# tree) and neither qemu-ga nor cloud-init: the host finds the agent it starts (delivery "builtin").
+BOOKWORM_BIOS_BAKED = dict(BOOKWORM_BIOS_BARE, name="bookworm-bios-baked", bake_agent=True)
 # qemu-ga only, with guest-exec blocked by qemu-ga's own configuration (and no cloud-init to fall through to).
 QGA_EXEC_BLOCKED_CONF = "[general]\nblock-rpcs=guest-exec\n"
 BOOKWORM_BIOS_QGA_NO_EXEC = dict(BOOKWORM_BIOS_QGA_ONLY, name="bookworm-bios-qga-no-exec",
@@ -105,7 +108,15 @@ def tree_hash(recipe: dict) -> str:
 def recipe_hash(recipe: dict) -> str:
     """The finished image: the tree plus everything this module configures and how it lays out the disk."""
     code = Path(__file__).read_bytes() + (Path(__file__).parent / "xfsproto.py").read_bytes()
+    if recipe.get("bake_agent"):                  # the agent inside: a new agent, a new image
+        code += b"".join(agentkit_contents())
     return hashlib.sha256(code + tree_hash(recipe).encode()).hexdigest()[:16]
+
+
+def agentkit_contents() -> list:
+    from vmloader.bootstrapper import agentkit
+    with tempfile.TemporaryDirectory() as kit:
+        return [path.read_bytes() for path in agentkit.write_kit(Path(kit))]
 
 
 def _run(args: list, **kwargs) -> str:
@@ -298,6 +309,11 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
             _say(f"removing {', '.join(recipe['purge'])}")
             _run(["chroot", str(root), "dpkg", "--purge", *recipe["purge"]],
                  env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if recipe.get("bake_agent"):
+            from vmloader.bootstrapper import agentkit
+            _say("baking vmloader's agent in (images agent-kit, install.sh)")
+            agentkit.write_kit(work / "kit")
+            _run(["sh", str(work / "kit" / "install.sh"), str(root)])
         if layout == "gpt-esp":
             esp = _efi_system_partition(root, work, uuid)
         else:
@@ -330,6 +346,7 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
 
 RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,
                                                   BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
+                                                  BOOKWORM_BIOS_BAKED,
                                                   BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
 
 if __name__ == "__main__":

@@ -152,6 +152,20 @@ def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_w
     faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")
 
 
+def test_an_image_with_the_agent_baked_in_by_the_agent_kit_is_reached_without_delivery(vmloader, own_cache,
+                                                                                        tmp_path):
+    """A site's image built with `images agent-kit` (install.sh run on its tree), neither qemu-ga nor
+    cloud-init: the agent its unit starts answers (delivery builtin); the job user and /work made."""
+    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_BAKED, "stock-baked", own_cache, tmp_path)
+    baked = vmloader("run", "--image", "stock-baked", "--snapshot", "never", "--json", "--", "sh", "-c",
+                     "id -un; pwd; systemctl is-active vmloader-adopt.service; exit 5", env_extra=env, timeout=900)
+    result = baked.json()
+    assert baked.returncode == 5, result["error"]
+    assert result["agent_delivery"] == "builtin"
+    assert Path(result["stdout_path"]).read_text().split() == ["vmloader", "/work", "active"]
+    assert file_sha256(disk) == before
+
+
 def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
         vmloader, own_cache, booted, terminal, tmp_path):
     """Delivery does not depend on the guest's filesystem; `--timeout` freezes a stock image's VM with

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("name", help="a catalogue image (NAME or NAME@VERSION), or a path with a / "
                      "(./disk.qcow2) to a qcow2 or raw disk")
     ins.add_argument("--json", action="store_true")
+    kit = images.add_parser("agent-kit", help="write what an image build needs to carry vmloader's agent "
+                            "(no delivery at boot): the agent, a systemd unit, install.sh")
+    kit.add_argument("dir", help="where to write the kit; then, in the image build: sh DIR/install.sh [ROOT]")
+    kit.add_argument("--json", action="store_true")
     rm = images.add_parser("rm", help="remove an image's files from the cache (not while a job uses it)")
     rm.add_argument("name")
     rm.add_argument("--json", action="store_true")
@@ -451,6 +455,15 @@ def _images_inspect(args, cfg, cache) -> int:
     return 0
 
 
+def _images_agent_kit(args, cfg, cache) -> int:
+    from . import agentkit
+    written = agentkit.write_kit(Path(args.dir))
+    _emit({"dir": args.dir, "files": [str(path) for path in written]}, args.json,
+          f"wrote {', '.join(path.name for path in written)} into {args.dir}; in the image's build, as root: "
+          f"sh {args.dir}/install.sh [ROOT]")
+    return 0
+
+
 def _images_rm(args, cfg, cache) -> int:
     removed = _managing(cache, lambda: cache.remove_image(args.name))
     _emit([e.sha256 for e in removed], args.json, f"removed {len(removed)} files of {args.name}")
@@ -481,7 +494,7 @@ def _images_warm(args, cfg, cache) -> int:
 
 IMAGE_ACTIONS = {"warm": _images_warm, "pull": _images_pull, "verify": _images_verify, "validate": _images_validate,
                  "publish": _images_publish, "add": _images_add, "inspect": _images_inspect, "rm": _images_rm,
-                 "prune": _images_prune}
+                 "prune": _images_prune, "agent-kit": _images_agent_kit}
 
 
 def cmd_cache(args, cfg) -> int:
