@@ -35,3 +35,4 @@ bench: image
 	$(VENV)/bin/python bench/shell_prompt.py
 	$(VENV)/bin/python bench/condor_throughput.py
 	$(VENV)/bin/python bench/ssh_to_job.py
+	$(VENV)/bin/python bench/stock_images.py
