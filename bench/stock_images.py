@@ -129,6 +129,14 @@ def add_stock(env: dict, name: str, disk: Path, work: Path) -> dict:
     return entry
 
 
+def say(name: str, row: dict) -> None:
+    """Each round's figures as they come (stderr), so a run cut short still tells something."""
+    figures = {key: (values[-1] if isinstance(values[-1], float) else
+                     {k: round(v, 2) if isinstance(v, float) else v for k, v in values[-1].items()})
+               for key, values in row.items() if values}
+    print(f"{name}: {figures} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+
+
 def med(values: list) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -157,6 +165,7 @@ def main() -> None:
     ours = {"own": [], "first": []}
     with tempfile.TemporaryDirectory(prefix="stockbench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
+        os.chmod(work, 0o711)             # QEMU's user (root's jobs run under qemu:///system) reaches the job dirs
         env = make_env(work / "cache", work / "state")
         entries = {name: add_stock(env, name, disk, work) for name, disk in disks.items()}
         own_env = make_env(config.load().cache_dir, work / "own-state")
@@ -169,10 +178,12 @@ def main() -> None:
                 shutil.rmtree(work / "state" / "deliveries", ignore_errors=True)     # a first job: probed
                 rows[name]["first"].append(run_true(env, f"stock-{name}"))
                 rows[name]["again"].append(run_true(env, f"stock-{name}"))
+                say(name, rows[name])
             if not args.no_debian_12:
                 image = ImageCache(config.load().cache_dir).resolve("debian-12")
                 ours["own"].append(bare_boot(image, args.accel))
                 ours["first"].append(run_true(own_env, "debian-12"))
+                say("debian-12", ours)
     print_table(args.rounds, rows, ours, load_before, os.getloadavg())
 
 
