@@ -36,3 +36,4 @@ bench: image
 	$(VENV)/bin/python bench/shell_prompt.py
 	$(VENV)/bin/python bench/condor_throughput.py --warm
 	$(VENV)/bin/python bench/ssh_to_job.py
+	$(VENV)/bin/python bench/stock_images.py
