@@ -5,12 +5,14 @@ For each stock test image of tests/integration/stockimage.py (`--images`; defaul
 built, or buildable as root), side by side in one run: the image's own boot to its login prompt
 (a bare `qemu-system-x86_64` of a throwaway overlay, with the machine vmloader's domain XML gives
 it: i440fx, TCG with a 64 MiB translation cache, qemu64, the image's cpus and memory, SeaBIOS or
-OVMF with a copy of the variable store, a NIC that reaches nothing, serial to a pipe, no seed
-disk); then `vmloader run --image X --cold --snapshot never --json -- true` after `images add` of
+OVMF with a copy of the variable store, a NIC that reaches nothing, serial to a pipe; an image
+with cloud-init gets a NoCloud seed asking nothing of it, as any cloud gives it a datasource, so its
+cloud-init runs its stages in the baseline too); then `vmloader run --image X --cold --snapshot never --json -- true` after `images add` of
 a copy into the bench's own temporary cache and state: the first job of the image (the delivery
 probed) and a second one (the delivery remembered, deliverymemory.py). Time to agent is the
 run's define + boot phases; the ratio is that over the own boot (the issue's target: delivery
-adds at most 20 %). Our own debian-12 beside them (cold; its baseline is the bare boot of its
+adds at most 20 %). Then, for images booted by SeaBIOS, warm start (the default): a job that
+builds the image's warm state, then `run -- true` restored from it. Our own debian-12 beside them (cold; its baseline is the bare boot of its
 kernel+initrd to power-off, run_overhead.py: it has no login prompt). Not a test: no
 thresholds, just figures (write them into the README).
 
@@ -28,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vmloader.bootstrapper import config, firmware
+from vmloader.bootstrapper import cidata, config, firmware
 from vmloader.bootstrapper.cache import ImageCache
 
 HERE = Path(__file__).resolve().parent
@@ -54,9 +56,9 @@ def stock_disk(name: str):
     return stockimage.build(recipe)
 
 
-def own_boot(disk: Path, firmware_kind: str, cpus: int, memory_mib: int, accel: str) -> float:
+def own_boot(disk: Path, firmware_kind: str, cpus: int, memory_mib: int, accel: str, seed: bool) -> float:
     """Seconds from starting QEMU on a throwaway overlay of `disk` until the serial console shows
-    the login prompt."""
+    the login prompt; with `seed`, a NoCloud seed whose user-data asks nothing."""
     with tempfile.TemporaryDirectory(prefix="stockbench-boot-") as tmp:
         overlay = Path(tmp) / "overlay.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "qcow2", str(overlay)],
@@ -69,6 +71,10 @@ def own_boot(disk: Path, firmware_kind: str, cpus: int, memory_mib: int, accel: 
                 "-device", "virtio-rng-pci",
                 "-netdev", "user,id=n0,restrict=on", "-device", "virtio-net-pci,netdev=n0,romfile=",
                 "-serial", "stdio"]
+        if seed:
+            cidata.make_seed(Path(tmp) / "seed.img", "stockbench", "stockbench", user_data_text="#cloud-config\n{}\n")
+            argv += ["-drive", f"file={Path(tmp) / 'seed.img'},if=virtio,format=raw,readonly=on",
+                     "-smbios", f"type=1,serial={cidata.SMBIOS_SERIAL}"]
         if firmware_kind == "uefi":
             variables = Path(tmp) / "OVMF_VARS.fd"
             code = firmware.uefi_vars_copy(variables)
@@ -106,11 +112,19 @@ def cli(env: dict, *args: str) -> tuple:
     return time.monotonic() - started, json.loads(out)
 
 
-def run_true(env: dict, image: str) -> dict:
-    seconds, result = cli(env, "run", "--image", image, "--cold", "--snapshot", "never", "--json", "--", "true")
+def run_true(env: dict, image: str, cold: bool = True) -> dict:
+    seconds, result = cli(env, "run", "--image", image, *(["--cold"] if cold else []), "--snapshot", "never",
+                          "--json", "--", "true")
     timings = result["timings"]
     return {"wall": seconds, "agent": timings.get("define", 0.0) + timings.get("boot", 0.0),
-            "delivery": result.get("agent_delivery") or "?", "remembered": bool(result.get("agent_delivery_remembered"))}
+            "delivery": result.get("agent_delivery") or "?", "remembered": bool(result.get("agent_delivery_remembered")),
+            "start": result.get("start"), "build": timings.get("warm build", 0.0)}
+
+
+def warm_runs(env: dict, image: str, work: Path) -> tuple:
+    """(the job that builds the warm state, the next one restored from it); the state dropped first."""
+    shutil.rmtree(work / "cache" / "warm", ignore_errors=True)
+    return run_true(env, image, cold=False), run_true(env, image, cold=False)
 
 
 def make_env(cache: Path, state: Path) -> dict:
@@ -161,7 +175,7 @@ def main() -> None:
             print(f"skipping {name}: not built, and building it needs root", file=sys.stderr)
         else:
             disks[name] = disk
-    rows = {name: {"own": [], "first": [], "again": []} for name in disks}
+    rows = {name: {"own": [], "first": [], "again": [], "building": [], "warm": []} for name in disks}
     ours = {"own": [], "first": []}
     with tempfile.TemporaryDirectory(prefix="stockbench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -173,11 +187,16 @@ def main() -> None:
             for name, disk in disks.items():
                 entry = entries[name]
                 defaults = entry.get("defaults", {})
+                cloud_init = "cloud-init" not in stockimage.RECIPES[name].get("purge", [])
                 rows[name]["own"].append(own_boot(disk, entry["boot"], int(defaults.get("cpus", 1)),
-                                                  int(defaults.get("memory_mib", 1024)), args.accel))
+                                                  int(defaults.get("memory_mib", 1024)), args.accel, cloud_init))
                 shutil.rmtree(work / "state" / "deliveries", ignore_errors=True)     # a first job: probed
                 rows[name]["first"].append(run_true(env, f"stock-{name}"))
                 rows[name]["again"].append(run_true(env, f"stock-{name}"))
+                if entry["boot"] == "bios":
+                    building, warm = warm_runs(env, f"stock-{name}", work)
+                    rows[name]["building"].append(building)
+                    rows[name]["warm"].append(warm)
                 say(name, rows[name])
             if not args.no_debian_12:
                 image = ImageCache(config.load().cache_dir).resolve("debian-12")
@@ -205,6 +224,14 @@ def print_table(rounds: int, rows: dict, ours: dict, load_before: tuple, load_af
               f"{med([r['agent'] for r in first]) / own:6.2f} {med([r['agent'] for r in again]):10.2f} "
               f"{med([r['agent'] for r in again]) / own:6.2f} {med([r['wall'] for r in first]):9.2f} "
               f"{med([r['wall'] for r in again]):10.2f}")
+    warm = {name: row for name, row in rows.items() if row["warm"]}
+    if warm:
+        print(f"  warm start (SeaBIOS images): {'image':28} {'1st job (builds)':>16} {'warm build':>10} "
+              f"{'run -- true, warm':>18} {'started warm':>12}")
+        for name, row in warm.items():
+            print(f"  {'':28} {name:28} {med([r['wall'] for r in row['building']]):16.2f} "
+                  f"{med([r['build'] for r in row['building']]):10.2f} {med([r['wall'] for r in row['warm']]):18.2f} "
+                  f"{sum(r['start'] == 'warm' for r in row['warm'])}/{len(row['warm']):>10}")
     if ours["first"]:
         own = med(ours["own"])
         agent = med([r["agent"] for r in ours["first"]])
@@ -212,7 +239,7 @@ def print_table(rounds: int, rows: dict, ours: dict, load_before: tuple, load_af
               f"{agent / own:6.2f} {'-':>10} {'-':>6} {med([r['wall'] for r in ours['first']]):9.2f} {'-':>10}")
         print("  (debian-12's own boot: its kernel+initrd to power-off, bare: it has no login prompt)")
     print("  to agent = define + boot phases of `run --cold --snapshot never --json -- true`; ratio = to agent / "
-          "own boot")
+          "own boot (images with cloud-init boot their own way with a NoCloud seed asking nothing)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 from . import privatefiles
 from .delivery import CLOUD_INIT, GUEST_DIR, adopt_script, agent_bundle
@@ -38,13 +39,15 @@ def meta_data(job_id: str, hostname: str) -> str:
     return json.dumps({"instance-id": f"vmloader-{job_id}", "local-hostname": hostname}) + "\n"
 
 
-def make_seed(path: Path, job_id: str, hostname: str) -> None:
-    """Write the seed disk to `path` (private to the job's user)."""
+def make_seed(path: Path, job_id: str, hostname: str, user_data_text: Optional[str] = None) -> None:
+    """Write the seed disk to `path` (private to the job's user); `user_data_text` instead of ours
+    (bench/stock_images.py boots an image with a seed that asks nothing of it)."""
     for tool in ("mformat", "mcopy"):
         if shutil.which(tool) is None:
             raise VMLoaderError(f"cannot make the cloud-init seed: {tool} is missing on this worker",
                                 hint="install Debian's mtools package (scripts/setup-host.sh does)", phase="setup")
-    files = {"user-data": user_data(), "meta-data": meta_data(job_id, hostname)}
+    files = {"user-data": user_data() if user_data_text is None else user_data_text,
+             "meta-data": meta_data(job_id, hostname)}
     work = path.parent
     with open(privatefiles.open_private(path), "wb") as seed:
         seed.truncate(SEED_KIB * 1024)
