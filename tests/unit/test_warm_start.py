@@ -14,7 +14,7 @@ import pytest
 from vmloader.agent import server
 from vmloader.bootstrapper import warm
 from vmloader.bootstrapper.config import Config, load
-from vmloader.bootstrapper.errors import EXIT_TIMEOUT
+from vmloader.bootstrapper.errors import EXIT_INFRA, EXIT_TIMEOUT
 
 from test_job_runner import (QEMU, BiosImageCache, Rig, UefiImageCache, ovmf_dir, torn_down,  # noqa: F401
                              world)  # (world, ovmf_dir: fixtures)
@@ -443,3 +443,14 @@ def test_a_uefi_image_boots_cold_its_variable_store_is_outside_any_saved_state(w
     result = rig.run("true", snapshot="never")
     assert result.exit_status == 0 and result.start == "cold", result.error
     assert "save" not in rig.fake.kinds() and not lanes_of(rig)
+
+
+def test_a_bios_image_without_boot_code_fails_before_any_vm_not_in_a_warm_build(world, capsys):
+    rig = Rig(world, warm_start=True)
+    rig.cache = BiosImageCache(world)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(rig.cache.image.disk), "64M"], check=True)
+    result = rig.run("true", snapshot="never")
+    assert result.exit_status == EXIT_INFRA and result.error["phase"] == "boot"
+    assert "cannot boot with SeaBIOS: its first sector holds no boot code" in result.error["message"]
+    assert "create" not in rig.fake.kinds() and not lanes_of(rig)
+    assert "warm state" not in capsys.readouterr().err

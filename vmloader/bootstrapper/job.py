@@ -368,6 +368,7 @@ class JobRunner:
             hypervisor = job.hypervisor = self.choose_hypervisor()
         with job.timer.phase("define"):
             machines = job.machines = self._connect(job, self.config.libvirt_uri or hypervisor.uri)
+        _refuse_unbootable(image)
         if self._may_start_warm(job, image, hypervisor):
             plan = job.plan = self._warm_plan(job, plan, image, hypervisor, machines)
         follower = ConsoleFollower(job.console_log, self.stderr, spec.console_raw).start() if spec.console else None
@@ -707,12 +708,6 @@ class JobRunner:
         cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
         disks: tuple = ((DiskSpec(str(build.disk), backing=str(image.disk)),) if build is not None else
                         (DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),))
-        if own_boot and entry.firmware == "bios" and build is None:
-            # A catalogue entry may say bios for a disk SeaBIOS cannot boot: fail now, not at the boot timeout.
-            problem = bootmode.bios_boot_problem(bootmode.read_head(image.disk))
-            if problem:
-                raise ImageError(f"image {entry.ref} cannot boot with SeaBIOS: {problem}", phase="boot",
-                                 hint="check the image (`images add` detects its boot mode from the disk)")
         if own_boot:           # cloud-init's way in: a per-job NoCloud seed
             cidata.make_seed(job.seed, job.job_dir.name, _hostname(job))
             disks += (DiskSpec(str(job.seed), target="vdb", fmt="raw", readonly=True),)
@@ -1001,6 +996,16 @@ def _hostname(job: Job) -> str:
 def _cmdline(image: ResolvedImage, network: str, hostname: Optional[str]) -> str:
     named = f" vmloader.hostname={hostname}" if hostname else ""
     return f"{image.entry.cmdline} panic=1{named} vmloader.net={network}"
+
+
+def _refuse_unbootable(image: ResolvedImage) -> None:
+    """A catalogue entry may say bios for a disk SeaBIOS cannot boot: fail before any VM (a warm
+    state's build included), not at the boot timeout."""
+    if image.kernel is None and image.entry.firmware == "bios":
+        problem = bootmode.bios_boot_problem(bootmode.read_head(image.disk))
+        if problem:
+            raise ImageError(f"image {image.entry.ref} cannot boot with SeaBIOS: {problem}", phase="boot",
+                             hint="check the image (`images add` detects its boot mode from the disk)")
 
 
 def _warmable(image: ResolvedImage) -> bool:
