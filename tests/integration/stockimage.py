@@ -109,14 +109,9 @@ def recipe_hash(recipe: dict) -> str:
     """The finished image: the tree plus everything this module configures and how it lays out the disk."""
     code = Path(__file__).read_bytes() + (Path(__file__).parent / "xfsproto.py").read_bytes()
     if recipe.get("bake_agent"):                  # the agent inside: a new agent, a new image
-        code += b"".join(agentkit_contents())
+        from vmloader.bootstrapper import agentkit
+        code += b"".join(agentkit.kit_contents().values())
     return hashlib.sha256(code + tree_hash(recipe).encode()).hexdigest()[:16]
-
-
-def agentkit_contents() -> list:
-    from vmloader.bootstrapper import agentkit
-    with tempfile.TemporaryDirectory() as kit:
-        return [path.read_bytes() for path in agentkit.write_kit(Path(kit))]
 
 
 def _run(args: list, **kwargs) -> str:

@@ -72,6 +72,11 @@ class ResolvedImage:
     def initrd(self) -> Optional[Path]:
         return self.paths.get("initrd")
 
+    @property
+    def firmware_boot(self) -> Optional[str]:
+        """"bios" or "uefi" when the VM boots the disk's own boot loader; None for a kernel booted directly."""
+        return self.entry.firmware if self.kernel is None else None
+
 
 class ImageCache:
     def __init__(self, root: Path, repositories: Sequence["Repository"] = (),

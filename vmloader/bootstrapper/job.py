@@ -417,7 +417,7 @@ class JobRunner:
 
     def _bring_up(self, job: Job, plan: LaunchPlan, image: ResolvedImage, hypervisor: Hypervisor) -> AgentClient:
         """Overlay, VM, agent, identity: the job's VM ready for its command."""
-        if image.kernel is None and image.entry.firmware == "uefi":
+        if image.firmware_boot == "uefi":
             firmware.ovmf()                  # no firmware on this worker: say so before making any file
         with job.timer.phase("overlay"):
             if job.kept is not None:
@@ -489,7 +489,7 @@ class JobRunner:
                 "cpus": spec.cpus or entry.cpus or self.config.cpus,
                 "memory_mib": spec.memory_mib or entry.memory_mib or self.config.memory_mib,
                 "network": spec.network, "cmdline": _cmdline(image, spec.network, None),
-                **({"firmware": entry.firmware} if image.kernel is None else {}),
+                **({"firmware": image.firmware_boot} if image.firmware_boot else {}),
                 "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
                 **machines.host_identity()}
 
@@ -704,7 +704,7 @@ class JobRunner:
         """The job's VM; with `build`, the VM a warm state is saved from (no per-job parts: those come
         with the identity request after restore)."""
         entry, spec = image.entry, job.spec
-        own_boot = entry.firmware is not None and image.kernel is None
+        own_boot = image.firmware_boot is not None
         cmdline = _cmdline(image, spec.network, None if build is not None else _hostname(job))
         disks: tuple = ((DiskSpec(str(build.disk), backing=str(image.disk)),) if build is not None else
                         (DiskSpec(str(job.overlay), backing=str(image.disk), middle=plan.middle_layers()),))
@@ -731,7 +731,7 @@ class JobRunner:
         memory runs the agent it had when saved (delivering another would find its port taken)."""
         deadline = time.monotonic() + (timeout or self.config.boot_timeout)
         image = _known(job.image, "image")
-        if image.entry.firmware is not None and image.kernel is None and not resumed:
+        if image.firmware_boot is not None and not resumed:
             memory = DeliveryMemory(self.config.state_dir / DELIVERIES_DIR)
             sha256 = image.entry.artifacts["disk"].sha256
             remembered = memory.recall(sha256)
@@ -1001,7 +1001,7 @@ def _cmdline(image: ResolvedImage, network: str, hostname: Optional[str]) -> str
 def _refuse_unbootable(image: ResolvedImage) -> None:
     """A catalogue entry may say bios for a disk SeaBIOS cannot boot: fail before any VM (a warm
     state's build included), not at the boot timeout."""
-    if image.kernel is None and image.entry.firmware == "bios":
+    if image.firmware_boot == "bios":
         problem = bootmode.bios_boot_problem(bootmode.read_head(image.disk))
         if problem:
             raise ImageError(f"image {image.entry.ref} cannot boot with SeaBIOS: {problem}", phase="boot",
@@ -1012,7 +1012,7 @@ def _warmable(image: ResolvedImage) -> bool:
     """Our images (direct kernel boot) and stock images booted by SeaBIOS: their state is the saved
     memory and disk alone. A UEFI guest also has its variable store in flash, outside the saved
     state: its jobs boot cold."""
-    return image.kernel is not None or image.entry.firmware == "bios"
+    return image.firmware_boot != "uefi"
 
 
 def _say_unusable(image: ResolvedImage, why: WarmUnusable) -> None:
