@@ -18,11 +18,15 @@ demo: image
 # mypy first: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
 # Unit tests in a process of their own, before the VM tests: nothing a VM test leaves in its
 # process (signal handlers, threads) reaches the fakes. The slowest VM tests are listed at the end
-# (where the suite's minutes go).
+# (where the suite's minutes go). The VM tests run two at a time (a TCG guest keeps one core busy,
+# and this machine has two): a module whose tests share one thing (the HTCondor pool, the warm
+# states of one shape) is one xdist group, on one worker; the few tests that disturb every VM on
+# the host (`serial`) run alone afterwards.
 test: image
 	$(VENV)/bin/python -m mypy vmloader
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests/integration
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not serial" --durations=30 tests/integration
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m serial tests/integration
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader

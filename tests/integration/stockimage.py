@@ -14,6 +14,7 @@ loop devices, no mounts (losetup -P makes no partitions on some hosts).
 
     sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -286,6 +287,15 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
         return out
     if os.geteuid() != 0:
         raise RuntimeError("building the stock test image needs root")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "build.lock", "a") as lock:     # tests in parallel: one build at a time (shared trees, debs)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():                          # not built by another test while this one waited
+            _build(recipe, out)
+    return out
+
+
+def _build(recipe: dict, out: Path) -> None:
     tree = CACHE / f"tree-{tree_hash(recipe)}"
     _debootstrap(recipe, tree)
     work = Path(tempfile.mkdtemp(prefix="stock-build-", dir=str(CACHE)))
@@ -336,7 +346,6 @@ def build(recipe: dict = BOOKWORM_BIOS) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _say(f"built {out}")
-    return out
 
 
 RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,

@@ -110,6 +110,7 @@ def restart_libvirtd() -> None:
     subprocess.run(["libvirtd", "-d"], check=True)
 
 
+@pytest.mark.serial          # every other test's VM calls would see libvirtd go away
 def test_libvirtd_restarted_mid_job(vm_env, state_dir, tmp_path):
     if not Path("/run/libvirtd.pid").exists():
         pytest.skip("libvirtd was not started by make test here (no /run/libvirtd.pid)")

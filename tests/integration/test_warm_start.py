@@ -27,12 +27,14 @@ from vmloader.bootstrapper.errors import AgentError
 from .conftest import as_user, domains_left, ensure_user, world_readable_tmpdir
 from .faulttable import record_row
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
+# The tests here damage, drop and count the lanes of their shape: under `make test`, one xdist worker.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on"),
+              pytest.mark.xdist_group("warm-shape-768")]
 
 
 @pytest.fixture
 def warm_start_on(vm_env):
-    """Warm start is opt-in (config `warm_start`): these tests turn it on for their jobs."""
+    """Warm start is the default (config `warm_start`); these tests ask for it, whatever the config says."""
     vm_env["VMLOADER_WARM_START"] = "true"
 
 # The guest's clock just before and just after the host says what time it is (on stdin): a guest

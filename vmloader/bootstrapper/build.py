@@ -6,6 +6,7 @@ step is cached as a directory keyed by a hash of the recipe, so rebuilding
 after an agent change takes seconds.
 """
 import compileall
+import fcntl
 import hashlib
 import json
 import os
@@ -14,12 +15,14 @@ import shutil
 import stat
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 from . import initramfs, proc
 from .cache import ImageCache, sha256_file
+from .cacheindex import open_lock
 from .catalog import Artifact, ImageEntry, Recipe
 from .errors import ImageBuildError
 
@@ -191,10 +194,40 @@ def build_image(entry: ImageEntry, cache: ImageCache, *, force: bool = False,
     recipe = _recipe(entry)
     key = image_key(entry)
     version = f"{entry.version}.{key[:12]}"
-    existing = cache.built_manifest().find(f"{entry.name}@{version}", need_artifacts=True)
-    if existing and not force and cache.has_all(existing):
+    existing = _up_to_date(entry, version, cache)
+    if existing and not force:
         progress(f"image {entry.name} is up to date ({version})")
         return existing
+    with _one_build_at_a_time(cache, progress):
+        existing = _up_to_date(entry, version, cache)
+        if existing and not force:         # another build made it while this one waited
+            progress(f"image {entry.name} is up to date ({version}): built while waiting")
+            return existing
+        return _build_locked(entry, recipe, version, cache, progress)
+
+
+def _up_to_date(entry: ImageEntry, version: str, cache: ImageCache) -> Optional[ImageEntry]:
+    existing = cache.built_manifest().find(f"{entry.name}@{version}", need_artifacts=True)
+    return existing if existing and cache.has_all(existing) else None
+
+
+@contextmanager
+def _one_build_at_a_time(cache: ImageCache, progress: Progress) -> Iterator[None]:
+    """Builds on one cache take turns: they share the debootstrap trees (a second build would
+    remove the tree the first is writing) and the built manifest. The lock is the cache's own
+    file, never opened through a link."""
+    cache.ensure_dirs()
+    with open_lock(cache.root / "build.lock") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("waiting for another image build in this cache to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _build_locked(entry: ImageEntry, recipe: Recipe, version: str, cache: ImageCache,
+                  progress: Progress) -> ImageEntry:
     tree = _debootstrap(recipe, cache, progress)
     work = cache.scratch_dir(f"build-{entry.name}")
     try:
