@@ -24,7 +24,7 @@ from vmloader.bootstrapper import config, privatefiles, warm
 from vmloader.bootstrapper.agentclient import AgentClient
 from vmloader.bootstrapper.errors import AgentError
 
-from .conftest import as_user, domains_left, ensure_user, world_readable_tmpdir
+from .conftest import as_user, domains_left, ensure_user, libvirt_domains, world_readable_tmpdir
 from .faulttable import record_row
 
 # The tests here damage, drop and count the lanes of their shape: under `make test`, one xdist worker.
@@ -248,6 +248,56 @@ def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_
     record_row("warm state deleted (files and lock) after a job took it, before its restore",
                result["exit_status"], "succeeded, booted cold", "overlay", line,
                "nothing (the next job builds the state again)")
+
+
+def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleaned_up(vmloader, vm_env, state_dir,
+                                                                                    tmp_path):
+    """SIGKILL (the OOM killer, a node's daemon going) while the first job of a shape builds its warm
+    state: the build's VM outlives vmloader; `vmloader cleanup` finds it by the job's owner.json
+    and destroys it, and the next job of that shape builds the state again and starts warm."""
+    shape = ("--memory", "704")                     # a shape of its own: its state is built now
+    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                             *shape, "--snapshot", "never", "--job-id", "warm-killed", "--", "true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
+    owner, domain = state_dir / "jobs" / "warm-killed" / "owner.json", ""
+    keys: set = set()
+    try:
+        deadline = time.monotonic() + 900
+        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()):
+            assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no warm build's VM within 900 s"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                domain = json.loads(owner.read_text())["domain"]
+            time.sleep(0.2)
+        keys.add(domain.split("-")[2])
+        proc.kill()
+        proc.wait()
+        built = list(warm.warm_root(config.load()).glob(f"{domain.split('-')[2]}*/lane-*/meta.json"))
+        assert built == [], "killed after the build (a restored job's VM), not during it"
+        assert domain in libvirt_domains()          # the build's VM outlived its vmloader
+        cleaned = vmloader("cleanup", "--json")
+        assert cleaned.returncode == 0, cleaned.err
+        [reaped] = cleaned.json()
+        assert reaped["job_id"] == "warm-killed" and reaped["domain_destroyed"], reaped
+        assert domains_left({domain}) == set()
+        meta = json.loads((state_dir / "jobs" / "warm-killed" / "metadata.json").read_text())
+        assert (meta["exit_status"], meta["outcome"]) == (125, "orphaned")
+        again = vmloader("run", "--image", "debian-12", *shape, "--snapshot", "never", "--json", "--", "true")
+        result = json.loads(again.stdout)
+        assert again.returncode == 0 and result["start"] == "warm", again.err
+        assert "warm build" in result["timings"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        root = warm.warm_root(config.load())        # this shape's states: not kept for other runs
+        for state in root.iterdir() if keys and root.is_dir() else []:
+            if any(state.name.startswith(key) for key in keys):
+                shutil.rmtree(state, ignore_errors=True)
+    record_row("vmloader killed (SIGKILL) while it builds a warm state", meta["exit_status"], "orphaned, cleaned up",
+               "", "(vmloader cleanup destroyed the build's VM, named in the job's owner.json)",
+               "the job record; the next job of the shape builds the state again")
 
 
 @pytest.fixture

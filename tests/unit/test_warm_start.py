@@ -454,3 +454,34 @@ def test_a_bios_image_without_boot_code_fails_before_any_vm_not_in_a_warm_build(
     assert "cannot boot with SeaBIOS: its first sector holds no boot code" in result.error["message"]
     assert "create" not in rig.fake.kinds() and not lanes_of(rig)
     assert "warm state" not in capsys.readouterr().err
+
+
+def _owners_at_each_create(rig: Rig, monkeypatch) -> list:
+    """The domain the job's owner.json names at the moment each VM is created."""
+    seen, create = [], rig.fake.create
+
+    def recording(xml: str, paused: bool = False):
+        [owner] = list((rig.config.state_dir / "jobs").glob("*/owner.json"))
+        seen.append((ET.fromstring(xml).findtext("name"), json.loads(owner.read_text())["domain"]))
+        return create(xml, paused=paused)
+    monkeypatch.setattr(rig.fake, "create", recording)
+    return seen
+
+
+def test_while_a_warm_state_is_built_the_owner_record_names_the_builds_vm(world, monkeypatch):
+    """A vmloader killed mid-build: the next one (`vmloader cleanup`) destroys the VM its owner.json names."""
+    rig = Rig(world, warm_start=True)
+    seen = _owners_at_each_create(rig, monkeypatch)
+    result = rig.run("true", snapshot="never")
+    [lane] = lanes_of(rig)
+    assert result.start == "warm" and seen == [(lane.domain_name, lane.domain_name)]
+
+
+def test_after_a_failed_build_the_owner_record_names_the_jobs_own_vm_again(world, capsys, monkeypatch):
+    rig = Rig(world, warm_start=True, save_fails=True)
+    seen = _owners_at_each_create(rig, monkeypatch)
+    result = rig.run("true", snapshot="never")
+    assert result.start == "cold" and "could not save a warm state" in capsys.readouterr().err
+    (build, named_then), (cold, named_now) = seen
+    assert build.startswith("vmloader-warm-") and named_then == build
+    assert cold == named_now == f"vmloader-{result.job_id}"

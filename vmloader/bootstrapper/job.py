@@ -564,6 +564,8 @@ class JobRunner:
         """Boot the clean image on the lane's disk to agent-ready, quiesce, save with memory, mark
         complete: None. Else why not (and nothing left behind): the job then boots cold."""
         machine = None
+        built = False
+        _write_owner(job, lane.domain_name)         # killed mid-build, a later vmloader finds the build's VM
         try:
             _private_overlay(image.disk, lane.disk, "warm build")
             spec = self._domain_spec(job, launch.cold_image(image.entry.ref), image, hypervisor, build=lane)
@@ -594,6 +596,7 @@ class JobRunner:
             os.rename(partial, lane.memory)
             lane.reclaim()
             lane.commit(parts, image.entry.ref)
+            built = True
             return None
         except GuestTimeout:
             raise
@@ -605,6 +608,9 @@ class JobRunner:
                 machine.destroy()
             diskfull.best_effort("the partial warm state", lane.drop)
             return why
+        finally:
+            if not built:                           # the job goes on (or fails) as its own VM
+                diskfull.best_effort("the job's owner record", _write_owner, job)
 
     def _abandon_warm(self, job: Job, image: ResolvedImage, why: WarmUnusable) -> None:
         """The warm state failed this job after all: stop what runs, drop the state (a borrowed one:
@@ -975,10 +981,11 @@ def _domain_alive(job: Job, settle: float = 3.0) -> bool:
         time.sleep(0.2)
 
 
-def _write_owner(job: Job) -> None:
-    """Who runs this job and what it wants kept: lets a later vmloader clean up if we die."""
+def _write_owner(job: Job, domain: Optional[str] = None) -> None:
+    """Who runs this job, the VM it has running now (`domain`: the job's own, or a warm state's
+    build or lane) and what it wants kept: lets a later vmloader clean up if we die."""
     privatefiles.write_private(job.job_dir / "owner.json", json.dumps(
-        {"pid": os.getpid(), "domain": job.domain_name, "snapshot": job.spec.snapshot,
+        {"pid": os.getpid(), "domain": domain or job.domain_name, "snapshot": job.spec.snapshot,
          "command": list(job.spec.command),
          "image": job.spec.image, "started": time.time()}) + "\n")
 
