@@ -19,13 +19,13 @@ demo: image
 # Unit tests in a process of their own, before the VM tests: nothing a VM test leaves in its
 # process (signal handlers, threads) reaches the fakes. The slowest VM tests are listed at the end
 # (where the suite's minutes go). The VM tests run two at a time (a TCG guest keeps one core busy,
-# and this machine has two): a module whose tests share one thing (the HTCondor pool, the warm
-# states of one shape) is one xdist group, on one worker; the few tests that disturb every VM on
-# the host (`serial`) run alone afterwards.
+# and this machine has two), a module on one worker (`--dist loadfile`: a module's fixtures, such
+# as the HTCondor pool, are made once; the warm-start module's lanes are its own); the few tests
+# that disturb every VM on the host (`serial`) run alone afterwards.
 test: image
 	$(VENV)/bin/python -m mypy vmloader
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not serial" --durations=30 tests/integration
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial" --durations=30 tests/integration
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m serial tests/integration
 
 unit: setup

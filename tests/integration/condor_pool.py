@@ -11,6 +11,7 @@ Everything runs in a private mount namespace (`unshare -m`): /proc, /dev,
 /sys and tmpfs state dirs are mounted there only, and vanish with it. The
 test talks to the pool through `nsenter` into that namespace and chroot.
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -98,6 +99,14 @@ def build_chroot() -> Path:
     if (final / ".complete").exists():
         return final / "root"
     CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "condor-build.lock", "a") as lock:    # one builder: another's rename would remove ours
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / ".complete").exists():
+            return final / "root"
+        return _build_chroot(final)
+
+
+def _build_chroot(final: Path) -> Path:
     work = CACHE / f"condor-{recipe_key()}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     root = work / "root"

@@ -17,8 +17,7 @@ from .condor_pool import IMAGES, REPO, USER, start_pool
 from .conftest import file_sha256
 from .faulttable import record_row
 
-# One HTCondor pool (a module fixture) serves every test here: under `make test`, one xdist worker.
-pytestmark = [pytest.mark.integration, pytest.mark.condor, pytest.mark.xdist_group("condor-pool")]
+pytestmark = [pytest.mark.integration, pytest.mark.condor]
 EXAMPLES = REPO / "condor" / "examples"
 IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
 EVENT_STATUS = {htcondor2.JobEventType.SUBMIT: IDLE, htcondor2.JobEventType.EXECUTE: RUNNING,

@@ -27,9 +27,9 @@ from vmloader.bootstrapper.errors import AgentError
 from .conftest import as_user, domains_left, ensure_user, libvirt_domains, world_readable_tmpdir
 from .faulttable import record_row
 
-# The tests here damage, drop and count the lanes of their shape: under `make test`, one xdist worker.
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on"),
-              pytest.mark.xdist_group("warm-shape-768")]
+# The tests here damage, drop and count the lanes of their shape: one after another (`make test`
+# runs a module's tests on one worker).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers", "warm_start_on")]
 
 
 @pytest.fixture
