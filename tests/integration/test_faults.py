@@ -130,7 +130,7 @@ def test_a_daemon_outliving_the_command_does_not_block_teardown(vm_env, state_di
     proc = start(vm_env, tmp_path, "fault-daemon", "sh", "-c", "sleep 1000 & echo spawned", root=False)
     code, result, err = finish(proc)
     assert code == 0 and result["outcome"] == "succeeded", err
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < 600          # not held until the daemon's sleep 1000 ends
     record_row(**{"fault": "job forks a daemon that outlives the command", "exit": 0, "outcome": "succeeded",
                    "phase": None, "message": "", "kept": "nothing to keep (success, policy on-failure)"})
 
@@ -595,7 +595,7 @@ def test_a_hostile_agent_in_a_real_guest_cannot_write_outside_the_output_dir(vm_
     assert set(tree(out)) <= {"fine.txt"}                     # at most the one sane name; no part files
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out")} == before_outside
     assert not (tmp_path / "escaped").exists() and not Path("/etc/cron.d/evil").exists()
-    assert took < 300, "a hostile guest must not stall the job"
+    assert took < 600, "a hostile guest must not stall the job"
     assert_nothing_left(job_id, state_dir)
     record_row(**{"fault": f"hostile agent (a root job replaces it in the guest): {what}", "exit": code,
                    "outcome": result["outcome"], "phase": result["error"]["phase"],
