@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def stock_bios_disk():
 
 
 def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays_byte_identical(
-        vmloader, stock_bios_disk, own_cache, tmp_path):
+        vmloader, vm_env, stock_bios_disk, own_cache, tmp_path):
     disk = tmp_path / "stock.qcow2"
     shutil.copyfile(stock_bios_disk, disk)
     # A stock image boots its own firmware, grub, systemd and cloud-init: under TCG on a busy
@@ -96,6 +97,26 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     assert warm["agent_delivery"] == "cloud-init"
     assert Path(warm["stdout_path"]).read_text().split() == [f"vm-{warm['job_id'][-6:]}", "vmloader", "clean"]
     print(f"stock BIOS image: first job {result['timings']}, warm job {warm['timings']}", file=sys.stderr)
+
+    # Output streams live, stdin reaches the command: the first lines arrive while the command
+    # still waits for its stdin (it cannot have ended), stderr stays apart.
+    live = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "stock-bookworm",
+                             "--network", "none", "--snapshot", "never", "--", "sh", "-c",
+                             "echo first-line; read given; echo got-$given; echo err-$given >&2; exit 5"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(vm_env, **env), cwd=tmp_path)
+    stop = threading.Timer(900, live.terminate)     # never read forever (SIGTERM: vmloader ends its VM)
+    stop.start()
+    try:
+        assert live.stdout.readline() == b"first-line\n"
+        rest, err = live.communicate(b"fed\n", timeout=900)     # (then stdin closes: EOF)
+    finally:
+        stop.cancel()
+        if live.poll() is None:
+            live.terminate()
+            live.wait(timeout=300)
+    assert (live.returncode, rest) == (5, b"got-fed\n"), err
+    assert b"err-fed\n" in err and b"got-fed" not in err
 
     assert file_sha256(disk) == before
     assert not base.exists() or file_sha256(base) == before
