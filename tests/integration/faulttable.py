@@ -31,7 +31,7 @@ FAULTS = (
     'job ad with an unknown snapshot policy (`+VMLoaderSnapshot = "sometimes"`)',
     "job ad with a request_memory too small for any VM (`request_memory = 200 + 100`)",
     "job ad with a request_disk too small for any VM (`request_disk = 1MB`)",
-    "an HTCondor VM job writes past its request_disk (`request_disk = 200MB`, 400 MiB written)",
+    "an HTCondor VM job writes past its request_disk (`request_disk = 200MB`, 2000 MiB written)",
     "an HTCondor job's cgroup memory limit below its VM (400 MiB on the pool's base cgroup)",
     # repositories and the image cache
     "repository unreachable, image not cached",

@@ -574,7 +574,7 @@ def test_a_job_writing_past_its_request_disk_is_held_naming_the_limit_and_a_too_
     record_row("job ad with a request_disk too small for any VM (`request_disk = 1MB`)", 125,
                "held (HoldReason, subcode 125)", "job ad", small_reason, "the job (on hold); no VM started")
     fill = Submission(pool, "diskfill", {"job.sub": (
-        "executable = /bin/sh\narguments = \"-c 'dd if=/dev/zero of=big bs=1M count=400 oflag=direct; "
+        "executable = /bin/sh\narguments = \"-c 'dd if=/dev/zero of=big bs=1M count=2000 oflag=direct; "
         "echo dd exited $?; sleep 600'\"\ntransfer_executable = false\nshould_transfer_files = YES\n"
         "output = out\nerror = err\nlog = log\nrequest_disk = 200MB\n"
         '+VMImage = "debian-12"\n+VMLoaderSnapshot = "never"\nqueue\n')})
@@ -588,7 +588,7 @@ def test_a_job_writing_past_its_request_disk_is_held_naming_the_limit_and_a_too_
     assert "request_disk 204800 KiB less the sandbox's" in reason, reason
     assert "dd exited" not in fill.file("out").read_text()        # paused mid-write, never resumed
     pool.run(["condor_rm", str(fill.cluster)], check=True)
-    record_row("an HTCondor VM job writes past its request_disk (`request_disk = 200MB`, 400 MiB written)",
+    record_row("an HTCondor VM job writes past its request_disk (`request_disk = 200MB`, 2000 MiB written)",
                125, "held (HoldReason, subcode 125)", "exec", reason,
                "the job (on hold); the VM paused at the limit, then destroyed; the state per policy")
 

@@ -3,7 +3,7 @@
 The guest writes into a qcow2 overlay over the shared base image; the overlay grows
 with every new cluster the guest writes, up to the disk's virtual size. A job with a
 disk limit (HTCondor's `request_disk`, less what its sandbox takes) is watched while
-its VM runs: the overlay's allocated bytes are read twice a second, and once they pass
+its VM runs: the overlay's allocated bytes are read ten times a second, and once they pass
 the limit the VM is paused (its disk stops changing at once) and the job fails with an
 infrastructure error naming the limit, never as a hung or crashed guest.
 
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from .errors import VMLoaderError
 
 MIB = 2 ** 20
-INTERVAL = 0.5
+INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
