@@ -260,8 +260,7 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
                              *shape, "--snapshot", "never", "--job-id", "warm-killed", "--", "true"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path,
                             stdin=subprocess.DEVNULL)
-    owner, domain = state_dir / "jobs" / "warm-killed" / "owner.json", ""
-    keys: set = set()
+    owner, domain, key = state_dir / "jobs" / "warm-killed" / "owner.json", "", ""
     try:
         deadline = time.monotonic() + 900
         while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()):
@@ -270,10 +269,10 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
             with contextlib.suppress(OSError, ValueError, KeyError):
                 domain = json.loads(owner.read_text())["domain"]
             time.sleep(0.2)
-        keys.add(domain.split("-")[2])
+        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-N)
         proc.kill()
         proc.wait()
-        built = list(warm.warm_root(config.load()).glob(f"{domain.split('-')[2]}*/lane-*/meta.json"))
+        built = list(warm.warm_root(config.load()).glob(f"{key}*/lane-*/meta.json"))
         assert built == [], "killed after the build (a restored job's VM), not during it"
         assert domain in libvirt_domains()          # the build's VM outlived its vmloader
         cleaned = vmloader("cleanup", "--json")
@@ -292,8 +291,8 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
             proc.kill()
             proc.wait()
         root = warm.warm_root(config.load())        # this shape's states: not kept for other runs
-        for state in root.iterdir() if keys and root.is_dir() else []:
-            if any(state.name.startswith(key) for key in keys):
+        for state in root.iterdir() if key and root.is_dir() else []:
+            if state.name.startswith(key):
                 shutil.rmtree(state, ignore_errors=True)
     record_row("vmloader killed (SIGKILL) while it builds a warm state", meta["exit_status"], "orphaned, cleaned up",
                "", "(vmloader cleanup destroyed the build's VM, named in the job's owner.json)",
