@@ -263,7 +263,9 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
     owner, domain, key = state_dir / "jobs" / "warm-killed" / "owner.json", "", ""
     try:
         deadline = time.monotonic() + 900
-        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()):
+        console = state_dir / "jobs" / "warm-killed" / "console.log"   # the build's guest is booting:
+        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
+                   and console.exists() and b"vmloader-init" in console.read_bytes()):
             assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
             assert time.monotonic() < deadline, "no warm build's VM within 900 s"
             with contextlib.suppress(OSError, ValueError, KeyError):
