@@ -21,6 +21,7 @@ import pytest
 from .conftest import domains_left, job_domain, world_readable_tmpdir
 from .faulttable import record, record_row
 from .nginx import free_port
+from .reposerver import RepoServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -229,29 +230,6 @@ def assert_infra_before_boot(result: dict, phase: str, *words: str) -> None:
 
 
 # -- 8 and 9. repository unreachable; truncated and bit-flipped images, in the repository and cached --
-
-class RepoServer:
-    """`vmloader repo serve DIR` on a loopback port; stop() and start() again on the same port."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> "RepoServer":
-        self.proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve",
-                                      str(self.root), "--bind", f"127.0.0.1:{self.port}"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert "serving" in self.proc.stdout.readline()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
 
 @pytest.fixture
 def repo_server(published_repo):

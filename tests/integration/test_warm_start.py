@@ -26,6 +26,7 @@ from vmloader.bootstrapper.errors import AgentError
 
 from .conftest import as_user, domains_left, ensure_user, libvirt_domains, world_readable_tmpdir
 from .faulttable import record_row
+from .reposerver import RepoServer
 
 # The tests here damage, drop and count the lanes of their shape: one after another (`make test`
 # runs a module's tests on one worker).
@@ -299,6 +300,44 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
     record_row("vmloader killed (SIGKILL) while it builds a warm state", meta["exit_status"], "orphaned, cleaned up",
                "", "(vmloader cleanup destroyed the build's VM, named in the job's owner.json)",
                "the job record; the next job of the shape builds the state again")
+
+
+def test_a_second_cache_warming_the_image_and_shape_of_a_running_warm_job_starts_warm_too(
+        vmloader, vm_env, state_dir, tmp_path, published_repo):
+    """Two caches on one libvirt daemon (a second vmloader instance, a test's cache beside root's)
+    warming one image and shape: each lane's VM has a name of its own, so the second cache's build
+    does not collide with the first cache's restored VM of lane 0."""
+    run, _ = run_true(vmloader)
+    assert run.returncode == 0, run.err
+    lane = one_lane_left()
+    argv = [sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12", *SHAPE,
+            "--snapshot", "never", "--job-id", "warm-holder", "--", "sh", "-c", "echo up; read go; echo $go"]
+    holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=vm_env, cwd=tmp_path)
+    other = world_readable_tmpdir("vmloader-warm-cache2-")
+    server = None
+    try:
+        assert holder.stdout.readline() == b"up\n"          # restored from lane 0, its VM running
+        assert domains_left({warm.Lane(lane, lane.parent.name, 0).domain_name})
+        server = RepoServer(published_repo).start()
+        second = vmloader("run", "--image", "debian-12", *SHAPE, "--snapshot", "never", "--json", "--", "true",
+                          env_extra={"VMLOADER_CACHE_DIR": str(other), "VMLOADER_REPOSITORY": server.url})
+        result = json.loads(second.stdout) if second.stdout else {}
+        assert second.returncode == 0 and result["start"] == "warm", second.err
+        assert "warm build" in result["timings"], second.err
+        assert [line for line in vmloader_lines(second.err) if "warm state" in line] == [], second.err
+        out, err = holder.communicate(b"went\n", timeout=900)
+        assert holder.returncode == 0 and out == b"went\n", err
+    finally:
+        if holder.poll() is None:
+            holder.terminate()
+            holder.wait(timeout=300)
+        if server is not None:
+            server.stop()
+        assert ours_running(*lane_domains(other / "warm")) == []
+        shutil.rmtree(other, ignore_errors=True)
+    meta = json.loads((state_dir / "jobs" / "warm-holder" / "metadata.json").read_text())
+    assert meta["start"] == "warm"
 
 
 @pytest.fixture

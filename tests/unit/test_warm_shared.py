@@ -196,6 +196,11 @@ def test_the_startd_probe_advertises_images_with_a_usable_shared_warm_state(worl
     assert probe(rig, monkeypatch, warm_start=False)["VMLoaderWarmImages"] == '""'   # jobs would boot
     [lane] = [s["lane"] for s in warm.WarmStore(warm.warm_root(rig.config), 0).states()
               if s["meta"]["parts"]["cpus"] != 2]
+    meta = lane.meta()
+    lane._write_meta(dict(meta, domain=f"vmloader-warm-{lane.key[:12]}-0"))   # saved under another name
+    assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '""'          # (libvirt would not restore it)
+    lane._write_meta(meta)
+    assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '"fake"'
     os.utime(lane.memory, ns=(0, 0))                                      # not the bytes saved
     assert probe(rig, monkeypatch)["VMLoaderWarmImages"] == '""'
 

@@ -240,6 +240,16 @@ def test_a_state_copied_elsewhere_with_the_same_bytes_is_still_used(world):
     assert rig.run("true", snapshot="never").start == "warm"
 
 
+def test_two_caches_warming_one_image_and_shape_name_their_vms_apart(tmp_path):
+    key = "ab" * 32
+    a = warm.Lane(tmp_path / "a" / "warm" / key[:32] / "lane-0", key, 0)
+    b = warm.Lane(tmp_path / "b" / "warm" / key[:32] / "lane-0", key, 0)
+    assert a.domain_name != b.domain_name                  # one libvirt daemon holds both caches' VMs
+    assert a.domain_name == warm.Lane(a.dir, key, 0, shared=True, borrowed=True).domain_name
+    assert a.domain_name.startswith(f"vmloader-warm-{key[:12]}-") and a.domain_name.endswith("-0")
+    assert warm.Lane(a.dir.parent / "lane-1", key, 1).domain_name.endswith("-1")
+
+
 def test_a_failed_save_during_the_build_leaves_nothing_and_the_job_runs_cold(world, capsys):
     rig = Rig(world, warm_start=True, save_fails=True)
     result = rig.run("echo", "ok", snapshot="never")

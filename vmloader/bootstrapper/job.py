@@ -491,7 +491,7 @@ class JobRunner:
                 "network": spec.network, "cmdline": _cmdline(image, spec.network, None),
                 **({"firmware": image.firmware_boot} if image.firmware_boot else {}),
                 "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
-                **machines.host_identity()}
+                "naming": warm.NAMING, **machines.host_identity()}
 
     def _borrow(self, job: Job, parts: dict, hypervisor: Hypervisor) -> Optional[Lane]:
         """A lane of root's shared warm state for an unprivileged user's job (read-only), or None."""

@@ -62,6 +62,8 @@ SHARE_LOCK = "share.lock"
 USER_GRACE = 30.0            # seconds root waits for users' restores before dropping a shared lane
 SHARED_DIR_MODE = 0o755
 SHARED_FILE_MODE = 0o644
+NAMING = 2                   # how a lane's VM is named (2: with its store's tag); part of the key, as
+                             # libvirt restores a state only under the name it was saved with
 
 
 class WarmUnusable(VMLoaderError):
@@ -102,7 +104,8 @@ def shared_warm_images(cfg, entries: dict, network: str = "user") -> list:
         parts = meta.get("parts") or {}
         if (parts.get("agent"), parts.get("qemu"), parts.get("network")) != (agent_version(), qemu_version(), network):
             continue
-        if not Lane(state["lane"].dir, str(meta.get("key")), number, borrowed=True).matches_meta():
+        lane = Lane(state["lane"].dir, str(meta.get("key")), number, borrowed=True)
+        if meta.get("domain") != lane.domain_name or not lane.matches_meta():
             continue
         for name, entry in entries.items():
             disk = entry.artifacts.get("disk")
@@ -135,6 +138,11 @@ def agent_version() -> str:
     return digest.hexdigest()
 
 
+def store_tag(root: Path) -> str:
+    """A short name for the warm store at `root` (its absolute path), unique per store on a host."""
+    return hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:8]
+
+
 def state_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -154,7 +162,10 @@ class Lane:
 
     @property
     def domain_name(self) -> str:
-        return f"vmloader-warm-{self.key[:12]}-{self.number}"
+        """The name its VM is saved (and restored) under: the key names the state, the store's
+        tag keeps two caches' lanes of one key apart inside one libvirt daemon (root's shared
+        cache and a test's or a second instance's cache warming the same image and shape)."""
+        return f"vmloader-warm-{self.key[:12]}-{store_tag(self.dir.parent.parent)}-{self.number}"
 
     @property
     def memory(self) -> Path:
