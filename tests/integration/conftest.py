@@ -49,10 +49,10 @@ class Run:
         return json.loads(self.stdout)
 
 
-# `make test` runs whole modules on two workers, each taking the next module in collection order
+# `make test` runs whole modules on three workers, each taking the next module in collection order
 # when it runs low (`--dist loadfile --no-loadscope-reorder`). The longest modules go first (minutes
-# of a cached run here: the HTCondor pool ~25, the stock cloud images ~20, the rest under 6 each),
-# so the two long ones start at once and the short ones fill in beside them; otherwise the stock
+# of a cached run here: the HTCondor pool ~23, the stock cloud images ~22, the rest under 10 each),
+# so the long ones start at once and the short ones fill in beside them; otherwise the stock
 # images, collected late, started once the others were done and ran alone.
 LONGEST_FIRST = ("test_condor.py", "test_stock_images.py", "test_stock_bad_input.py", "test_faults.py",
                  "test_warm_start.py", "test_systemd_variant.py", "test_snapshot_sessions.py",
