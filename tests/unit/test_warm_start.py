@@ -248,6 +248,8 @@ def test_two_caches_warming_one_image_and_shape_name_their_vms_apart(tmp_path):
     assert a.domain_name == warm.Lane(a.dir, key, 0, shared=True, borrowed=True).domain_name
     assert a.domain_name.startswith(f"vmloader-warm-{key[:12]}-") and a.domain_name.endswith("-0")
     assert warm.Lane(a.dir.parent / "lane-1", key, 1).domain_name.endswith("-1")
+    (tmp_path / "a-link").symlink_to(tmp_path / "a")              # one cache named by another path
+    assert warm.Lane(tmp_path / "a-link" / "warm" / key[:32] / "lane-0", key, 0).domain_name == a.domain_name
 
 
 def test_a_failed_save_during_the_build_leaves_nothing_and_the_job_runs_cold(world, capsys):

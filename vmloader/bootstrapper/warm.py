@@ -139,8 +139,9 @@ def agent_version() -> str:
 
 
 def store_tag(root: Path) -> str:
-    """A short name for the warm store at `root` (its absolute path), unique per store on a host."""
-    return hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:8]
+    """A short name for the warm store at `root`, unique per store on a host: of its real path, so
+    root and a user naming one cache by different paths (a symlink) agree on its lanes' names."""
+    return hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:8]
 
 
 def state_key(parts: dict) -> str:
