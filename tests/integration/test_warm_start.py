@@ -272,7 +272,7 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
             with contextlib.suppress(OSError, ValueError, KeyError):
                 domain = json.loads(owner.read_text())["domain"]
             time.sleep(0.2)
-        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-N)
+        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-STORE8-N)
         proc.kill()
         proc.wait()
         built = list(warm.warm_root(config.load()).glob(f"{key}*/lane-*/meta.json"))
