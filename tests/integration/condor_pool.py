@@ -60,6 +60,11 @@ chown {USER}:{USER} /home/{USER}
 for c in /var/cache/vmloader-1 /var/cache/vmloader-2; do
     rm -rf $c; mkdir -m 0755 $c      # one writer (root): jobs only read; fresh for each pool
 done
+# The system libvirtd of root, for the warm states the cache service of vm2 keeps (jobs run as
+# users, with session daemons of their own); in this chroot it cannot give QEMU a mount namespace.
+grep -qx "namespaces = \\[\\]" /etc/libvirt/qemu.conf || echo "namespaces = []" >> /etc/libvirt/qemu.conf
+virtlogd -d
+libvirtd -d
 exec /usr/sbin/condor_master -f
 """
 
@@ -144,7 +149,8 @@ VMLOADER_CACHED1_ARGS = cache serve --log $(LOG)/VmloaderCacheLog.1
 VMLOADER_CACHED1_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-1"
 VMLOADER_CACHED2 = /usr/local/bin/vmloader
 VMLOADER_CACHED2_ARGS = cache serve --log $(LOG)/VmloaderCacheLog.2
-VMLOADER_CACHED2_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2"
+# vm2's service keeps debian-12 warm (keep_warm), as a site's would; vm1's keeps nothing.
+VMLOADER_CACHED2_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2 VMLOADER_KEEP_WARM=debian-12"
 use SECURITY : HOST_BASED
 ALLOW_ADMINISTRATOR = *
 ALLOW_WRITE = *
@@ -256,7 +262,8 @@ class Pool:
         (etc / "config.toml").write_text(
             'repositories = ["/srv/vmloader-repo"]\ncache_dir = "/var/cache/vmloader-1"\nmemory_mib = 768\n'
             'host_cert = "/etc/vmloader/hostcert.pem"\nhost_key = "/etc/vmloader/hostkey.pem"\n'
-            'host_cert_images = ["debian-12"]\n')   # the credentials go into debian-12 guests only
+            'host_cert_images = ["debian-12"]\n'    # the credentials go into debian-12 guests only
+            'warm_lanes = 1\n')                    # one slot per startd: one job of a shape at a time
         # Stand-ins for a worker's host credentials: the key readable by job users through their group.
         (etc / "hostcert.pem").write_text("-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n")
         (etc / "hostkey.pem").write_text("-----BEGIN PRIVATE KEY-----\ntest\n-----END PRIVATE KEY-----\n")

@@ -140,56 +140,52 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     assert job.file("out").read_text().startswith("11.")
 
 
-def test_a_worker_holding_roots_warm_state_is_preferred_and_the_users_job_restores_it(pool):
-    """Root warms debian-12 on vm2 only (as a STARTD_CRON would); both workers cached the image. The
-    probe advertises it, the transform ranks vm2 higher, and the job (run as its user, with its own
-    session daemon) starts warm from root's state without writing into it."""
-    conf = pool.path("/etc/vmloader/config.toml")
-    original = conf.read_text()
-    conf.write_text(original + "warm_start = true\n")
+WARM_ADVERTISED = 'condor_status -constraint \'VMLoaderCacheDir == "/var/cache/vmloader-{}"\' -af VMLoaderWarmImages'
+
+
+def kept_warm_on_vm2(pool) -> None:
+    """debian-12 fetched into vm2's cache through its cache service, as a job's first use does; the
+    service (keep_warm = debian-12 there, nothing on vm1) then builds root's state of it, and vm2's
+    probe advertises it. Waits for that (a boot and a save under TCG: minutes on a loaded host)."""
+    pool.vmloader("images", "pull", "debian-12", cache="/var/cache/vmloader-2", check=True, timeout=600)
+    pool.wait_for(lambda: "debian-12" in pool.run(["sh", "-c", WARM_ADVERTISED.format(2)], user=None).stdout,
+                  1200, "vm2's cache service to build debian-12's warm state and its probe to advertise it")
+
+
+def test_a_worker_whose_cache_service_keeps_the_image_warm_is_preferred_and_the_job_restores_it(pool):
+    """vm2's cache service keeps debian-12 warm (root's state, built by the service itself once the
+    image is fetched); vm1 caches the image alone. The probe advertises the state, the transform ranks
+    vm2 higher, and the job (run as its user, with its own session daemon) starts warm from root's
+    state without writing into it."""
     warm_dir = pool.path("/var/cache/vmloader-2/warm")
-    qemu_conf = pool.path("/etc/libvirt/qemu.conf")
-    qemu_conf_text = qemu_conf.read_text()
-    try:
-        # A worker's root has the system daemon (the pool's jobs need none: they run as users);
-        # in the pool's chroot it cannot give QEMU a mount namespace of its own.
-        qemu_conf.write_text(qemu_conf_text + "namespaces = []\n")
-        pool.run(["sh", "-c", "virtlogd -d && libvirtd -d"], user=None, check=True)
-        pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
-        for cache in ("/var/cache/vmloader-1", "/var/cache/vmloader-2"):
-            pool.vmloader("images", "pull", "debian-12", cache=cache, user="root", check=True, timeout=600)
-        pool.vmloader("images", "warm", "debian-12", cache="/var/cache/vmloader-2", user="root", check=True,
-                      timeout=900)
-        advertised = 'condor_status -constraint \'VMLoaderCacheDir == "/var/cache/vmloader-{}"\' -af VMLoaderWarmImages'
-        pool.wait_for(lambda: "debian-12" in pool.run(["sh", "-c", advertised.format(2)], user=None).stdout,
-                      60, "vm2's probe to advertise its warm debian-12")
-        assert "debian-12" not in pool.run(["sh", "-c", advertised.format(1)], user=None, check=True).stdout
-        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))}
-        jobs = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
-        known = set(jobs.iterdir()) if jobs.is_dir() else set()
-        job = Submission(pool, "warm", {"job.sub": (
-            "executable = /bin/hostname\ntransfer_executable = false\nshould_transfer_files = YES\n"
-            'output = out\nerror = err\nlog = log\n+VMImage = "debian-12"\nqueue\n')})
-        job.submit("job.sub")
-        done = job.wait({COMPLETED})
-        assert done[0]["ExitCode"] == "0", job.file("err").read_text()
-        assert "@vm2@" in done[0]["LastRemoteHost"]
-        rank = pool.run(["condor_history", str(job.cluster), "-af:r", "Rank"], user=None, check=True).stdout
-        assert "VMLoaderWarmImages" in rank, rank
-        scores = pool.run(["condor_status", "-af:t", "VMLoaderCacheDir",
-                           'ifThenElse(StringListMember("debian-12", VMLoaderImages ?: ""), 10, 0) + '
-                           'ifThenElse(StringListMember("debian-12", VMLoaderWarmImages ?: ""), 10, 0)'],
-                          user=None, check=True).stdout
-        assert dict(line.split("\t") for line in scores.splitlines()) == {
-            "/var/cache/vmloader-1": "10", "/var/cache/vmloader-2": "20"}, scores
-        [record] = [json.loads((d / "metadata.json").read_text()) for d in set(jobs.iterdir()) - known]
-        assert record["start"] == "warm" and "warm build" not in record["timings"], record
-        assert job.file("out").read_text().strip().startswith("vm-")
-        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))} == before
-    finally:
-        conf.write_text(original)
-        qemu_conf.write_text(qemu_conf_text)
-        shutil.rmtree(warm_dir, ignore_errors=True)
+    pool.vmloader("images", "pull", "debian-12", cache="/var/cache/vmloader-1", user="root", check=True, timeout=600)
+    kept_warm_on_vm2(pool)
+    log = pool.path("/var/log/condor/VmloaderCacheLog.2").read_text()
+    assert "keeping warm: debian-12 (1 lane(s) each" in log and "keep warm: debian-12: 1 lane(s) ready" in log, log
+    assert "keeping warm" not in pool.path("/var/log/condor/VmloaderCacheLog.1").read_text()
+    assert "debian-12" not in pool.run(["sh", "-c", WARM_ADVERTISED.format(1)], user=None, check=True).stdout
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))}
+    jobs = pool.path(f"/home/{USER}/.local/share/vmloader/jobs")
+    known = set(jobs.iterdir()) if jobs.is_dir() else set()
+    job = Submission(pool, "warm", {"job.sub": (
+        "executable = /bin/hostname\ntransfer_executable = false\nshould_transfer_files = YES\n"
+        'output = out\nerror = err\nlog = log\n+VMImage = "debian-12"\nqueue\n')})
+    job.submit("job.sub")
+    done = job.wait({COMPLETED})
+    assert done[0]["ExitCode"] == "0", job.file("err").read_text()
+    assert "@vm2@" in done[0]["LastRemoteHost"]
+    rank = pool.run(["condor_history", str(job.cluster), "-af:r", "Rank"], user=None, check=True).stdout
+    assert "VMLoaderWarmImages" in rank, rank
+    scores = pool.run(["condor_status", "-af:t", "VMLoaderCacheDir",
+                       'ifThenElse(StringListMember("debian-12", VMLoaderImages ?: ""), 10, 0) + '
+                       'ifThenElse(StringListMember("debian-12", VMLoaderWarmImages ?: ""), 10, 0)'],
+                      user=None, check=True).stdout
+    assert dict(line.split("\t") for line in scores.splitlines()) == {
+        "/var/cache/vmloader-1": "10", "/var/cache/vmloader-2": "20"}, scores
+    [record] = [json.loads((d / "metadata.json").read_text()) for d in set(jobs.iterdir()) - known]
+    assert record["start"] == "warm" and "warm build" not in record["timings"], record
+    assert job.file("out").read_text().strip().startswith("vm-")
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))} == before
 
 
 def test_a_vm_job_runs_in_the_guest_with_its_sandbox_output_files_and_exit_code(pool):
@@ -648,8 +644,11 @@ def test_a_vm_jobs_memory_and_cpu_are_accounted_to_it_through_its_cgroup(pool):
 
 def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retention(pool):
     """The per-job libvirt session daemons and their sockets go with each job; job records and
-    snapshots stay within the retention settings (snapshot_max_count, 20 by default)."""
+    snapshots stay within the retention settings (snapshot_max_count, 20 by default). vm2's jobs
+    all restore the one warm state its cache service keeps (one lane: one slot), one after
+    another; vm1's, with none, boot."""
     from vmloader.bootstrapper.config import Config
+    kept_warm_on_vm2(pool)
     job = Submission(pool, "fifty", {"job.sub": (
         "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
         '+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue 50\n')})
@@ -662,7 +661,15 @@ def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retentio
     # (a job prunes the records of finished jobs, never its own nor one still running: the last jobs
     # of the two slots, ending at once, each leave the other's record and their own till the next)
     assert len(list((state / "jobs").iterdir())) <= keep + 2
-    assert len(list((state / "snapshots").iterdir())) <= keep
+    kept = list((state / "snapshots").iterdir())
+    assert len(kept) <= keep
+    worker_of = {Path(j["VMLoaderSnapshot"].partition(":")[2]).name: j["LastRemoteHost"].split("@")[1]
+                 for j in done.values()}
+    starts = {}
+    for snapshot in kept:
+        timings = json.loads((snapshot / "metadata.json").read_text())["timings"]
+        starts.setdefault(worker_of[snapshot.name], set()).add("warm" if "restore" in timings else "cold")
+    assert starts == {"vm1": {"cold"}, "vm2": {"warm"}}, starts
 
 
 def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_numbers(pool):

@@ -39,6 +39,7 @@ from .download import Progress
 from .errors import ImageError, VMLoaderError
 from .integrity import Stamps
 from .ownedfiles import owner_of, read_trusted
+from .warmkeeper import WarmKeeper, lanes_wanted
 
 MAX_REQUEST = 4096
 MAX_REPLY = 1 << 20
@@ -108,14 +109,16 @@ class _Handler(socketserver.StreamRequestHandler):
 class CacheServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, path: Path, make_cache: Callable[[], ImageCache], log: Callable[[str], None]):
-        self.make_cache, self.log = make_cache, log
+    def __init__(self, path: Path, make_cache: Callable[[], ImageCache], log: Callable[[str], None],
+                 resolved: Callable[[], None] = lambda: None):
+        self.make_cache, self.log, self.resolved = make_cache, log, resolved
         super().__init__(str(path), _Handler)
 
     def resolve(self, ref: str, send: Callable[[dict], None]) -> dict:
         cache = self.make_cache()
         cache.progress = lambda label, total: RemoteProgress(label, total, send)
         image = cache.resolve(ref)
+        self.resolved()
         return {"ok": True, "entry": image.entry.to_dict(), "paths": {k: str(p) for k, p in image.paths.items()}}
 
 
@@ -137,15 +140,32 @@ def serve(cfg, socket_path: Optional[Path] = None, ready: Callable[[], None] = l
     _clear_stale_socket(path)
     log = lambda text: print(f"vmloader cache serve: {time.strftime('%H:%M:%S')} {text}", file=sys.stderr,
                              flush=True)
-    server = CacheServer(path, lambda: ImageCache.writer(cfg), log)
+    keeper = _keeper(cfg, log)
+    server = CacheServer(path, lambda: ImageCache.writer(cfg), log, keeper.wake if keeper else lambda: None)
     os.chmod(path, 0o666)
     log(f"serving {cfg.cache_dir} on {path} (uid {os.geteuid()})")
+    if keeper is not None:
+        keeper.start()
     ready()
     try:
         server.serve_forever()
     finally:
         server.server_close()
         path.unlink(missing_ok=True)
+
+
+def _keeper(cfg, log: Callable[[str], None]) -> Optional[WarmKeeper]:
+    """The keeper of root's warm states (warmkeeper.py), when keep_warm names any image."""
+    if not cfg.keep_warm:
+        return None
+    if not cfg.warm_start:
+        log("keep_warm is set but warm_start is off: no warm states are kept")
+        return None
+    if os.geteuid() != 0:
+        log("keep_warm is set, but only root's warm states serve other users' jobs: none are kept")
+        return None
+    log(f"keeping warm: {', '.join(cfg.keep_warm)} ({lanes_wanted(cfg)} lane(s) each, default shape)")
+    return WarmKeeper(cfg, lambda: ImageCache.writer(cfg).cached_entries(), log)
 
 
 # -- the reader side -------------------------------------------------------------------------------------

@@ -146,6 +146,10 @@ SETTINGS: Sequence[Setting] = (
     Setting("warm_own_states", "VMLOADER_WARM_OWN_STATES", _bool,
             "build a warm state of your own when no shared one (root's) serves the job (default true; "
             "HTCondor jobs never do: they restore root's or boot cold)"),
+    Setting("keep_warm", "VMLOADER_KEEP_WARM", _str_list,
+            "images whose warm states root's cache service (`vmloader cache serve`) keeps ready in the "
+            "shared cache, for their default shape, warm_lanes of each (0: one per host CPU): names, or "
+            '"*" for every cached image; default none. HTCondor jobs restore these and never build one'),
     Setting("qemu_cgroup", "VMLOADER_QEMU_CGROUP", _qemu_cgroup,
             "as root (system libvirtd): `caller` starts each VM paused and moves QEMU into vmloader's own "
             "cgroups so their limits and accounting cover the VM (always so under the HTCondor wrapper); "
@@ -185,6 +189,7 @@ class Config:
     warm_start: bool = True
     warm_lanes: int = 0
     warm_own_states: bool = True
+    keep_warm: tuple = ()
     qemu_cgroup: str = "libvirt"   # "caller": QEMU joins vmloader's cgroups (qemucgroup.py)
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None

@@ -47,7 +47,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from . import privatefiles
 from .cache import owns, sha256_file
@@ -98,7 +98,13 @@ def shared_warm_images(cfg, entries: dict, network: str = "user") -> list:
     """The image names (of `entries`, {name: entry}) with a complete, intact warm state in the shared
     cache for their default shape (the image's cpus and memory, user network), built by this agent
     and QEMU: what a worker advertises as VMLoaderWarmImages. Reads only (any user may ask)."""
-    found = set()
+    return sorted(name for name, lanes in shared_warm_lanes(cfg, entries, network).items() if lanes)
+
+
+def shared_warm_lanes(cfg, entries: dict, network: str = "user") -> Dict[str, int]:
+    """{name: how many complete, intact lanes of its default shape the shared cache holds} for
+    `entries` (see shared_warm_images; the cache service's keeper builds the missing ones)."""
+    found = {name: 0 for name in entries}
     for state in WarmStore(cfg.cache_dir / "warm", 0).states():
         meta, number = state["meta"], state["lane"].number
         parts = meta.get("parts") or {}
@@ -112,8 +118,8 @@ def shared_warm_images(cfg, entries: dict, network: str = "user") -> list:
             if (disk is not None and parts.get("image_sha256") == disk.sha256
                     and parts.get("cpus") == (entry.cpus or cfg.cpus)
                     and parts.get("memory_mib") == (entry.memory_mib or cfg.memory_mib)):
-                found.add(name)
-    return sorted(found)
+                found[name] += 1
+    return found
 
 
 def default_lanes() -> int:
