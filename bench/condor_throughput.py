@@ -7,7 +7,7 @@ their makespan against the ideal N x single / slots (`x ideal`). With --compare-
 does so twice: with HTCondor's cgroup accounting and limits (the pool's default)
 and without them (jobs tracked by process tree), for the cost of the accounting.
 With --warm, each pool then runs the same jobs again after root warmed debian-12 in both
-workers' caches (`images warm`, what a STARTD_CRON does): jobs restore root's shared state
+workers' caches (`images warm`, what a cache service with keep_warm does): jobs restore root's state
 instead of booting (an HTCondor job never builds a state of its own).
 Not a test: no thresholds, just figures for the README.
 """
@@ -49,10 +49,6 @@ CACHES = ("/var/cache/vmloader-1", "/var/cache/vmloader-2")
 
 def warm_workers(pool) -> float:
     """Root's warm state of debian-12 in both workers' caches (the system libvirt daemon saves it)."""
-    qemu_conf = pool.path("/etc/libvirt/qemu.conf")
-    if "namespaces = []" not in qemu_conf.read_text():       # no mount namespace for QEMU in the chroot
-        qemu_conf.write_text(qemu_conf.read_text() + "namespaces = []\n")
-    pool.run(["sh", "-c", "virtlogd -d && libvirtd -d"], user=None, check=True)
     pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
     started = time.monotonic()
     for cache in CACHES:
@@ -84,7 +80,7 @@ def main() -> None:
     print(f"load average at the start: {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     for cgroups in ((True, False) if args.compare_cgroups else (True,)):
         what = "with cgroup limits" if cgroups else "without cgroups"
-        pool = start_pool(cgroups=cgroups)
+        pool = start_pool(cgroups=cgroups, keep_warm=False)      # cold first: root warms below
         try:
             run_cluster(pool, "warmup", 2)               # images into both workers' caches
             single = run_cluster(pool, "single", 1)

@@ -135,7 +135,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pool_config(port: int, cgroups: bool = True) -> str:
+def pool_config(port: int, cgroups: bool = True, keep_warm: bool = True) -> str:
     return f"""
 # Written by the vmloader test fixture: a two-startd personal pool on loopback.
 CONDOR_HOST = 127.0.0.1
@@ -150,7 +150,7 @@ VMLOADER_CACHED1_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-1"
 VMLOADER_CACHED2 = /usr/local/bin/vmloader
 VMLOADER_CACHED2_ARGS = cache serve --log $(LOG)/VmloaderCacheLog.2
 # vm2's service keeps debian-12 warm (keep_warm), as a site's would; vm1's keeps nothing.
-VMLOADER_CACHED2_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2 VMLOADER_KEEP_WARM=debian-12"
+VMLOADER_CACHED2_ENVIRONMENT = "VMLOADER_CACHE_DIR=/var/cache/vmloader-2{" VMLOADER_KEEP_WARM=debian-12" if keep_warm else ""}"
 use SECURITY : HOST_BASED
 ALLOW_ADMINISTRATOR = *
 ALLOW_WRITE = *
@@ -201,10 +201,11 @@ EXECUTE = $(LOCAL_DIR)/lib/condor/execute
 
 
 class Pool:
-    def __init__(self, root: Path, port: int, cgroups: bool = True):
+    def __init__(self, root: Path, port: int, cgroups: bool = True, keep_warm: bool = True):
         self.chroot = root
         self.port = port
         self.cgroups = cgroups          # False: HTCondor tracks jobs by process tree (bench/)
+        self.keep_warm = keep_warm      # False: no cache service keeps a warm state (bench/)
         self.proc: Optional[subprocess.Popen] = None
         self.mnt_ns = ""
 
@@ -256,7 +257,7 @@ class Pool:
             old.unlink()
         for conf in (REPO / "condor/config.d").glob("*.conf"):
             shutil.copy2(conf, confd / conf.name)
-        (confd / "90-vmloader-test-pool.conf").write_text(pool_config(self.port, self.cgroups))
+        (confd / "90-vmloader-test-pool.conf").write_text(pool_config(self.port, self.cgroups, self.keep_warm))
         etc = self.chroot / "etc/vmloader"
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "config.toml").write_text(
@@ -363,9 +364,9 @@ class Pool:
                     pass
 
 
-def start_pool(cgroups: bool = True) -> Pool:
+def start_pool(cgroups: bool = True, keep_warm: bool = True) -> Pool:
     root = build_chroot()
-    pool = Pool(root, free_port(), cgroups)
+    pool = Pool(root, free_port(), cgroups, keep_warm)
     pool.install()
     pool.publish_images()
     pool.start()
