@@ -160,8 +160,11 @@ def test_a_worker_whose_cache_service_keeps_the_image_warm_is_preferred_and_the_
     warm_dir = pool.path("/var/cache/vmloader-2/warm")
     pool.vmloader("images", "pull", "debian-12", cache="/var/cache/vmloader-1", user="root", check=True, timeout=600)
     kept_warm_on_vm2(pool)
-    log = pool.path("/var/log/condor/VmloaderCacheLog.2").read_text()
-    assert "keeping warm: debian-12 (1 lane(s) each" in log and "keep warm: debian-12: 1 lane(s) ready" in log, log
+    log = pool.path("/var/log/condor/VmloaderCacheLog.2")
+    # (the lane is complete, so advertised, a moment before its build's process has ended)
+    pool.wait_for(lambda: "keep warm: debian-12: 1 lane(s) ready" in log.read_text(), 300,
+                  "vm2's cache service to log the build's end")
+    assert "keeping warm: debian-12 (1 lane(s) each" in log.read_text()
     assert "keeping warm" not in pool.path("/var/log/condor/VmloaderCacheLog.1").read_text()
     assert "debian-12" not in pool.run(["sh", "-c", WARM_ADVERTISED.format(1)], user=None, check=True).stdout
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(warm_dir.glob("*/lane-*/*"))}
