@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vmloader.bootstrapper import cacheservice, runners, warm, warmkeeper
 from vmloader.bootstrapper.catalog import Artifact, ImageEntry
+from vmloader.bootstrapper.config import Config
 from vmloader.bootstrapper.job import JobRunner
 
 from test_job_runner import QEMU, Rig, world  # noqa: F401  (world: the fixture)
@@ -33,6 +34,10 @@ def entry(name: str, disk: str, boot: str = "direct-kernel") -> ImageEntry:
     return ImageEntry(name, "1", boot=boot, artifacts={"disk": Artifact("file:///d", disk * 64, 4)})
 
 
+def config_with(**fields):
+    return Config(cache_dir=Path("/nonexistent/cache"), state_dir=Path("/nonexistent/state"), **fields)
+
+
 def test_the_keeper_builds_the_missing_lanes_of_the_images_it_keeps_then_leaves_them_be(world):
     rig = keeping(Rig(world, warm_start=True), "fake")
     built, log = [], []
@@ -53,7 +58,7 @@ def test_the_keeper_builds_the_missing_lanes_of_the_images_it_keeps_then_leaves_
 
 def test_a_failed_build_is_tried_again_only_after_an_hour():
     now = [1000.0]
-    cfg = _config(keep_warm=("debian-12",))
+    cfg = config_with(keep_warm=("debian-12",))
     attempts, log = [], []
     keeper = warmkeeper.WarmKeeper(cfg, lambda: {"debian-12": entry("debian-12", "a")}, log.append,
                                    build=lambda name, lanes: attempts.append(name) or False,
@@ -66,18 +71,13 @@ def test_a_failed_build_is_tried_again_only_after_an_hour():
     assert keeper.run_once() == ["debian-12"] and len(attempts) == 2
 
 
-def _config(**fields):
-    from vmloader.bootstrapper.config import Config
-    return Config(cache_dir=Path("/nonexistent/cache"), state_dir=Path("/nonexistent/state"), **fields)
-
-
 def test_what_is_kept_all_images_once_each_never_uefi_nothing_unless_named_or_warm_start_off():
     entries = {"debian-12": entry("debian-12", "a"), "debian": entry("debian", "a"),      # an alias
                "stock": entry("stock", "c", boot="bios"), "trixie-uefi": entry("trixie-uefi", "d", boot="uefi"),
                "kernel-only": ImageEntry("kernel-only", "1")}
 
     def wanted(have=None, **fields):
-        found = warmkeeper.wanted(_config(**fields), entries, lambda names: {n: (have or {}).get(n, 0) for n in names})
+        found = warmkeeper.wanted(config_with(**fields), entries, lambda names: {n: (have or {}).get(n, 0) for n in names})
         return [(w.name, w.lanes, w.have) for w in found]
     assert wanted() == []                                                   # the default keeps nothing
     assert wanted(keep_warm=("*",), warm_lanes=3) == [("debian", 3, 0), ("stock", 3, 0)]
@@ -85,20 +85,20 @@ def test_what_is_kept_all_images_once_each_never_uefi_nothing_unless_named_or_wa
     assert wanted(keep_warm=("*",), warm_start=False) == []
     assert wanted({"debian": 2}, keep_warm=("*",), warm_lanes=2) == [("stock", 2, 0)]
     assert wanted({"debian": 1}, keep_warm=("*",), warm_lanes=2)[0] == ("debian", 2, 1)
-    assert warmkeeper.lanes_wanted(_config()) >= 1                          # 0: one per host CPU
+    assert warmkeeper.lanes_wanted(config_with()) >= 1                          # 0: one per host CPU
 
 
 def test_the_cache_service_keeps_warm_only_for_root_with_warm_start_and_wakes_the_keeper_on_each_fetch(
         tmp_path, monkeypatch):
     log = []
-    assert cacheservice._keeper(_config(), log.append) is None
-    assert cacheservice._keeper(_config(keep_warm=("*",), warm_start=False), log.append) is None
+    assert cacheservice._keeper(config_with(), log.append) is None
+    assert cacheservice._keeper(config_with(keep_warm=("*",), warm_start=False), log.append) is None
     assert "warm_start is off" in log[-1]
     monkeypatch.setattr(cacheservice.os, "geteuid", lambda: 1000)
-    assert cacheservice._keeper(_config(keep_warm=("*",)), log.append) is None
+    assert cacheservice._keeper(config_with(keep_warm=("*",)), log.append) is None
     assert "only root's warm states" in log[-1]
     monkeypatch.setattr(cacheservice.os, "geteuid", lambda: 0)
-    keeper = cacheservice._keeper(_config(keep_warm=("debian-12",), warm_lanes=2), log.append)
+    keeper = cacheservice._keeper(config_with(keep_warm=("debian-12",), warm_lanes=2), log.append)
     assert isinstance(keeper, warmkeeper.WarmKeeper) and "keeping warm: debian-12 (2 lane(s) each" in log[-1]
 
     woken = threading.Event()
