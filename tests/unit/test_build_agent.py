@@ -35,3 +35,11 @@ def test_a_guest_python_of_another_version_compiles_the_agent_itself(tmp_path):
     lib = _tree(tmp_path, "python3.5")
     assert not build._compile_agent(tmp_path, lib)
     assert not list(lib.rglob("*.pyc"))
+
+
+def test_a_change_of_the_default_kernel_command_line_rebuilds_the_image(monkeypatch):
+    from vmloader.bootstrapper.catalog import EMBEDDED_MANIFEST, load_manifest
+    image = load_manifest(EMBEDDED_MANIFEST).find("debian-12")
+    before = build.image_key(image)
+    monkeypatch.setattr(build, "default_cmdline", lambda recipe: "root=/dev/vda rw console=ttyS0 quiet")
+    assert build.image_key(image) != before

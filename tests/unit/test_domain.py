@@ -102,7 +102,8 @@ def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
     from vmloader.bootstrapper.domain import retarget_saved_xml
     attach = (ChannelSpec("/jobs/j/attach-1.sock", name="org.vmloader.agent.1"),)
     saved = ET.fromstring(domain_xml(replace(spec(), attach_channels=attach)))
-    address = ET.SubElement(saved.find("devices/disk"), "address", type="pci", bus="0x00", slot="0x04")
+    address = saved.find("devices/disk/address")        # as libvirt's saved XML may have moved it
+    address.set("slot", "0x07")
     new = replace(spec(), name="vmloader-20261122-120000-abc123", uuid=None,
                   disks=(DiskSpec("/jobs/k/overlay.qcow2", backing="/cache/artifacts/base",
                                   middle=("/snapshots/j/disk.qcow2",)),),
@@ -161,3 +162,22 @@ def test_a_saved_uefi_domain_is_retargeted_at_the_new_runs_copy_of_the_variable_
     out = ET.fromstring(retarget_saved_xml(saved, new))
     assert out.findtext("os/nvram") == "/jobs/k/uefi-vars.fd"
     assert out.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+
+
+def test_a_kernel_boot_is_q35_with_every_virtio_device_on_its_own_root_bus_slot_and_no_usb():
+    from dataclasses import replace
+    two_disks = replace(spec(), disks=(DiskSpec("/jobs/j/overlay.qcow2"), DiskSpec("/jobs/j/out.qcow2", target="vdb")))
+    root = ET.fromstring(domain_xml(two_disks))
+    assert root.find("os/type").get("machine") == "q35"
+    slots = [(el.tag, el.find("address").get("bus"), el.find("address").get("slot"))
+             for el in root.find("devices") if el.find("address") is not None]
+    assert [tag for tag, _, _ in slots] == ["disk", "disk", "interface", "rng", "controller"]
+    assert {bus for _, bus, _ in slots} == {"0x00"} and len({slot for _, _, slot in slots}) == 5
+    assert root.find("devices/controller[@type='usb']").get("model") == "none"
+
+
+def test_an_images_own_boot_loader_keeps_i440fx_with_addresses_left_to_libvirt():
+    from dataclasses import replace
+    root = ET.fromstring(domain_xml(replace(spec(), boot=BootSpec(None, None))))
+    assert root.find("os/type").get("machine") == "pc"
+    assert root.find(".//address") is None and root.find("devices/controller") is None

@@ -3,7 +3,6 @@ streams to guest ports, file transfer, shutdown."""
 import errno
 import fcntl
 import os
-import platform
 import pty
 import pwd
 import queue
@@ -309,8 +308,8 @@ class Agent(object):
         # "busy": requests still running from an earlier host connection (a VM resumed
         # from a memory snapshot): their late output must not look like a protocol error.
         busy = sorted(rid for rid, e in list(self.execs.items()) if not e.closed.is_set())
-        return P.Hello(P.PROTOCOL_VERSION, agent=__version__, python=platform.python_version(),
-                       kernel=platform.release(), hostname=socket.gethostname(), pid=os.getpid(),
+        return P.Hello(P.PROTOCOL_VERSION, agent=__version__, python=sys.version.split()[0],
+                       kernel=os.uname().release, hostname=socket.gethostname(), pid=os.getpid(),
                        features=P.FEATURES, busy=busy,
                        # how a stock image got this agent (adopt.sh says): qemu-guest-agent, cloud-init
                        delivery=os.environ.get("VMLOADER_AGENT_DELIVERY") or None)

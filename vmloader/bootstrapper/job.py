@@ -30,7 +30,7 @@ from .console import ConsoleFollower, crash_line, failure_tail
 from .config import Config
 from .deliverymemory import DELIVERIES_DIR, DeliveryMemory
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
-                     NetworkSpec, domain_xml)
+                     NetworkSpec, domain_xml, machine_type)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
                      GuestTimeout, ImageError, JobCommandNotExecutable, JobCommandNotFound, SnapshotError,
                      UsageError, VMLoaderError)
@@ -490,7 +490,8 @@ class JobRunner:
                 "memory_mib": spec.memory_mib or entry.memory_mib or self.config.memory_mib,
                 "network": spec.network, "cmdline": _cmdline(image, spec.network, None),
                 **({"firmware": image.firmware_boot} if image.firmware_boot else {}),
-                "qemu": warm.qemu_version(), "machine": "pc", "domain_type": hypervisor.domain_type,
+                "qemu": warm.qemu_version(), "machine": machine_type(direct_kernel=image.kernel is not None),
+                "domain_type": hypervisor.domain_type,
                 "naming": warm.NAMING, **machines.host_identity()}
 
     def _borrow(self, job: Job, parts: dict, hypervisor: Hypervisor) -> Optional[Lane]:
