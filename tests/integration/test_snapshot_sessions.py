@@ -117,7 +117,9 @@ def test_a_root_shell_attaches_to_a_booted_snapshot(vmloader, booted, terminal):
     term.expect(b"# ", timeout=300)
     term.send(b"echo uid=$(id -u) on=$(hostname) init=$(tr '\\0' ' ' < /proc/1/cmdline)\r")
     screen = term.expect(b"--pid1")
-    assert b"uid=0 on=vm-" + up["job_id"][-6:].encode() + b" init=python3 -m vmloader.agent" in screen, screen
+    # PID 1 is the agent, as vmloader-init starts it
+    assert (b"uid=0 on=vm-" + up["job_id"][-6:].encode()
+            + b" init=python3 -c from vmloader.agent.__main__ import main; main() --pid1") in screen, screen
     term.send(b"exit\r")
     assert term.wait() == 0
     assert up["pid"] > 0
