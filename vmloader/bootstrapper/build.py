@@ -191,7 +191,7 @@ def default_cmdline(recipe: Recipe) -> str:
     # cryptomgr.notests: the crypto self-tests take about 0.5 s of an emulated (TCG) boot; they
     # test the kernel's code, which is the distribution's and the same in every job. (Not
     # pci=noacpi against slow PCI interrupt links: it leaves virtio without MSI-X, on the 8259
-    # PIC, with a kernel WARNING per device. domain.BootSpec.machine avoids them instead.)
+    # PIC, with a kernel WARNING per device. domain.machine_type avoids them instead.)
     return "root=/dev/vda rw console=ttyS0 quiet no_timer_check cryptomgr.notests" + init
 
 
