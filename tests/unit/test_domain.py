@@ -181,3 +181,10 @@ def test_an_images_own_boot_loader_keeps_i440fx_with_addresses_left_to_libvirt()
     root = ET.fromstring(domain_xml(replace(spec(), boot=BootSpec(None, None))))
     assert root.find("os/type").get("machine") == "pc"
     assert root.find(".//address") is None and root.find("devices/controller") is None
+
+
+@pytest.mark.parametrize("machine, bus", [("pc", "bus=pci.0"), ("q35", "bus=pcie.0")])
+def test_the_isolated_nic_goes_on_the_root_bus_of_either_machine(machine, bus):
+    from vmloader.bootstrapper.domain import NetworkSpec
+    args = NetworkSpec("none", isolated_nic=True).qemu_args("qemu", machine)
+    assert bus in args[-1] and "addr=0x1e" in args[-1]

@@ -110,12 +110,13 @@ class NetworkSpec:
     # network-online wait ends at once instead of timing out after minutes.
     isolated_nic: bool = False
 
-    def qemu_args(self, hypervisor: str) -> list:
+    def qemu_args(self, hypervisor: str, machine: str = "pc") -> list:
         """QEMU arguments libvirt's XML cannot say (user networking's restrict=on)."""
         if self.mode != "none" or not self.isolated_nic or hypervisor == "xen":
             return []
+        bus = "pcie.0" if machine == "q35" else "pci.0"
         return ["-netdev", "user,id=vmlnone,restrict=on",
-                "-device", "virtio-net-pci,netdev=vmlnone,romfile=,bus=pci.0,addr=0x1e"]   # a slot libvirt leaves free
+                "-device", f"virtio-net-pci,netdev=vmlnone,romfile=,bus={bus},addr=0x1e"]   # a slot libvirt leaves free
 
     def to_element(self, hypervisor: str) -> Optional[ET.Element]:
         if self.mode == "none":
@@ -246,7 +247,7 @@ class DomainSpec:
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             _sub(root, event, "destroy")
         root.append(self._devices())
-        args = self.network.qemu_args(hv)
+        args = self.network.qemu_args(hv, self.boot.machine)
         if args:
             line = _sub(root, f"{{{QEMU_NS}}}commandline")
             for arg in args:
