@@ -46,7 +46,7 @@ def distribution_initrd(cache_dir: Path, entry) -> Optional[Path]:
     """initramfs-tools' initrd in the image's debootstrap tree (None: no tree in this cache)."""
     if entry.recipe is None:
         return None
-    found = sorted((cache_dir / "rootfs" / build.recipe_key(entry.recipe) / "boot").glob("initrd.img-*"))
+    found = sorted((build.tree_path(cache_dir, entry.recipe) / "boot").glob("initrd.img-*"))
     return found[-1] if found else None
 
 

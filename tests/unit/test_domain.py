@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import libvirt
 import pytest
@@ -98,7 +99,6 @@ def test_lifecycle_on_libvirts_test_driver(tmp_path):
 
 
 def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
-    from dataclasses import replace
     from vmloader.bootstrapper.domain import retarget_saved_xml
     attach = (ChannelSpec("/jobs/j/attach-1.sock", name="org.vmloader.agent.1"),)
     saved = ET.fromstring(domain_xml(replace(spec(), attach_channels=attach)))
@@ -127,7 +127,6 @@ def test_a_saved_domain_is_retargeted_at_new_files_keeping_its_hardware():
 def test_a_saved_stock_domain_gets_the_new_jobs_seed_and_variable_store_too():
     """A stock image's timed-out job saved with its memory: its cloud-init seed (vdb) and UEFI
     variable store lived in that job's directory, so the resumed VM must use the new job's."""
-    from dataclasses import replace
     from vmloader.bootstrapper.domain import BootSpec, retarget_saved_xml
 
     def stock(job: str) -> DomainSpec:
@@ -144,7 +143,6 @@ def test_a_saved_stock_domain_gets_the_new_jobs_seed_and_variable_store_too():
 
 
 def test_a_saved_domain_without_the_disk_the_new_run_needs_is_refused():
-    from dataclasses import replace
     from vmloader.bootstrapper.domain import retarget_saved_xml
     seeded = replace(spec(), disks=spec().disks + (DiskSpec("/jobs/k/cidata.img", target="vdb", fmt="raw"),))
     with pytest.raises(SnapshotError, match="no disk vdb"):
@@ -152,7 +150,6 @@ def test_a_saved_domain_without_the_disk_the_new_run_needs_is_refused():
 
 
 def test_a_saved_uefi_domain_is_retargeted_at_the_new_runs_copy_of_the_variable_store():
-    from dataclasses import replace
     from vmloader.bootstrapper.domain import retarget_saved_xml
     uefi = BootSpec(None, None, firmware="uefi", loader="/usr/share/OVMF/OVMF_CODE_4M.fd",
                     nvram="/jobs/j/uefi-vars.fd")
@@ -165,7 +162,6 @@ def test_a_saved_uefi_domain_is_retargeted_at_the_new_runs_copy_of_the_variable_
 
 
 def test_a_kernel_boot_is_q35_with_every_virtio_device_on_its_own_root_bus_slot_and_no_usb():
-    from dataclasses import replace
     two_disks = replace(spec(), disks=(DiskSpec("/jobs/j/overlay.qcow2"), DiskSpec("/jobs/j/out.qcow2", target="vdb")))
     root = ET.fromstring(domain_xml(two_disks))
     assert root.find("os/type").get("machine") == "q35"
@@ -177,7 +173,6 @@ def test_a_kernel_boot_is_q35_with_every_virtio_device_on_its_own_root_bus_slot_
 
 
 def test_an_images_own_boot_loader_keeps_i440fx_with_addresses_left_to_libvirt():
-    from dataclasses import replace
     root = ET.fromstring(domain_xml(replace(spec(), boot=BootSpec(None, None))))
     assert root.find("os/type").get("machine") == "pc"
     assert root.find(".//address") is None and root.find("devices/controller") is None
@@ -185,6 +180,5 @@ def test_an_images_own_boot_loader_keeps_i440fx_with_addresses_left_to_libvirt()
 
 @pytest.mark.parametrize("machine, bus", [("pc", "bus=pci.0"), ("q35", "bus=pcie.0")])
 def test_the_isolated_nic_goes_on_the_root_bus_of_either_machine(machine, bus):
-    from vmloader.bootstrapper.domain import NetworkSpec
     args = NetworkSpec("none", isolated_nic=True).qemu_args("qemu", machine)
     assert bus in args[-1] and "addr=0x1e" in args[-1]

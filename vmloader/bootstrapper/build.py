@@ -61,7 +61,7 @@ def image_key(entry: ImageEntry) -> str:
     """Identifies the finished image: recipe + agent + init + sizes."""
     recipe = _recipe(entry)
     digest = hashlib.sha256(recipe_key(recipe).encode())
-    cmdline = entry.cmdline or default_cmdline(recipe)       # (the image's manifest records it)
+    cmdline = image_cmdline(entry, recipe)
     digest.update(f"{entry.disk_gib}:{cmdline}:initramfs-{initramfs.VERSION}:{GUEST_PREP}".encode())
     for path in _agent_sources():
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode())
@@ -95,9 +95,14 @@ def _owned_by_us(path: Path, kind: Callable[[int], bool]) -> bool:
     return True
 
 
+def tree_path(cache_root: Path, recipe: Recipe) -> Path:
+    """Where `recipe`'s debootstrap tree is kept in a cache (reused by every build of it)."""
+    return cache_root / "rootfs" / recipe_key(recipe)
+
+
 def _debootstrap(recipe: Recipe, cache: ImageCache, progress: Progress) -> Path:
-    rootfs = cache.root / "rootfs"
-    tree = rootfs / recipe_key(recipe)
+    tree = tree_path(cache.root, recipe)
+    rootfs = tree.parent
     if (_owned_by_us(rootfs, stat.S_ISDIR) and _owned_by_us(tree, stat.S_ISDIR)
             and _owned_by_us(tree / ".vmloader-complete", stat.S_ISREG)):
         progress(f"reusing cached debootstrap tree for {recipe.suite}")
@@ -195,6 +200,11 @@ def default_cmdline(recipe: Recipe) -> str:
     return "root=/dev/vda rw console=ttyS0 quiet no_timer_check cryptomgr.notests" + init
 
 
+def image_cmdline(entry: ImageEntry, recipe: Recipe) -> str:
+    """The kernel command line a built image records (and its key hashes)."""
+    return entry.cmdline or default_cmdline(recipe)
+
+
 def build_image(entry: ImageEntry, cache: ImageCache, *, force: bool = False,
                 progress: Progress = stderr_progress) -> ImageEntry:
     """Build `entry` (which must have a recipe) into the cache; returns the built entry."""
@@ -272,7 +282,7 @@ def _assemble(entry: ImageEntry, recipe: Recipe, version: str, tree: Path, work:
         cache.insert_file(path, art, move=True)
         artifacts[kind] = art
     built = replace(entry, version=version, artifacts=artifacts,
-                    cmdline=entry.cmdline or default_cmdline(recipe))
+                    cmdline=image_cmdline(entry, recipe))
     cache.record_built(built)
     progress(f"built {built.ref} (disk {artifacts['disk'].size / 2**20:.0f} MiB)")
     return built
