@@ -2,6 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.watchdog import (pytest_configure, pytest_runtest_makereport,  # noqa: F401 (hooks)
+                            pytest_runtest_protocol)
+
 GOLDEN = Path(__file__).parent / "unit" / "golden"
 
 
