@@ -7,6 +7,7 @@ never trusted for host paths.
 """
 import os
 import queue
+import select
 import signal
 import socket
 import threading
@@ -20,8 +21,10 @@ from .errors import AgentError, GuestTimeout
 from .guesttext import cap, escape
 
 QUEUE_FRAMES = 64           # per request: at most this many frames buffered (~4 MiB)
-KILL_DRAIN = 10.0
+KILL_DRAIN = 10.0           # after a timeout, the command is killed again every this many seconds,
+KILLS = 6                   # at most this many times, until its EXIT comes
 TRANSFER_IDLE = 120.0       # a file copy that sends nothing for this long is abandoned
+SEND_STALL = 120.0          # a guest that takes none of what we send for this long has stopped reading
 GUEST_TEXT_MAX = 1024       # bytes of guest-written text (an agent's error message) kept in a message
 
 
@@ -99,11 +102,36 @@ class AgentClient:
 
     # -- plumbing ----------------------------------------------------------
     def _send(self, type_: int, request_id: int, payload: bytes = b"") -> None:
+        """Send one frame. QEMU stops reading the channel while nothing in the guest has the port
+        open, so a send can wait for ever: it gives up (AgentError) once the guest has taken
+        nothing for SEND_STALL seconds, or the channel failed meanwhile."""
+        data = memoryview(P.encode(type_, request_id, payload))
         try:
             with self._send_lock:
-                self.sock.sendall(P.encode(type_, request_id, payload))
+                stalled_since = time.monotonic()
+                while data:
+                    try:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        if self._failure:
+                            raise AgentError(self._failure) from None
+                        if time.monotonic() - stalled_since > SEND_STALL:
+                            raise AgentError(f"the guest agent took nothing we sent for {SEND_STALL:.0f} s",
+                                             hint="the guest may have hung; see its console log") from None
+                        self._writable(1.0)
+                        continue
+                    data, stalled_since = data[sent:], time.monotonic()
         except OSError as exc:
             raise AgentError(f"lost the connection to the guest agent: {exc}") from None
+
+    def _writable(self, timeout: float) -> bool:
+        poller = select.poll()              # not select(): a busy process may have fds past 1024
+        poller.register(self.sock, select.POLLOUT)
+        return bool(poller.poll(timeout * 1000))
+
+    def _can_send(self) -> bool:
+        """Room in the channel now (a guest whose agent is not up yet takes nothing)."""
+        return self._writable(0)
 
     def _send_message(self, request_id: int, message: P.Message) -> None:
         self._send(message.TYPE, request_id, message.to_payload())
@@ -117,7 +145,12 @@ class AgentClient:
 
     def _done(self, request_id: int) -> None:
         with self._waiters_lock:
-            self._waiters.pop(request_id, None)
+            waiter = self._waiters.pop(request_id, None)
+        while waiter is not None:       # frees the reader if it waits to put into this full queue
+            try:
+                waiter.get_nowait()
+            except queue.Empty:
+                break
 
     def _read_loop(self) -> None:
         try:
@@ -230,7 +263,8 @@ class AgentClient:
                 raise AgentError(self._failure)
             if time.monotonic() >= deadline:
                 raise GuestTimeout(f"no answer from the guest agent within {timeout:.0f} s")
-            self._send_message(0, P.HelloRequest(P.PROTOCOL_VERSION))
+            if self._can_send():        # else no agent reads yet: asking again would fill the channel
+                self._send_message(0, P.HelloRequest(P.PROTOCOL_VERSION))
             self._hello.wait(1.0)
         info = self.info
         if info is None:        # _dispatch sets info before _hello: a bug if ever seen
@@ -335,15 +369,18 @@ class AgentClient:
 
     def _exec_loop(self, request_id, waiter, stdout, stderr, deadline, kill_on_timeout=True) -> ExecResult:
         sinks = {P.STDOUT: stdout, P.STDERR: stderr}
-        timed_out = False
+        timed_out, kills = False, 0
         while True:
             frame = self._next(waiter, deadline)
             if frame is None and not kill_on_timeout:
                 raise ExecTimeout("the command ran past its --timeout (left running for a memory snapshot)",
                                   phase="exec")
+            if frame is None and kills == KILLS:
+                raise ExecTimeout(f"the command ran past its --timeout and did not end within "
+                                  f"{KILLS * KILL_DRAIN:.0f} s of being killed", phase="exec")
             if frame is None:
                 self._send_message(request_id, P.Kill(int(signal.SIGKILL)))
-                timed_out, deadline = True, time.monotonic() + KILL_DRAIN
+                timed_out, deadline, kills = True, time.monotonic() + KILL_DRAIN, kills + 1
                 continue
             if frame.type in sinks:
                 sinks[frame.type].write(frame.payload)
