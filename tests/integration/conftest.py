@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,21 @@ def built_image():
     return build.build_image(entry, cache, progress=lambda m: print(m, file=sys.stderr))
 
 
+def next_line(proc: subprocess.Popen, timeout: float = 900):
+    """The next line of a running child's stdout. Past `timeout` the child is ended (SIGTERM:
+    vmloader then ends its VM) and the test fails, never waiting for ever on a child that
+    stopped printing."""
+    box: list = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box:
+        proc.terminate()
+        reader.join(60)
+        pytest.fail(f"{proc.args[:6]}... printed no line within {timeout:.0f} s")
+    return box[0]
+
+
 def world_readable_tmpdir(prefix: str) -> Path:
     # nginx workers (nobody) and QEMU (libvirt-qemu) must read what is in here.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
@@ -128,7 +144,7 @@ def job_domain(job_dir: Path) -> str:
 
 def libvirt_domains() -> list:
     out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                         stdout=subprocess.PIPE, text=True, check=True).stdout
+                         stdout=subprocess.PIPE, text=True, check=True, timeout=120).stdout
     return [line for line in out.split() if line.startswith("vmloader-")]
 
 
@@ -235,7 +251,7 @@ def booted(vm_env, tmp_path):
                                  "--json", *extra], env=dict(vm_env, **(env or {})), cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
-        line = proc.stdout.readline()
+        line = next_line(proc)
         assert line, f"snapshot boot ended early: {proc.stderr.read()}"
         return json.loads(line)
     yield boot

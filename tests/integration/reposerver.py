@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import next_line
 from .nginx import free_port
 
 
@@ -20,7 +21,7 @@ class RepoServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve",
                                       str(self.root), "--bind", f"127.0.0.1:{self.port}"],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert "serving" in self.proc.stdout.readline()
+        assert "serving" in next_line(self.proc, 120)
         return self
 
     def stop(self) -> None:

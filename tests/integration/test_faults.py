@@ -424,9 +424,12 @@ RSS_CAP_MIB = 160          # vmloader's own peak resident memory, whatever the c
 
 
 def peak_rss_mib(proc: subprocess.Popen) -> float:
-    """Poll the process's VmHWM (its peak RSS, kept by the kernel) until it exits."""
-    peak = 0
+    """Poll the process's VmHWM (its peak RSS, kept by the kernel) until it exits (or 900 s pass)."""
+    peak, deadline = 0, time.monotonic() + 900
     while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.terminate()
+            pytest.fail("the job did not end within 900 s")
         try:
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import job_domain, domains_left, libvirt_domains
+from .conftest import domains_left, job_domain, libvirt_domains, next_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -14,7 +14,7 @@ def test_the_next_vmloader_destroys_an_orphaned_vm_and_keeps_its_state(vmloader,
     doomed = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                                "--", "sh", "-c", "echo started; sleep 1000"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=vm_env, cwd=tmp_path)
-    assert doomed.stdout.readline() == b"started\n"
+    assert next_line(doomed) == b"started\n"
     [job_dir] = list((state_dir / "jobs").iterdir())
     [running] = vmloader("status", "--json").json()
     assert running["job_id"] == job_dir.name and running["image"] == "debian-12"
@@ -41,7 +41,7 @@ def test_sigterm_to_vmloader_stops_the_vm_keeps_its_state_and_exits_143(vm_env, 
     job = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                             "--", "sh", "-c", "echo started; sleep 1000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
-    assert job.stdout.readline() == b"started\n"
+    assert next_line(job) == b"started\n"
     domain = job_domain(next((state_dir / "jobs").iterdir()))
     job.terminate()
     _, err = job.communicate(timeout=120)
@@ -57,7 +57,7 @@ def test_a_job_dir_removed_under_a_running_job_still_ends_its_vm(vm_env, state_d
     job = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                             "--", "sh", "-c", "echo started; sleep 10; echo done"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path)
-    assert job.stdout.readline() == b"started\n"
+    assert next_line(job) == b"started\n"
     [job_dir] = list((state_dir / "jobs").iterdir())
     domain = job_domain(job_dir)
     subprocess.run(["rm", "-rf", str(job_dir)], check=True)

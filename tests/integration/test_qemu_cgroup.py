@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import next_line
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
 V1 = Path("/sys/fs/cgroup")
@@ -99,7 +101,7 @@ def test_as_root_qemu_with_all_its_threads_joins_the_callers_cgroups_and_is_char
     job = subprocess.Popen(_in_cgroups(cgroups, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, env=dict(vm_env, VMLOADER_QEMU_CGROUP="caller"), cwd=tmp_path)
     try:
-        first = job.stdout.readline().decode()            # blocks until the guest has touched its 300 MiB
+        first = next_line(job).decode()                  # blocks until the guest has touched its 300 MiB
         assert first.split() == ["filled", str(FILL_MIB)], job.stderr.read().decode() if not first else first
         qemu = _qemu_pid(state_dir, "qemucg")
         placed = _cgroup_of(Path(f"/proc/{qemu}/cgroup"))
@@ -155,7 +157,7 @@ def test_as_root_a_resumed_memory_state_joins_the_callers_cgroups_before_it_runs
     job = subprocess.Popen(_in_cgroups(cgroups, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, env=dict(vm_env, VMLOADER_QEMU_CGROUP="caller"), cwd=tmp_path)
     try:
-        first = job.stdout.readline().decode()
+        first = next_line(job).decode()
         assert first.strip() == "resumed", job.stderr.read().decode() if not first else first
         [resumed] = [d.name for d in (state_dir / "jobs").iterdir() if d.name != "kept"]
         placed = _cgroup_of(Path(f"/proc/{_qemu_pid(state_dir, resumed)}/cgroup"))

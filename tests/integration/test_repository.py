@@ -15,7 +15,7 @@ import pytest
 import requests
 
 
-from .conftest import as_user, ensure_user, world_readable_tmpdir
+from .conftest import as_user, ensure_user, next_line, world_readable_tmpdir
 from .faulttable import record_row
 from .nginx import Nginx, free_port
 from .squid import Squid
@@ -101,7 +101,7 @@ def test_a_file_whose_bytes_differ_from_the_manifest_is_refused(vm_env, publishe
         server = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve", str(repo),
                                    "--bind", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
         try:
-            server.stdout.readline()
+            next_line(server, 120)
             code, _, err = finish(pull(vm_env, fresh_cache, f"http://127.0.0.1:{port}/"))
         finally:
             server.terminate()
@@ -133,7 +133,7 @@ def test_repo_serve_answers_range_and_conditional_requests(published_repo):
     server = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve",
                                str(published_repo), "--bind", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
     try:
-        assert "serving" in server.stdout.readline()
+        assert "serving" in next_line(server, 120)
         base = f"http://127.0.0.1:{port}/"
         first = requests.get(base + "manifest.json", timeout=10)
         etag = first.headers["ETag"]

@@ -13,6 +13,8 @@ import pytest
 from vmloader.bootstrapper import config
 from vmloader.bootstrapper.cache import ImageCache, sha256_file
 
+from .conftest import next_line
+
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
 
@@ -129,9 +131,9 @@ def test_output_streams_live_not_after_the_command_exits(vm_env, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
                              "--snapshot", "never", "--", "sh", "-c", "echo first; sleep 6; echo second"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=vm_env, cwd=tmp_path)
-    first = proc.stdout.readline()
+    first = next_line(proc)
     seen_first = time.monotonic()
-    second = proc.stdout.readline()
+    second = next_line(proc)
     seen_second = time.monotonic()
     assert proc.wait(timeout=300) == 0
     assert (first, second) == (b"first\n", b"second\n")

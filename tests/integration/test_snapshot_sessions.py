@@ -16,7 +16,7 @@ import pytest
 from vmloader.bootstrapper import config
 from vmloader.bootstrapper.cache import sha256_file
 
-from .conftest import as_user, ensure_user
+from .conftest import as_user, ensure_user, next_line
 from .faulttable import record_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
@@ -226,7 +226,7 @@ def test_another_local_user_cannot_connect_to_a_forward_of_a_booted_snapshot(vml
     theirs = json.loads(out)["snapshot"]
     boot = as_user(owner, readable_checkout, ["snapshot", "boot", theirs, "--json", "--forward", "8000"], env,
                    stdin=subprocess.DEVNULL)
-    line = boot.stdout.readline()
+    line = next_line(boot)
     assert line, boot.stderr.read()
     up = json.loads(line)
     try:

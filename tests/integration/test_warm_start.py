@@ -24,7 +24,8 @@ from vmloader.bootstrapper import config, privatefiles, warm
 from vmloader.bootstrapper.agentclient import AgentClient
 from vmloader.bootstrapper.errors import AgentError
 
-from .conftest import as_user, domains_left, ensure_user, libvirt_domains, world_readable_tmpdir
+from .conftest import (as_user, domains_left, ensure_user, libvirt_domains, next_line,
+                       world_readable_tmpdir)
 from .faulttable import record_row
 from .reposerver import RepoServer
 
@@ -82,7 +83,7 @@ def start_probe(vm_env, cwd: Path, job_id: str) -> subprocess.Popen:
 
 
 def finish_probe(proc: subprocess.Popen, state_dir: Path, job_id: str) -> dict:
-    first = proc.stdout.readline()
+    first = next_line(proc)
     host_now = time.time()
     proc.stdin.write(f"{host_now}\n".encode())
     proc.stdin.flush()
@@ -317,7 +318,7 @@ def test_a_second_cache_warming_the_image_and_shape_of_a_running_warm_job_starts
     other = world_readable_tmpdir("vmloader-warm-cache2-")
     server = None
     try:
-        assert holder.stdout.readline() == b"up\n"          # restored from lane 0, its VM running
+        assert next_line(holder) == b"up\n"          # restored from lane 0, its VM running
         assert domains_left({warm.Lane(lane, lane.parent.name, 0).domain_name})
         server = RepoServer(published_repo).start()
         second = vmloader("run", "--image", "debian-12", *SHAPE, "--snapshot", "never", "--json", "--", "true",

@@ -91,4 +91,4 @@ class OverlayWatch:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(60)           # a check stuck in a libvirt call must not hold the teardown
