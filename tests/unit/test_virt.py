@@ -1,9 +1,15 @@
-"""virt.py's parts that need no libvirt: telling that a killed QEMU has exited."""
+"""virt.py's parts that need no libvirt daemon: telling that a killed QEMU has exited, and bounding
+the calls that wait on QEMU moving a VM's memory."""
 import os
 import signal
 import subprocess
+import threading
+import time
+
+import pytest
 
 from vmloader.bootstrapper import virt
+from vmloader.bootstrapper.errors import LibvirtError
 
 
 def test_a_killed_process_counts_as_exited_while_still_a_zombie():
@@ -19,3 +25,37 @@ def test_a_killed_process_counts_as_exited_while_still_a_zombie():
         os.close(fd)
         child.kill()
         child.wait()
+
+
+class StuckDomain:
+    """A libvirt domain whose QEMU stopped moving its memory: save() returns (failing) only once the
+    VM is destroyed."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+
+    def save(self, path):
+        self.ended.wait(60)
+        raise virt.libvirt.libvirtError("operation failed: domain is not running")
+
+    def isActive(self):
+        return not self.ended.is_set()
+
+    def destroy(self):
+        self.ended.set()
+
+
+def test_a_memory_save_that_never_finishes_ends_the_vm_and_fails_naming_the_limit(monkeypatch, tmp_path):
+    monkeypatch.setattr(virt, "MEMORY_STATE_LIMIT", 0.5)
+    domain = StuckDomain()
+    machine = virt.LibvirtMachine(domain, "vmloader-stuck", "test:///default")
+    started = time.monotonic()
+    with pytest.raises(LibvirtError, match="vmloader-stuck's memory did not finish within 0 s; the VM was ended"):
+        machine.save(tmp_path / "state")
+    assert domain.ended.is_set() and time.monotonic() - started < 10
+
+
+def test_a_call_within_its_limit_returns_and_its_error_reaches_the_caller():
+    assert virt.within(5, lambda: None) is True
+    with pytest.raises(ZeroDivisionError):
+        virt.within(5, lambda: 1 / 0)

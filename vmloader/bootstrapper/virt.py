@@ -4,6 +4,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -115,6 +116,9 @@ Connect = Callable[[str], Machines]
 
 KILL_WAIT = 5.0           # seconds a killed QEMU has to exit before `kill` falls back to libvirt's destroy
 NAME_WAIT = 30.0          # seconds a VM name stays taken by one just killed (libvirt finishing with it)
+# Seconds a save or restore of a VM's memory may take. A 1 GiB guest's state (about 180 MB) takes
+# seconds here; a QEMU that stops moving it would otherwise hold the job for ever.
+MEMORY_STATE_LIMIT = 900.0
 
 # Where a libvirt daemon keeps its QEMU pid files (only the system daemon's matter: it alone
 # starts QEMU outside the caller's process tree, see qemucgroup.py).
@@ -170,9 +174,14 @@ class LibvirtMachine:
 
     def save(self, path: Path) -> None:
         try:
-            self.domain.save(str(path))
+            finished = within(MEMORY_STATE_LIMIT, lambda: self.domain.save(str(path)))
         except libvirt.libvirtError as exc:
             raise LibvirtError(exc.get_error_message() or "libvirt failed", phase="teardown") from None
+        if not finished:
+            self.kill()                     # QEMU ended: libvirt's save fails and its call returns
+            raise LibvirtError(f"saving VM {self.name}'s memory did not finish within {MEMORY_STATE_LIMIT:.0f} s; "
+                               "the VM was ended", hint="see libvirtd's log and the disk the state goes to",
+                               phase="teardown")
 
     def destroy(self) -> None:
         try:
@@ -231,6 +240,27 @@ class LibvirtMachine:
             conn.close()
 
 
+def within(seconds: float, call: Callable[[], object]) -> bool:
+    """Run a libvirt call that waits on QEMU (a save, a restore) for at most `seconds`: True when it
+    returned, False while it still runs (it goes on in its thread until the caller ends the VM). What
+    it raised is raised here."""
+    raised: list = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:       # handed to the caller's thread
+            raised.append(exc)
+    thread = threading.Thread(target=target, name="libvirt-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return False
+    if raised:
+        raise raised[0]
+    return True
+
+
 def wait_exited(pidfd: int, seconds: float) -> bool:
     """Whether the process of `pidfd` exited within `seconds` (a zombie counts: it is the reaping,
     by this host's init, that can take a while)."""
@@ -283,10 +313,16 @@ class LibvirtMachines:
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         self._wait_name_free(name)
         try:
-            self.conn.restoreFlags(str(state), xml, flags)
-            return LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
+            finished = within(MEMORY_STATE_LIMIT, lambda: self.conn.restoreFlags(str(state), xml, flags))
+            machine = LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
+        if not finished:
+            machine.kill()                  # QEMU ended: libvirt's restore fails and its call returns
+            raise LibvirtError(f"restoring VM {name} from {state} did not finish within "
+                               f"{MEMORY_STATE_LIMIT:.0f} s; the VM was ended",
+                               hint="see libvirtd's log; the state file may be damaged", phase="define")
+        return machine
 
     def host_identity(self) -> dict:
         try:
