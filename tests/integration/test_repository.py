@@ -76,7 +76,10 @@ def test_an_interrupted_download_resumes_with_a_range_request(vm_env, published_
     server = Nginx(published_repo, tmp_path / "slow", rate="40m").start()
     proc = pull(vm_env, fresh_cache, server.url)
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 300                   # the disk is 16 MiB in (only it is that large)
+        while not any(part.stat().st_size >= 16 << 20 for part in (fresh_cache / "tmp").glob("*.part")):
+            assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+            time.sleep(0.1)
         server.stop()                                       # the repository dies mid-download
         time.sleep(1)
         server.start()                                      # and comes back on the same port
