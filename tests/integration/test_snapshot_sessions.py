@@ -95,8 +95,9 @@ def test_snapshot_shell_gives_a_real_terminal_in_the_jobs_dir_and_environment(vm
     term.expect(b"size=44 122", timeout=30)
     term.send(b"echo abX\x7fc\r")                  # backspace is line editing done by the guest
     term.expect(b"abc\r\n", timeout=30)
-    term.send(b"sleep 300; echo not-$((1+1))-interrupted\r")
-    time.sleep(3)
+    term.send(b"echo sleep-$((3+3)); sleep 300; echo not-$((1+1))-interrupted\r")
+    term.expect(b"sleep-6\r\n", timeout=30)         # the sleep runs (give it a moment to start)
+    time.sleep(1)
     term.send(b"\x03")                            # Ctrl-C reaches the guest's foreground process
     term.send(b"echo after-$((2+2))\r")
     screen = term.expect(b"after-4\r\n", timeout=30)
