@@ -48,6 +48,25 @@ def fill(sock: socket.socket) -> None:
         sock.setblocking(True)
 
 
+def connected():
+    """A client that has had its guest's HELLO (the guest side is a bare socket the test drives)."""
+    host, guest = socket.socketpair()
+    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
+    client = AgentClient(host, heartbeat_timeout=60.0)
+    client.handshake(timeout=5)
+    return client, host, guest
+
+
+def answer_once_asked(client: AgentClient, guest: socket.socket, request_id: int, frame: bytes) -> None:
+    """Send `frame` from the guest side once the client has opened request `request_id`."""
+    def answer():
+        deadline = time.monotonic() + 30
+        while request_id not in client._waiters and time.monotonic() < deadline:
+            time.sleep(0.01)
+        guest.sendall(frame)
+    threading.Thread(target=answer, daemon=True).start()
+
+
 def test_a_handshake_with_a_guest_that_reads_nothing_times_out_instead_of_blocking_in_send():
     host, guest = socket.socketpair()
     fill(host)
@@ -59,10 +78,7 @@ def test_a_handshake_with_a_guest_that_reads_nothing_times_out_instead_of_blocki
 
 def test_a_send_the_guest_takes_none_of_fails_after_the_stall_limit(monkeypatch):
     monkeypatch.setattr(agentclient, "SEND_STALL", 1.0)
-    host, guest = socket.socketpair()
-    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
-    client = AgentClient(host, heartbeat_timeout=60.0)
-    client.handshake(timeout=5)
+    client, host, guest = connected()
     fill(host)
     started = time.monotonic()
     with pytest.raises(AgentError, match="took nothing we sent for 1 s"):
@@ -74,10 +90,7 @@ def test_a_send_the_guest_takes_none_of_fails_after_the_stall_limit(monkeypatch)
 def test_frames_of_an_abandoned_request_do_not_stop_the_replies_to_the_next_one():
     """The reader was left waiting to put into the full queue of a request that had ended: every
     later reply then sat behind it."""
-    host, guest = socket.socketpair()
-    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
-    client = AgentClient(host, heartbeat_timeout=60.0)
-    client.handshake(timeout=5)
+    client, _, guest = connected()
     request_id, waiter = client._new_request()
     for _ in range(agentclient.QUEUE_FRAMES + 5):         # more than the request's queue holds
         guest.sendall(P.encode(P.STDOUT, request_id, b"x" * 100))
@@ -86,17 +99,14 @@ def test_frames_of_an_abandoned_request_do_not_stop_the_replies_to_the_next_one(
         assert time.monotonic() < deadline, "the reader never filled the queue"
         time.sleep(0.05)
     client._done(request_id)                                # abandoned, as after an output limit
-    threading.Timer(0.5, guest.sendall, args=(P.encode(P.OK, request_id + 1, b"{}"),)).start()
+    answer_once_asked(client, guest, request_id + 1, P.encode(P.OK, request_id + 1, b"{}"))
     returns_within(30, lambda: client.shutdown(timeout=10))
     guest.close()
 
 
 def test_a_command_that_never_reports_its_exit_after_the_kill_ends_the_exec_with_a_timeout(monkeypatch):
     monkeypatch.setattr(agentclient, "KILL_DRAIN", 0.2)
-    host, guest = socket.socketpair()
-    guest.sendall(P.encode_json(P.HELLO, 0, {"protocol": P.PROTOCOL_VERSION}))
-    client = AgentClient(host, heartbeat_timeout=60.0)
-    client.handshake(timeout=5)
+    client, _, guest = connected()
 
     def exec_():
         return client.exec(["sleep", "inf"], env={}, user="vmloader", stdin=None, stdout=io.BytesIO(),
