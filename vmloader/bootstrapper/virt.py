@@ -240,10 +240,14 @@ class LibvirtMachine:
             conn.close()
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def within(seconds: float, call: Callable[[], object]) -> bool:
     """Run a libvirt call that waits on QEMU (a save, a restore) for at most `seconds`: True when it
     returned, False while it still runs (it goes on in its thread until the caller ends the VM). What
-    it raised is raised here."""
+    it raised is raised here. A stop signal (a job removed mid-save) waits until then, as it did
+    while the call ran in the caller's thread: the state is saved whole or the limit has passed."""
     raised: list = []
 
     def target() -> None:
@@ -251,9 +255,13 @@ def within(seconds: float, call: Callable[[], object]) -> bool:
             call()
         except BaseException as exc:       # handed to the caller's thread
             raised.append(exc)
-    thread = threading.Thread(target=target, name="libvirt-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)     # (the thread inherits it)
+    try:
+        thread = threading.Thread(target=target, name="libvirt-call", daemon=True)
+        thread.start()
+        thread.join(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     if thread.is_alive():
         return False
     if raised:
