@@ -26,12 +26,14 @@ class Watchdog:
         self.budget = budget
         self.out = os.dup(2)        # before capture: the terminal (xdist shows a worker's stderr)
         self.timer: Optional[threading.Timer] = None
+        self.before: set = set()
         self.expired = self.reported = False
         self.done = threading.Event()
 
     def start(self, nodeid: str) -> None:
         self.expired = self.reported = False
         self.done = threading.Event()
+        self.before = {child.pid for child in psutil.Process().children(recursive=True)}
         self.timer = threading.Timer(self.budget, self.expire, args=(nodeid, time.monotonic()))
         self.timer.daemon = True
         self.timer.start()
@@ -70,16 +72,29 @@ class Watchdog:
                 self.show([spy, "dump", "--pid", str(child.pid)])
         self.say("--- this test's own threads\n")
         faulthandler.dump_traceback(file=self.out, all_threads=True)
-        for child in children:          # ours alone, by pid: vmloader ends its VM on SIGTERM
-            try:
-                child.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(children, timeout=60)
+        # What this test started ends (ours alone, by pid; vmloader ends its VM on SIGTERM). A module's
+        # own servers, running when it started (the HTCondor pool), stay up for the module's next tests.
+        end([child for child in children if child.pid not in self.before])
         if self.done.wait(120):         # the test came back (and fails): the run goes on here
             return
-        self.say(f"*** WATCHDOG: ending this test process ({os.getpid()})\n")
+        self.say(f"*** WATCHDOG: ending this test process ({os.getpid()}) and all it started\n")
+        end(psutil.Process().children(recursive=True))
         os._exit(70)
+
+
+def end(processes: list) -> None:
+    """SIGTERM, a minute to exit, then SIGKILL."""
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def pytest_configure(config) -> None:

@@ -240,29 +240,31 @@ class LibvirtMachine:
             conn.close()
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
 def within(seconds: float, call: Callable[[], object]) -> bool:
     """Run a libvirt call that waits on QEMU (a save, a restore) for at most `seconds`: True when it
     returned, False while it still runs (it goes on in its thread until the caller ends the VM). What
-    it raised is raised here. A stop signal (a job removed mid-save) waits until then, as it did
-    while the call ran in the caller's thread: the state is saved whole or the limit has passed."""
+    it raised is raised here. What a stop signal raises meanwhile (a job removed mid-save) waits
+    until then, as when the call ran in the caller's thread: the state is saved whole first."""
     raised: list = []
+    began, finished = threading.Event(), threading.Event()
 
     def target() -> None:
+        began.set()
         try:
             call()
         except BaseException as exc:       # handed to the caller's thread
             raised.append(exc)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)     # (the thread inherits it)
+        finally:
+            finished.set()
+    deadline = time.monotonic() + seconds
     try:
-        thread = threading.Thread(target=target, name="libvirt-call", daemon=True)
-        thread.start()
-        thread.join(seconds)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if thread.is_alive():
+        threading.Thread(target=target, name="libvirt-call", daemon=True).start()
+        finished.wait(seconds)
+    except BaseException:
+        if began.wait(5):                   # (else the signal came before the thread did)
+            finished.wait(max(deadline - time.monotonic(), 0))
+        raise
+    if not finished.is_set():
         return False
     if raised:
         raise raised[0]
