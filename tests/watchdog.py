@@ -1,10 +1,11 @@
-"""A test that runs past its budget is reported with what the machine was doing, then its process ends.
+"""A test that runs past its budget is reported with what the machine was doing, then fails.
 
 CI gives the whole suite 90 minutes. Every wait in a test has its own deadline, but a wait that has
 none (a bug in a test, or in vmloader) would hang the run until CI gives up and prints nothing of
-why. With this, one hung test costs its budget, fails (under xdist: "worker crashed", and the run
-goes on with a new worker, or the test fails if ending its processes freed it), and leaves on stderr: the test, the process tree, libvirt's domains, the
-Python stacks of the test's own processes (py-spy) and of the test itself.
+why. With this, one hung test costs its budget and leaves on stderr: the test, the process tree,
+libvirt's domains, the Python stacks of the test's child processes (py-spy) and of the test itself.
+Then what the test started is ended: the test fails if that freed it, else its process ends
+(under xdist: "worker crashed", and the run goes on with a new worker).
 """
 import faulthandler
 import os

@@ -12,14 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from . import faulttable, stockimage
-from .conftest import file_sha256
+from .conftest import file_sha256, next_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -105,13 +104,10 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
                              "echo first-line; read given; echo got-$given; echo err-$given >&2; exit 5"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(vm_env, **env), cwd=tmp_path)
-    stop = threading.Timer(900, live.terminate)     # never read forever (SIGTERM: vmloader ends its VM)
-    stop.start()
     try:
-        assert live.stdout.readline() == b"first-line\n"
+        assert next_line(live) == b"first-line\n"
         rest, err = live.communicate(b"fed\n", timeout=900)     # (then stdin closes: EOF)
     finally:
-        stop.cancel()
         if live.poll() is None:
             live.terminate()
             live.wait(timeout=300)
