@@ -316,3 +316,14 @@ def test_ending_the_private_libvirt_waits_for_its_daemons_and_removes_their_dir(
         assert not runtime.exists()
     finally:
         daemon.kill()
+
+
+def test_a_vm_in_a_slot_gets_the_bounded_translation_cache_its_overhead_counts_whatever_the_config_says(
+        tmp_path):
+    from vmloader.bootstrapper import config as config_mod, domain
+    from vmloader.bootstrapper.condor import _job_spec
+    cfg = config_mod.Config(cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", tcg_tb_cache_mib=1024)
+    spec = _job_spec(request(JOB_AD.replace("RequestDisk = DiskUsage", "RequestDisk = 2 * 1024 * 1024")),
+                     ["/bin/true"], tmp_path, {}, cfg)
+    assert spec.tb_cache_mib == domain.SLOT_TB_CACHE_MIB == 64
+    assert QEMU_OVERHEAD_MIB >= domain.SLOT_TB_CACHE_MIB + 128      # QEMU's own 80-95 MiB (146 peak) beside it

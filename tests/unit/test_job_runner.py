@@ -3,6 +3,7 @@
 The agent is real and runs commands on this host; disks are real qcow2 files
 (qemu-img), the image cache is a stand-in that resolves one image.
 """
+import dataclasses
 import io
 import json
 import os
@@ -220,6 +221,20 @@ def test_the_plan_for_each_entry_point(world):
     assert (plan.kind, plan.image_ref) == (launch.KEPT_DISK, snap.meta.image)
     assert plan.overlay_backing(Path("/base")) == snap.disk and plan.middle_layers() == (str(snap.disk),)
     assert plan.domain_name(Path("/jobs/J")) == "vmloader-J"
+
+
+def test_the_translation_cache_is_the_configs_unless_the_job_names_one(world):
+    """A TCG VM's translation cache: the config's tcg_tb_cache_mib (a heavy guest translates less
+    again with more), or what the job says (an HTCondor slot's bound, which its overhead counts)."""
+    from vmloader.bootstrapper import domain
+    rig = Rig(world)
+    assert rig.config.tcg_tb_cache_mib == domain.TCG_TB_CACHE_MIB == 256
+    rig.config = dataclasses.replace(rig.config, tcg_tb_cache_mib=300)
+    configured = rig.run("true", snapshot="always")
+    in_slot = rig.run("true", snapshot="always", tb_cache_mib=domain.SLOT_TB_CACHE_MIB)
+    for result, mib in ((configured, "300"), (in_slot, "64")):
+        tb = ET.fromstring(rig.job_file(result, "domain.xml")).find("features/tcg/tb-cache")
+        assert (tb.text, tb.get("unit")) == (mib, "MiB"), result.error
 
 
 def test_one_function_wires_a_runner_from_the_config(world):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from . import cgroups, classad, config as config_mod, disklimit, hypervisors, sandboxnames, sshtojob
+from . import cgroups, classad, config as config_mod, disklimit, domain, hypervisors, sandboxnames, sshtojob
 from . import warm
 from .cache import ImageCache
 from .errors import EXIT_INFRA, UsageError, VMLoaderError
@@ -40,7 +40,7 @@ POLICY_ATTR = "VMLoaderSnapshotPolicy"       # the user's +VMLoaderSnapshot, cop
 STARTER_FILES = frozenset((".job.ad", ".machine.ad", ".chirp.config", ".update.ad", "_condor_stdout",
                            "_condor_stderr", ".condor_creds", "tmp", "var", sandboxnames.VMLOADER_POINTER))
 # What one VM's QEMU holds beside the guest's RAM, in MiB: under TCG its translation cache
-# (bounded by domain.TCG_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
+# (bounded by domain.SLOT_TB_CACHE_MIB, 64) and 80-95 MiB of its own (146 MiB peak measured);
 # less under KVM. The VM of a slot that requests M MiB gets M - QEMU_OVERHEAD_MIB; the schedd
 # transform's default request (50-vmloader-schedd.conf, VMLOADER_QEMU_OVERHEAD_MIB) uses it too.
 QEMU_OVERHEAD_MIB = 192
@@ -417,7 +417,7 @@ def _job_spec(request: VMRequest, argv: list, sandbox: Path, environ: Mapping[st
         memory_mib=request.memory_mib, root=request.root, timeout=request.timeout, env=env,
         inputs=tuple(inputs), outputs=request.outputs or (), disk_limit=limit,
         output_dir=sandbox, collect_new=request.outputs is None, guest_files=guest_files,
-        snapshot=request.snapshot or cfg.snapshot_policy,
+        snapshot=request.snapshot or cfg.snapshot_policy, tb_cache_mib=domain.SLOT_TB_CACHE_MIB,
         job_id=f"condor-{request.label}-{os.urandom(3).hex()}")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .domain import TCG_TB_CACHE_MIB
 from .errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/vmloader/config.toml")
@@ -150,6 +151,10 @@ SETTINGS: Sequence[Setting] = (
             "images whose warm states root's cache service (`vmloader cache serve`) keeps ready in the "
             "shared cache, for their default shape, warm_lanes of each (0: one per host CPU): names, or "
             '"*" for every cached image; default none. HTCondor jobs restore these and never build one'),
+    Setting("tcg_tb_cache_mib", "VMLOADER_TCG_TB_CACHE_MIB", _positive_int,
+            f"MiB of translation cache a QEMU without KVM (TCG) holds beside the guest's RAM (default "
+            f"{TCG_TB_CACHE_MIB}; smaller saves memory and costs CPU: heavy guests are translated again). "
+            "HTCondor jobs use 64 whatever this says: their slot counts QEMU's memory"),
     Setting("qemu_cgroup", "VMLOADER_QEMU_CGROUP", _qemu_cgroup,
             "as root (system libvirtd): `caller` starts each VM paused and moves QEMU into vmloader's own "
             "cgroups so their limits and accounting cover the VM (always so under the HTCondor wrapper); "
@@ -190,6 +195,7 @@ class Config:
     warm_lanes: int = 0
     warm_own_states: bool = True
     keep_warm: tuple = ()
+    tcg_tb_cache_mib: int = TCG_TB_CACHE_MIB
     qemu_cgroup: str = "libvirt"   # "caller": QEMU joins vmloader's cgroups (qemucgroup.py)
     host_cert: Optional[Path] = None
     host_key: Optional[Path] = None

@@ -80,6 +80,7 @@ class JobSpec:
     job_id: Optional[str] = None
     cold: bool = False             # --cold: boot the image even when a warm state could be restored
     disk_limit: Optional[disklimit.DiskLimit] = None   # the overlay's bound (HTCondor's request_disk)
+    tb_cache_mib: Optional[int] = None     # TCG's translation cache (None: the config's tcg_tb_cache_mib)
 
 
 @dataclass
@@ -730,6 +731,7 @@ class JobRunner:
             qga_channel=ChannelSpec(str(job.qga_socket), name=QGA_CHANNEL) if own_boot else None,
             console=ConsoleSpec(str(job.console_log)),
             network=NetworkSpec(spec.network, isolated_nic=own_boot),
+            tb_cache_mib=spec.tb_cache_mib or self.config.tcg_tb_cache_mib,
             metadata=JobMetadata(job.job_dir.name, _user_name(), entry.ref,
                                  entry.artifacts["disk"].sha256, os.getpid()))
 
