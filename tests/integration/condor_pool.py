@@ -63,6 +63,11 @@ done
 # The system libvirtd of root, for the warm states the cache service of vm2 keeps (jobs run as
 # users, with session daemons of their own); in this chroot it cannot give QEMU a mount namespace.
 grep -qx "namespaces = \\[\\]" /etc/libvirt/qemu.conf || echo "namespaces = []" >> /etc/libvirt/qemu.conf
+# /dev is the host /dev, so /dev/kvm has the kvm gid of the host, which the kvm group of this chroot
+# (libvirt-qemu is in it) may not have: libvirtd then found KVM usable when it probed QEMU and unusable
+# when it checked that probe, and probed again at every lookup (80 s before each VM of root started).
+# On a real worker the kvm group is the group of the device. (No quote marks here: sh -c quotes this.)
+if [ -e /dev/kvm ]; then g=$(stat -c %g /dev/kvm); [ "$(getent group kvm | cut -d: -f3)" = "$g" ] || groupmod -o -g "$g" kvm; fi
 virtlogd -d
 libvirtd -d
 exec /usr/sbin/condor_master -f
