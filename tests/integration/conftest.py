@@ -55,8 +55,8 @@ class Run:
 # of a cached run here: the HTCondor pool ~23, the stock cloud images ~22, the rest under 10 each),
 # so the long ones start at once and the short ones fill in beside them; otherwise the stock
 # images, collected late, started once the others were done and ran alone.
-LONGEST_FIRST = ("test_condor.py", "test_stock_images.py", "test_stock_bad_input.py", "test_faults.py",
-                 "test_warm_start.py", "test_systemd_variant.py", "test_snapshot_sessions.py",
+LONGEST_FIRST = ("test_condor.py", "test_stock_delivery.py", "test_stock_images.py", "test_stock_bad_input.py",
+                 "test_faults.py", "test_warm_start.py", "test_systemd_variant.py", "test_snapshot_sessions.py",
                  "test_repository.py")
 
 
@@ -89,6 +89,14 @@ def next_line(proc: subprocess.Popen, timeout: float = 900):
         reader.join(60)
         pytest.fail(f"{proc.args[:6]}... printed no line within {timeout:.0f} s")
     return box[0]
+
+
+def stock_disk(recipe: dict) -> Path:
+    """A stock test image (stockimage.py), built once per recipe; skips the test without root."""
+    if os.geteuid() != 0:
+        pytest.skip("building the stock test image needs root")
+    from . import stockimage
+    return stockimage.build(recipe)
 
 
 def world_readable_tmpdir(prefix: str) -> Path:

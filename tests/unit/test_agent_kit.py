@@ -1,5 +1,5 @@
 """`vmloader images agent-kit DIR`: what a site's image build runs to carry vmloader's agent
-baked in (installed into an image's root tree here; the real boot is in test_stock_images.py)."""
+baked in (installed into an image's root tree here; the real boot is in test_stock_delivery.py)."""
 import os
 import subprocess
 import sys
