@@ -10,6 +10,8 @@ test can show a job going to the worker that cached its image.
 Everything runs in a private mount namespace (`unshare -m`): /proc, /dev,
 /sys and tmpfs state dirs are mounted there only, and vanish with it. The
 test talks to the pool through `nsenter` into that namespace and chroot.
+Each pool writes into an overlay of its own over the cached chroot, so pools
+of several test modules run at once and the cache stays as it was built.
 """
 import fcntl
 import hashlib
@@ -354,6 +356,8 @@ class Pool:
         self.log.close()
         if self.proc.returncode == 0:
             Path(self.log.name).unlink(missing_ok=True)
+        if self.chroot.parent.parent == POOLS:
+            _remove_view(self.chroot.parent)
 
 
     def remove_cgroups(self) -> None:
@@ -369,8 +373,40 @@ class Pool:
                     pass
 
 
+POOLS = CACHE / "pools"
+
+
+def _mounted(path: Path) -> bool:
+    return any(line.split()[1] == str(path) for line in Path("/proc/self/mounts").read_text().splitlines())
+
+
+def _remove_view(base: Path) -> None:
+    root = base / "root"
+    if _mounted(root):
+        subprocess.run(["umount", "--lazy", str(root)], check=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def pool_view(lower: Path) -> Path:
+    """A writable view of the cached chroot for one pool: an overlay whose writes (this checkout's
+    vmloader, the pool's config with its port, the repository, the caches) go to a dir of this
+    pool's. Views left by test processes that are gone are removed first."""
+    POOLS.mkdir(parents=True, exist_ok=True)
+    for old in POOLS.iterdir():
+        owner = old.name.split("-")[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            _remove_view(old)
+    base = POOLS / f"{os.getpid()}-{free_port()}"
+    for part in ("upper", "work", "root"):
+        (base / part).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={base / 'upper'},workdir={base / 'work'}", str(base / "root")],
+                   check=True)
+    return base / "root"
+
+
 def start_pool(cgroups: bool = True, keep_warm: bool = True) -> Pool:
-    root = build_chroot()
+    root = pool_view(build_chroot())
     pool = Pool(root, free_port(), cgroups, keep_warm)
     pool.install()
     pool.publish_images()
