@@ -29,6 +29,26 @@ def add_stock(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path) ->
     return env, disk, added.json()["artifacts"]["disk"]["sha256"]
 
 
+def boot_failure(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path, timeout: float = 900) -> tuple:
+    """`run -- true` on a stock image with no way in for the agent: it fails 125 in its boot phase.
+    (the error, the whole result, the image's copy, its sha256)"""
+    env, disk, before = add_stock(vmloader, recipe, name, cache, tmp_path)
+    run = vmloader("run", "--image", name, "--snapshot", "never", "--json", "--", "true", env_extra=env,
+                   timeout=timeout)
+    result = run.json()
+    assert run.returncode == 125, result
+    assert result["error"]["phase"] == "boot", result["error"]
+    return result["error"], result, disk, before
+
+
+def nothing_left(fault: str, result: dict, disk: Path, before: str) -> None:
+    """No seed or overlay left of the failed job, the image unchanged; its row in the fault table."""
+    job_dir = Path(result["job_dir"])
+    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
+    assert file_sha256(disk) == before
+    faulttable.record(fault, result, "no VM, overlay or seed left; the base unchanged")
+
+
 def test_an_image_with_qemu_guest_agent_and_no_cloud_init_gets_the_agent_through_qemu_ga(
         vmloader, own_cache, tmp_path):
     env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_ONLY, "stock-qga", own_cache, tmp_path)
@@ -52,22 +72,14 @@ NONE_OF_THESE = "a stock image with neither qemu-guest-agent nor cloud-init (and
 
 def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_what_was_looked_for(
         vmloader, own_cache, tmp_path):
-    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_BARE, "stock-bare", own_cache, tmp_path)
-    bare = vmloader("run", "--image", "stock-bare", "--snapshot", "never", "--json", "--", "true",
-                    env_extra=env, timeout=900)
-    result = bare.json()
-    assert bare.returncode == 125, result
-    error = result["error"]
-    assert error["phase"] == "boot"
+    error, result, disk, before = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_BARE, "stock-bare", own_cache,
+                                               tmp_path)
     # Soon after the boot finished, not at the end of the (900 s) boot timeout.
     assert "boot finished (its login prompt or multi-user.target" in error["message"]
     for looked_for in ("vmloader's agent", "org.qemu.guest_agent.0", "cloud-init"):
         assert looked_for in error["message"]
     assert "install qemu-guest-agent" in error["hint"] and "cloud-init" in error["hint"]
-    job_dir = Path(result["job_dir"])
-    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert file_sha256(disk) == before
-    faulttable.record(NONE_OF_THESE, result, "no VM, overlay or seed left; the base unchanged")
+    nothing_left(NONE_OF_THESE, result, disk, before)
 
 
 def test_an_image_with_the_agent_baked_in_by_the_agent_kit_is_reached_without_delivery(vmloader, own_cache,
@@ -134,22 +146,13 @@ GUEST_EXEC_BLOCKED = "a stock image whose qemu-ga has guest-exec blocked by its 
 
 
 def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it(vmloader, own_cache, tmp_path):
-    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec", own_cache,
-                                  tmp_path)
-    blocked = vmloader("run", "--image", "stock-no-exec", "--snapshot", "never", "--json", "--", "true",
-                       env_extra=env, timeout=1800)
-    result = blocked.json()
-    assert blocked.returncode == 125, result
-    error = result["error"]
-    assert error["phase"] == "boot"
+    error, result, disk, before = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec",
+                                               own_cache, tmp_path, timeout=1800)
     # qemu-ga answered, so it is named with what stopped the delivery, and nothing else got in.
     assert "the QEMU guest agent answered but delivery failed: guest-exec is disabled in the guest's qemu-ga " \
            "by its configuration (block-rpcs" in error["message"]
     assert "cloud-init" in error["message"] and "guest-exec and guest-file-* allowed" in error["hint"]
-    job_dir = Path(result["job_dir"])
-    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert file_sha256(disk) == before
-    faulttable.record(GUEST_EXEC_BLOCKED, result, "no VM, overlay or seed left; the base unchanged")
+    nothing_left(GUEST_EXEC_BLOCKED, result, disk, before)
 
 
 NO_PYTHON = "a stock image with qemu-guest-agent and no python3"
@@ -168,19 +171,10 @@ def no_python_recipe() -> dict:
 
 
 def test_an_image_without_python3_fails_125_after_its_boot_naming_python3(vmloader, own_cache, tmp_path):
-    env, disk, before = add_stock(vmloader, no_python_recipe(), "stock-nopython", own_cache, tmp_path)
-    run = vmloader("run", "--image", "stock-nopython", "--snapshot", "never", "--json", "--", "true",
-                   env_extra=env, timeout=900)
-    result = run.json()
-    assert run.returncode == 125, result
-    error = result["error"]
-    assert error["phase"] == "boot", error
+    error, result, disk, before = boot_failure(vmloader, no_python_recipe(), "stock-nopython", own_cache, tmp_path)
     # qemu-ga answered and ran adopt.sh, which said what is missing: no way in can do better, so
     # the job ends there (not after the boot's grace, nor at the boot timeout).
     assert "the guest cannot run vmloader's agent" in error["message"], error
     assert "the guest has no python3 (the agent needs python3 >= 3.6)" in error["message"], error
     assert "install python3 (>= 3.6)" in error["hint"]
-    job_dir = Path(result["job_dir"])
-    assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert file_sha256(disk) == before
-    faulttable.record(NO_PYTHON, result, "no VM, overlay or seed left; the base unchanged")
+    nothing_left(NO_PYTHON, result, disk, before)
