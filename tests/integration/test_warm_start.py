@@ -127,8 +127,9 @@ def damage(how: str) -> None:
             os.truncate(memory, memory.stat().st_size // 3)
 
 
-def run_true(vmloader, *extra: str) -> tuple:
-    run = vmloader("run", "--image", "debian-12", *SHAPE, "--snapshot", "never", "--json", *extra, "--", "true")
+def run_true(vmloader, *extra: str, env_extra=None) -> tuple:
+    run = vmloader("run", "--image", "debian-12", *SHAPE, "--snapshot", "never", "--json", *extra, "--", "true",
+                   env_extra=env_extra)
     return run, (json.loads(run.stdout) if run.stdout else {})
 
 
@@ -342,21 +343,22 @@ def test_a_second_cache_warming_the_image_and_shape_of_a_running_warm_job_starts
 
 
 @pytest.fixture
-def small_warm_root():
-    """This test's warm states on a 40 MiB tmpfs (room for a lane's disk layer, not for its memory)."""
-    root = warm.warm_root(config.load())
-    root.mkdir(parents=True, exist_ok=True)
-    info = root.stat()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=40m,mode={info.st_mode & 0o7777:o},uid={info.st_uid},"
-                    f"gid={info.st_gid}", "tmpfs", str(root)], check=True)
+def small_warm_root(own_cache):
+    """This test's warm states on a 40 MiB tmpfs (room for a lane's disk layer, not for its memory), in
+    a cache of its own: the shared cache's warm root stays as it is for the jobs of the tests that
+    run beside this one (a tmpfs over it once made theirs run out of room too)."""
+    root = own_cache / "warm"
+    root.mkdir(mode=0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0755", "tmpfs", str(root)], check=True)
     try:
         yield root
     finally:
         subprocess.run(["umount", str(root)], check=True)
 
 
-def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_warm_root):
-    run, result = run_true(vmloader)
+def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_warm_root, published_repo):
+    env = {"VMLOADER_CACHE_DIR": str(small_warm_root.parent), "VMLOADER_REPOSITORY": str(published_repo)}
+    run, result = run_true(vmloader, env_extra=env)
     assert run.returncode == 0 and result["start"] == "cold", run.err
     [line] = vmloader_lines(run.err)
     assert line.startswith("vmloader: could not save a warm state for debian-12@") and "this job boots cold" in line
@@ -365,7 +367,7 @@ def test_the_cache_disk_filling_up_while_a_warm_state_is_saved(vmloader, small_w
     left = sorted(p.name for p in small_warm_root.rglob("*") if not p.is_dir())
     assert left == ["lock", warm.NO_ROOM, warm.SHARE_LOCK], left   # the locks stay; no partial file, no completion record
     assert list(warm.WarmStore(small_warm_root, 8).states()) == []        # no state a later job could take
-    again, second = run_true(vmloader)                        # no more room now: boots cold without trying
+    again, second = run_true(vmloader, env_extra=env)         # no more room now: boots cold without trying
     assert again.returncode == 0 and second["start"] == "cold" and "warm build" not in second["timings"], again.err
     [no_room] = vmloader_lines(again.err)
     assert no_room.startswith("vmloader: no room for a warm state of debian-12@") and "free now" in no_room
