@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .domain import TCG_TB_CACHE_MIB
+from .domain import SLOT_TB_CACHE_MIB, TCG_TB_CACHE_MIB
 from .errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/vmloader/config.toml")
@@ -154,7 +154,7 @@ SETTINGS: Sequence[Setting] = (
     Setting("tcg_tb_cache_mib", "VMLOADER_TCG_TB_CACHE_MIB", _positive_int,
             f"MiB of translation cache a QEMU without KVM (TCG) holds beside the guest's RAM (default "
             f"{TCG_TB_CACHE_MIB}; smaller saves memory and costs CPU: heavy guests are translated again). "
-            "HTCondor jobs use 64 whatever this says: their slot counts QEMU's memory"),
+            f"HTCondor jobs use {SLOT_TB_CACHE_MIB} whatever this says: their slot counts QEMU's memory"),
     Setting("qemu_cgroup", "VMLOADER_QEMU_CGROUP", _qemu_cgroup,
             "as root (system libvirtd): `caller` starts each VM paused and moves QEMU into vmloader's own "
             "cgroups so their limits and accounting cover the VM (always so under the HTCondor wrapper); "
