@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -396,9 +397,9 @@ def pool_view(lower: Path) -> Path:
         owner = old.name.split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             _remove_view(old)
-    base = POOLS / f"{os.getpid()}-{free_port()}"
+    base = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=POOLS))
     for part in ("upper", "work", "root"):
-        (base / part).mkdir(parents=True)
+        (base / part).mkdir()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={lower},upperdir={base / 'upper'},workdir={base / 'work'}", str(base / "root")],
                    check=True)
