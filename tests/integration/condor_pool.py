@@ -251,6 +251,10 @@ class Pool:
         shutil.rmtree(opt, ignore_errors=True)
         shutil.copytree(REPO / "vmloader", opt / "vmloader", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copytree(REPO / "images", opt / "images")
+        # Byte-compiled as a package install is: the startd's probe (every few seconds) and each job's
+        # wrapper run as users who cannot write __pycache__ here, and would compile it every time.
+        subprocess.run(["chroot", str(self.chroot), "python3", "-m", "compileall", "-q", "/opt/vmloader/vmloader"],
+                       check=True, stdout=subprocess.DEVNULL)
         bin_ = self.chroot / "usr/local/bin/vmloader"
         bin_.write_text('#!/bin/sh\nPYTHONPATH=/opt/vmloader exec python3 -m vmloader.bootstrapper.cli "$@"\n')
         bin_.chmod(0o755)

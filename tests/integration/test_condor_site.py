@@ -82,11 +82,14 @@ def test_a_vm_jobs_memory_and_cpu_are_accounted_to_it_through_its_cgroup(pool):
 
 def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retention(pool):
     """The per-job libvirt session daemons and their sockets go with each job; job records and
-    snapshots stay within the retention settings (snapshot_max_count, 20 by default). vm2's jobs
-    all restore the one warm state its cache service keeps (one lane: one slot), one after
-    another; vm1's, with none, boot."""
+    snapshots stay within the retention settings (snapshot_max_count, 20 by default). Every job
+    restores a warm state, one after another on each slot (one lane: one slot): on vm2 the one its
+    cache service keeps, on vm1 the one root built there with `images warm` (as a site's STARTD_CRON
+    or admin would). (Jobs that boot are the rest of this module's and test_condor's.)"""
     from vmloader.bootstrapper.config import Config
     kept_warm_on_vm2(pool)
+    pool.vmloader("images", "warm", "debian-12", cache="/var/cache/vmloader-1", user="root", check=True,
+                  timeout=1800)
     job = Submission(pool, "fifty", {"job.sub": (
         "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
         '+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue 50\n')})
@@ -107,7 +110,7 @@ def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retentio
     for snapshot in kept:
         timings = json.loads((snapshot / "metadata.json").read_text())["timings"]
         starts.setdefault(worker_of[snapshot.name], set()).add("warm" if "restore" in timings else "cold")
-    assert starts == {"vm1": {"cold"}, "vm2": {"warm"}}, starts
+    assert starts == {"vm1": {"warm"}, "vm2": {"warm"}}, starts
 
 
 def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_numbers(pool):
