@@ -34,10 +34,10 @@ def test_startd_ads_advertise_vmloader_and_a_job_prefers_the_worker_with_its_ima
     pool.vmloader("images", "pull", "debian-11", cache="/var/cache/vmloader-2", check=True, timeout=600)
     pool.wait_for(lambda: "debian-11" in pool.run(
         ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-2"', "-af", "VMLoaderImages"], user=None).stdout,
-        60, "vm2's probe to advertise debian-11")
+        120, "vm2's probe to advertise debian-11")
     pool.wait_for(lambda: "debian-11" not in pool.run(
         ["condor_status", "-constraint", 'VMLoaderCacheDir == "/var/cache/vmloader-1"', "-af", "VMLoaderImages"],
-        user=None).stdout, 60, "vm1's probe to stop advertising debian-11")
+        user=None).stdout, 120, "vm1's probe to stop advertising debian-11")
     job = Submission(pool, "rank", {"job.sub": (
         "executable = /bin/cat\narguments = /etc/debian_version\ntransfer_executable = false\n"
         "should_transfer_files = YES\noutput = out\nerror = err\nlog = log\n"
