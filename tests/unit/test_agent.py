@@ -15,7 +15,7 @@ import time
 import pytest
 
 from vmloader import protocol as P
-from vmloader.agent.server import Agent
+from vmloader.agent.server import Agent, Channel, Stream
 from vmloader.agent.transport import SocketTransport
 from vmloader.bootstrapper.agentclient import AgentClient, ExecTimeout, PtySpec
 from vmloader.bootstrapper.errors import AgentError
@@ -375,3 +375,25 @@ def test_a_malformed_request_is_refused_with_an_error_naming_the_field(pair):
     pair._send(P.EXEC, request_id, b'{"argv": "rm -rf /", "env": {}, "user": "vmloader"}')
     with pytest.raises(AgentError, match="refused a request: ProtocolError: EXEC field 'argv' must be a list"):
         pair._next(waiter)
+
+
+def test_a_stream_whose_host_is_gone_when_its_guest_port_closes_ends_quietly_and_closes_its_socket():
+    """The host went away (its end of the channel closed) before the guest's connection ended:
+    the stream's pump cannot say EXIT, and still closes the guest's connection (no thread dies)."""
+    host, guest = socket.socketpair()
+    host.close()
+    service, relayed = socket.socketpair()
+    died = []
+    hook, threading.excepthook = threading.excepthook, died.append
+    try:
+        stream = Stream(Channel(SocketTransport(guest)), 7, relayed)
+        service.close()                                 # the guest's service ends the connection
+        assert stream.closed.wait(30)
+        deadline = time.monotonic() + 30
+        while relayed.fileno() != -1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        threading.excepthook = hook
+    assert relayed.fileno() == -1
+    assert died == []
+    guest.close()

@@ -241,8 +241,12 @@ class Stream(object):
         except OSError:
             pass
         self.closed.set()
-        self.channel.reply(self.request_id, P.Exit(code=0))
-        self.sock.close()
+        try:
+            self.channel.reply(self.request_id, P.Exit(code=0))
+        except OSError:
+            pass                               # the host is gone (the VM is being stopped)
+        finally:
+            self.sock.close()
 
     def write_stdin(self, data):
         try:
