@@ -21,13 +21,12 @@ demo: image
 # mypy then: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
 # Unit tests (four at a time: many wait on purpose, for a fake's timeout) in processes of their
 # own, before the VM tests: nothing a VM test leaves in its process (signal handlers, threads)
-# reaches the fakes. The slowest VM tests are
-# listed at the end (where the suite's minutes go). The VM tests run four at a time on this
-# two-core machine (much of a VM test is waiting: HTCondor's cycles, a guest's timeouts, disk),
-# a module on one worker (`--dist loadfile`: a module's fixtures, such as the HTCondor pool, are
-# made once; the warm-start module's lanes are its own), the longest modules first
-# (tests/integration/conftest.py); the few tests that disturb every VM on the host (`serial`) run
-# alone afterwards.
+# reaches the fakes. The slowest VM tests are listed at the end (where the suite's minutes go).
+# The VM tests run four at a time on this two-core machine (much of a VM test is waiting:
+# HTCondor's cycles, a guest's timeouts, disk), a module on one worker (`--dist loadfile`: a
+# module's fixtures, such as the HTCondor pool, are made once; the warm-start module's lanes are
+# its own), the longest modules first (tests/integration/conftest.py); the few tests that disturb
+# every VM on the host (`serial`) run alone afterwards.
 test: image
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader

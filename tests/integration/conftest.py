@@ -54,7 +54,7 @@ class Run:
 # when it runs low (`--dist loadfile --no-loadscope-reorder`). The longest modules go first, so the
 # long ones start at once and the short ones fill in beside them; otherwise the stock images,
 # collected late, started once the others were done and ran alone. The HTCondor tests are two
-# modules with a pool each, and the stock images two, so that no module alone sets the suite's length.
+# modules with a pool each, and the stock images three, so that no module alone sets the suite's length.
 LONGEST_FIRST = ("test_stock_delivery.py", "test_condor_site.py", "test_condor.py", "test_warm_start.py",
                  "test_stock_images.py", "test_stock_bad_input.py", "test_faults.py", "test_systemd_variant.py",
                  "test_snapshot_sessions.py", "test_repository.py")
