@@ -52,7 +52,7 @@ def warm_workers(pool) -> float:
     pool.wait_for(lambda: pool.path("/run/libvirt/libvirt-sock").exists(), 60, "the pool's libvirtd")
     started = time.monotonic()
     for cache in CACHES:
-        pool.vmloader("images", "warm", "debian-12", cache=cache, user="root", check=True, timeout=1800)
+        pool.warm("debian-12", cache)
     return time.monotonic() - started
 
 

@@ -245,6 +245,11 @@ class Pool:
     def vmloader(self, *args, user: str = USER, cache: str = "/var/cache/vmloader-1", **kw):
         return self.run(["env", f"VMLOADER_CACHE_DIR={cache}", "vmloader", *args], user=user, **kw)
 
+    def warm(self, image: str, cache: str) -> None:
+        """Root's warm state of `image` in a worker's cache (`images warm`, as a site's STARTD_CRON or
+        admin would; the system libvirtd saves it): that worker's jobs of the default shape restore it."""
+        self.vmloader("images", "warm", image, cache=cache, user="root", check=True, timeout=1800)
+
     # -- lifecycle -------------------------------------------------------------
     def install(self) -> None:
         """This checkout's vmloader and condor/ files, and the images as a repository."""

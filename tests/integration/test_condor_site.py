@@ -88,8 +88,7 @@ def test_fifty_short_vm_jobs_leave_no_daemons_sockets_or_records_beyond_retentio
     or admin would). (Jobs that boot are the rest of this module's and test_condor's.)"""
     from vmloader.bootstrapper.config import Config
     kept_warm_on_vm2(pool)
-    pool.vmloader("images", "warm", "debian-12", cache="/var/cache/vmloader-1", user="root", check=True,
-                  timeout=1800)
+    pool.warm("debian-12", "/var/cache/vmloader-1")
     job = Submission(pool, "fifty", {"job.sub": (
         "executable = /bin/true\ntransfer_executable = false\nshould_transfer_files = YES\nlog = log\n"
         '+VMImage = "debian-12"\n+VMLoaderSnapshot = "always"\nqueue 50\n')})
