@@ -178,8 +178,9 @@ SCHEDD_MIN_INTERVAL = 1
 UPDATE_INTERVAL = 2
 STARTER_UPDATE_INTERVAL = 2
 SHADOW_QUEUE_UPDATE_INTERVAL = 2
-# The probe every 10 s (a site's: 60 s): each run is a Python start of about 0.2 CPU-s.
-STARTD_CRON_VMLOADER_PERIOD = 10s
+# The probe every 20 s (a site's: 60 s): each run is a Python start of about 0.3 CPU-s, and the
+# tests that wait for an advertisement wait up to 120 s.
+STARTD_CRON_VMLOADER_PERIOD = 20s
 DAGMAN_USER_LOG_SCAN_INTERVAL = 1
 START = True
 SUSPEND = False

@@ -14,44 +14,45 @@ from pathlib import Path
 import pytest
 
 from . import faulttable, stockimage
-from .conftest import file_sha256, stock_disk
+from .conftest import same_bytes, stock_disk
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
 
 def add_stock(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path) -> tuple:
-    """`images add` of a copy of the built image: (env for later calls, the copy, its sha256)."""
+    """`images add` of a copy of the built image: (env for later calls, the copy, the built image)."""
+    source = stock_disk(recipe)
     disk = tmp_path / f"{name}.qcow2"
-    shutil.copyfile(stock_disk(recipe), disk)
+    shutil.copyfile(source, disk)
     env = {"VMLOADER_CACHE_DIR": str(cache), "VMLOADER_BOOT_TIMEOUT": "900"}
     added = vmloader("images", "add", name, "--disk", str(disk), "--json", env_extra=env)
     assert added.returncode == 0, added.err
-    return env, disk, added.json()["artifacts"]["disk"]["sha256"]
+    return env, disk, source
 
 
 def boot_failure(vmloader, recipe: dict, name: str, cache: Path, tmp_path: Path, timeout: float = 900) -> tuple:
     """`run -- true` on a stock image with no way in for the agent: it fails 125 in its boot phase.
-    (the error, the whole result, the image's copy, its sha256)"""
-    env, disk, before = add_stock(vmloader, recipe, name, cache, tmp_path)
+    (the error, the whole result, the image's copy, the built image)"""
+    env, disk, source = add_stock(vmloader, recipe, name, cache, tmp_path)
     run = vmloader("run", "--image", name, "--snapshot", "never", "--json", "--", "true", env_extra=env,
                    timeout=timeout)
     result = run.json()
     assert run.returncode == 125, result
     assert result["error"]["phase"] == "boot", result["error"]
-    return result["error"], result, disk, before
+    return result["error"], result, disk, source
 
 
-def nothing_left(fault: str, result: dict, disk: Path, before: str) -> None:
+def nothing_left(fault: str, result: dict, disk: Path, source: Path) -> None:
     """No seed or overlay left of the failed job, the image unchanged; its row in the fault table."""
     job_dir = Path(result["job_dir"])
     assert not (job_dir / "cidata.img").exists() and not (job_dir / "overlay.qcow2").exists()
-    assert file_sha256(disk) == before
+    assert same_bytes(disk, source)
     faulttable.record(fault, result, "no VM, overlay or seed left; the base unchanged")
 
 
 def test_an_image_with_qemu_guest_agent_and_no_cloud_init_gets_the_agent_through_qemu_ga(
         vmloader, own_cache, tmp_path):
-    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_ONLY, "stock-qga", own_cache, tmp_path)
+    env, disk, source = add_stock(vmloader, stockimage.BOOKWORM_BIOS_QGA_ONLY, "stock-qga", own_cache, tmp_path)
     # As the job user the image lacks: made at run time, clear of the image's own users.
     user = vmloader("run", "--image", "stock-qga", "--snapshot", "never", "--json", "--", "sh", "-c",
                     "id -un; id -u; pwd; cat; test -e /etc/cloud || echo no-cloud-init",
@@ -64,7 +65,7 @@ def test_an_image_with_qemu_guest_agent_and_no_cloud_init_gets_the_agent_through
     name, uid, cwd, line, cloud = Path(result["stdout_path"]).read_text().split("\n")[:5]
     assert (name, cwd, line, cloud) == ("vmloader", "/work", "from stdin", "no-cloud-init")
     assert int(uid) >= 60000
-    assert file_sha256(disk) == before
+    assert same_bytes(disk, source)
 
 
 NONE_OF_THESE = "a stock image with neither qemu-guest-agent nor cloud-init (and no vmloader agent)"
@@ -72,28 +73,28 @@ NONE_OF_THESE = "a stock image with neither qemu-guest-agent nor cloud-init (and
 
 def test_an_image_with_no_way_in_fails_125_soon_after_its_boot_finishes_naming_what_was_looked_for(
         vmloader, own_cache, tmp_path):
-    error, result, disk, before = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_BARE, "stock-bare", own_cache,
+    error, result, disk, source = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_BARE, "stock-bare", own_cache,
                                                tmp_path)
     # Soon after the boot finished, not at the end of the (900 s) boot timeout.
     assert "boot finished (its login prompt or multi-user.target" in error["message"]
     for looked_for in ("vmloader's agent", "org.qemu.guest_agent.0", "cloud-init"):
         assert looked_for in error["message"]
     assert "install qemu-guest-agent" in error["hint"] and "cloud-init" in error["hint"]
-    nothing_left(NONE_OF_THESE, result, disk, before)
+    nothing_left(NONE_OF_THESE, result, disk, source)
 
 
 def test_an_image_with_the_agent_baked_in_by_the_agent_kit_is_reached_without_delivery(vmloader, own_cache,
                                                                                         tmp_path):
     """A site's image built with `images agent-kit` (install.sh run on its tree), neither qemu-ga nor
     cloud-init: the agent its unit starts answers (delivery builtin); the job user and /work made."""
-    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_BAKED, "stock-baked", own_cache, tmp_path)
+    env, disk, source = add_stock(vmloader, stockimage.BOOKWORM_BIOS_BAKED, "stock-baked", own_cache, tmp_path)
     baked = vmloader("run", "--image", "stock-baked", "--snapshot", "never", "--json", "--", "sh", "-c",
                      "id -un; pwd; systemctl is-active vmloader-adopt.service; exit 5", env_extra=env, timeout=900)
     result = baked.json()
     assert baked.returncode == 5, result["error"]
     assert result["agent_delivery"] == "builtin"
     assert Path(result["stdout_path"]).read_text().split() == ["vmloader", "/work", "active"]
-    assert file_sha256(disk) == before
+    assert same_bytes(disk, source)
 
 
 def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_resumes_from_its_memory(
@@ -102,7 +103,7 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
     its memory (the delivered agent, the seed and qemu-ga channel, SeaBIOS) and `snapshot boot`
     resumes it with the agent it had; `snapshot exec` and `snapshot shell` attach to it; `snapshot
     diff` cannot read XFS and says so. One boot, one resume."""
-    env, disk, before = add_stock(vmloader, stockimage.BOOKWORM_BIOS_XFS_QGA_ONLY, "stock-xfs", own_cache, tmp_path)
+    env, disk, source = add_stock(vmloader, stockimage.BOOKWORM_BIOS_XFS_QGA_ONLY, "stock-xfs", own_cache, tmp_path)
     started = time.monotonic()
     run = vmloader("run", "--image", "stock-xfs", "--snapshot", "always", "--timeout", "30",
                    "--env", "MARKER=frozen-on-xfs", "--json", "--", "sh", "-c",
@@ -139,20 +140,20 @@ def test_an_xfs_stock_image_gets_the_agent_through_qemu_ga_and_a_timed_out_job_r
     assert term.wait(timeout=300) == 4
     print(f"stock XFS image: run to timeout {ran:.0f} s (boot {result['timings'].get('boot')}), "
           f"resume to exec answered {time.monotonic() - resuming:.0f} s", file=sys.stderr)
-    assert file_sha256(disk) == before
+    assert same_bytes(disk, source)
 
 
 GUEST_EXEC_BLOCKED = "a stock image whose qemu-ga has guest-exec blocked by its config (and no cloud-init)"
 
 
 def test_a_qemu_ga_with_guest_exec_blocked_and_no_cloud_init_fails_125_naming_it(vmloader, own_cache, tmp_path):
-    error, result, disk, before = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec",
+    error, result, disk, source = boot_failure(vmloader, stockimage.BOOKWORM_BIOS_QGA_NO_EXEC, "stock-no-exec",
                                                own_cache, tmp_path, timeout=1800)
     # qemu-ga answered, so it is named with what stopped the delivery, and nothing else got in.
     assert "the QEMU guest agent answered but delivery failed: guest-exec is disabled in the guest's qemu-ga " \
            "by its configuration (block-rpcs" in error["message"]
     assert "cloud-init" in error["message"] and "guest-exec and guest-file-* allowed" in error["hint"]
-    nothing_left(GUEST_EXEC_BLOCKED, result, disk, before)
+    nothing_left(GUEST_EXEC_BLOCKED, result, disk, source)
 
 
 NO_PYTHON = "a stock image with qemu-guest-agent and no python3"
@@ -171,10 +172,10 @@ def no_python_recipe() -> dict:
 
 
 def test_an_image_without_python3_fails_125_after_its_boot_naming_python3(vmloader, own_cache, tmp_path):
-    error, result, disk, before = boot_failure(vmloader, no_python_recipe(), "stock-nopython", own_cache, tmp_path)
+    error, result, disk, source = boot_failure(vmloader, no_python_recipe(), "stock-nopython", own_cache, tmp_path)
     # qemu-ga answered and ran adopt.sh, which said what is missing: no way in can do better, so
     # the job ends there (not after the boot's grace, nor at the boot timeout).
     assert "the guest cannot run vmloader's agent" in error["message"], error
     assert "the guest has no python3 (the agent needs python3 >= 3.6)" in error["message"], error
     assert "install python3 (>= 3.6)" in error["hint"]
-    nothing_left(NO_PYTHON, result, disk, before)
+    nothing_left(NO_PYTHON, result, disk, source)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from . import faulttable, stockimage
-from .conftest import file_sha256, next_line, stock_disk
+from .conftest import next_line, same_bytes, stock_disk
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -106,8 +106,8 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     assert (live.returncode, rest) == (5, b"got-fed\n"), err
     assert b"err-fed\n" in err and b"got-fed" not in err
 
-    assert file_sha256(disk) == before
-    assert not base.exists() or file_sha256(base) == before
+    assert same_bytes(disk, stock_bios_disk)
+    assert not base.exists() or same_bytes(base, stock_bios_disk)
 
 
 NO_OVMF = "a UEFI image on a worker without OVMF"
@@ -135,8 +135,9 @@ def tiny_deb(where: Path) -> Path:
 
 def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package_and_its_snapshot_reopens(
         vmloader, own_cache, state_dir, tmp_path):
+    source = stock_disk(stockimage.TRIXIE_UEFI)
     disk = tmp_path / "trixie.qcow2"
-    shutil.copyfile(stock_disk(stockimage.TRIXIE_UEFI), disk)
+    shutil.copyfile(source, disk)
     # OVMF, grub, systemd and cloud-init under TCG: 849 s to the agent once on a host loaded 12-14.
     env = {"VMLOADER_CACHE_DIR": str(own_cache), "VMLOADER_BOOT_TIMEOUT": "1800"}
     added = vmloader("images", "add", "stock-trixie", "--disk", str(disk), "--json", env_extra=env)
@@ -169,6 +170,10 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
                      env_extra=env, timeout=2400)
     assert again.returncode == 0, again.err
     assert again.out.splitlines() == ["kept", "installed by a job", "efi"]
+    # That boot went straight to the way the first job's boot found (remembered for the image, per user).
+    reopened = [path for path in (state_dir / "jobs").iterdir() if path.name != job_dir.name]
+    meta = json.loads((reopened[0] / "metadata.json").read_text())
+    assert (meta["agent_delivery"], meta["agent_delivery_remembered"]) == ("cloud-init", True), meta
 
     # A worker without OVMF: a clear error before any VM or file is made, the base untouched.
     missing = vmloader("run", "--image", "stock-trixie", "--snapshot", "always", "--json", "--", "true",
@@ -179,9 +184,9 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
     assert "OVMF" in failed["error"]["message"] and "apt-get install ovmf" in failed["error"]["hint"]
     left = {path.name for path in Path(failed["job_dir"]).iterdir()}
     assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
-    assert file_sha256(disk) == before
+    assert same_bytes(disk, source)
     base = own_cache / "artifacts" / before
-    assert not base.exists() or file_sha256(base) == before
+    assert not base.exists() or same_bytes(base, source)
     faulttable.record(NO_OVMF, failed, "no VM, overlay, seed or variable store left; the base unchanged")
 
 
