@@ -19,7 +19,7 @@ demo: image
 # vmloader), and where PYTHONDONTWRITEBYTECODE is set (this machine's environment sets it) each
 # would compile vmloader from source again, about 0.15 s of CPU each (__pycache__ is git-ignored).
 # mypy then: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
-# Unit tests (four at a time: many wait on purpose, for a fake's timeout) in processes of their
+# Unit tests (eight at a time: many wait on purpose, for a fake's timeout) in processes of their
 # own, before the VM tests: nothing a VM test leaves in its process (signal handlers, threads)
 # reaches the fakes. The slowest VM tests are listed at the end (where the suite's minutes go).
 # The VM tests run four at a time on this two-core machine (much of a VM test is waiting:
@@ -30,7 +30,7 @@ demo: image
 test: image
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 4 tests/unit
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 8 tests/unit
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --no-loadscope-reorder -m "not serial" \
 		--durations=30 tests/integration
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m serial tests/integration
