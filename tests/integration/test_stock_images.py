@@ -171,8 +171,8 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
     assert again.returncode == 0, again.err
     assert again.out.splitlines() == ["kept", "installed by a job", "efi"]
     # That boot went straight to the way the first job's boot found (remembered for the image, per user).
-    reopened = [path for path in (state_dir / "jobs").iterdir() if path.name != job_dir.name]
-    meta = json.loads((reopened[0] / "metadata.json").read_text())
+    [reopened] = [path for path in (state_dir / "jobs").iterdir() if path.name != job_dir.name]
+    meta = json.loads((reopened / "metadata.json").read_text())
     assert (meta["agent_delivery"], meta["agent_delivery_remembered"]) == ("cloud-init", True), meta
 
     # A worker without OVMF: a clear error before any VM or file is made, the base untouched.
