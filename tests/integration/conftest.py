@@ -234,20 +234,6 @@ def as_user(user: "pwd.struct_passwd", checkout: Path, args: list, env: dict, **
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp", **kwargs)
 
 
-def same_bytes(path: Path, reference: Path) -> bool:
-    """Whether a file still holds the bytes of the one it was copied from: for disk images, a
-    comparison costs a tenth of hashing (a stock image's sha256 takes about 3 CPU-s here)."""
-    if path.stat().st_size != reference.stat().st_size:
-        return False
-    with open(path, "rb") as handle, open(reference, "rb") as other:
-        while True:
-            block = handle.read(1 << 20)
-            if block != other.read(1 << 20):
-                return False
-            if not block:
-                return True
-
-
 def file_sha256(path: Path) -> str:
     """A file's sha256, read in 1 MiB blocks (disk images are large)."""
     digest = hashlib.sha256()

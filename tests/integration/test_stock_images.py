@@ -7,6 +7,7 @@ The other ways in (qemu-ga, an agent baked in, none) are in test_stock_delivery.
 Stock images boot slowly under TCG (their own boot loader, systemd, cloud-init): few boots, each
 checking several things.
 """
+import filecmp
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from . import faulttable, stockimage
-from .conftest import next_line, same_bytes, stock_disk
+from .conftest import next_line, stock_disk
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leftovers")]
 
@@ -106,8 +107,8 @@ def test_a_stock_bios_image_runs_jobs_with_the_agent_delivered_at_boot_and_stays
     assert (live.returncode, rest) == (5, b"got-fed\n"), err
     assert b"err-fed\n" in err and b"got-fed" not in err
 
-    assert same_bytes(disk, stock_bios_disk)
-    assert not base.exists() or same_bytes(base, stock_bios_disk)
+    assert filecmp.cmp(disk, stock_bios_disk, shallow=False)
+    assert not base.exists() or filecmp.cmp(base, stock_bios_disk, shallow=False)
 
 
 NO_OVMF = "a UEFI image on a worker without OVMF"
@@ -184,9 +185,9 @@ def test_a_stock_uefi_image_boots_with_ovmf_runs_a_root_job_installing_a_package
     assert "OVMF" in failed["error"]["message"] and "apt-get install ovmf" in failed["error"]["hint"]
     left = {path.name for path in Path(failed["job_dir"]).iterdir()}
     assert not left & {"overlay.qcow2", "cidata.img", "uefi-vars.fd", "domain.xml"}
-    assert same_bytes(disk, source)
+    assert filecmp.cmp(disk, source, shallow=False)
     base = own_cache / "artifacts" / before
-    assert not base.exists() or same_bytes(base, source)
+    assert not base.exists() or filecmp.cmp(base, source, shallow=False)
     faulttable.record(NO_OVMF, failed, "no VM, overlay, seed or variable store left; the base unchanged")
 
 
