@@ -86,3 +86,10 @@ def test_only_the_workers_own_config_may_turn_host_credentials_on(tmp_path):
     cfg = config.load(environ={"VMLOADER_HOST_CERT_USERS": "mallory", "": "x"}, files=[system],
                       admin_files=[system])
     assert cfg.host_cert_users == ()
+
+
+def test_the_stock_boot_grace_defaults_to_30_s_and_is_set_like_any_setting(tmp_path):
+    assert config.load(environ={}, files=[]).stock_boot_grace == 30
+    assert config.load(environ={"VMLOADER_STOCK_BOOT_GRACE": "8"}, files=[]).stock_boot_grace == 8
+    with pytest.raises(ConfigError, match="stock_boot_grace"):
+        config.load(environ={"VMLOADER_STOCK_BOOT_GRACE": "0"}, files=[])

@@ -269,7 +269,7 @@ field_names = st.sampled_from(["protocol", "pid", "features", "busy", "argv", "s
                                "mode", "size", "entries", "name", "type", "mtime_ns", "term"])
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.sampled_from(MESSAGES), st.dictionaries(field_names, json_values, max_size=6))
 def test_any_json_object_parses_into_a_typed_message_or_a_protocol_error(cls, obj):
     try:

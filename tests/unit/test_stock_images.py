@@ -265,13 +265,13 @@ def _silent_guest(tmp_path):
     return server
 
 
-def _reach(tmp_path, deadline_s):
+def _reach(tmp_path, deadline_s, grace=None):
     import time
     from vmloader.bootstrapper.agentclient import AgentClient
     from vmloader.bootstrapper.errors import GuestTimeout
     return delivery.reach_agent(tmp_path / "agent.sock", tmp_path / "qga.sock", tmp_path / "console.log",
                                 time.monotonic() + deadline_s, lambda sock: AgentClient(sock),
-                                lambda why, hint: GuestTimeout(why, hint=hint))
+                                lambda why, hint: GuestTimeout(why, hint=hint), grace=grace)
 
 
 def test_no_boot_loader_on_the_console_fails_at_once_naming_it(tmp_path):
@@ -303,6 +303,26 @@ def test_a_login_prompt_with_no_way_in_fails_soon_naming_everything_looked_for(t
     assert "login prompt" in message and "vmloader's agent" in message
     assert "org.qemu.guest_agent.0" in message and "cidata" in message
     assert "boot_timeout" not in message and "cloud-init" in caught.value.hint
+    server.close()
+
+
+def test_the_configured_grace_after_the_login_prompt_is_the_one_waited(tmp_path, monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE", 600.0)      # the default would show as a hang here
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: ")
+    with pytest.raises(delivery.GuestTimeout, match="on the console. and nothing answered within 1 s"):
+        _reach(tmp_path, 60, grace=1)
+    server.close()
+
+
+def test_a_configured_grace_shorter_than_qemu_gas_still_waits_for_a_qemu_ga_the_console_shows(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(delivery, "AFTER_LOGIN_GRACE_QGA_STARTED", 1.5)
+    server = _silent_guest(tmp_path)
+    (tmp_path / "console.log").write_text("[  OK  ] Started qemu-guest-agent.service - QEMU Guest Agent.\n"
+                                          "Debian GNU/Linux 12 localhost ttyS0\n\nlocalhost login: ")
+    with pytest.raises(delivery.GuestTimeout, match="nothing answered within 2 s"):
+        _reach(tmp_path, 60, grace=0.2)
     server.close()
 
 

@@ -126,6 +126,11 @@ SETTINGS: Sequence[Setting] = (
     Setting("snapshot_policy", "VMLOADER_SNAPSHOT", _policy, "default --snapshot policy"),
     Setting("boot_timeout", "VMLOADER_BOOT_TIMEOUT", _positive_int,
             "seconds a guest may take to reach the agent"),
+    Setting("stock_boot_grace", "VMLOADER_STOCK_BOOT_GRACE", _positive_int,
+            "seconds an image with its own boot (a stock image) has, once its boot finished (the login "
+            "prompt on its console), for vmloader's agent, qemu-guest-agent or cloud-init to answer before "
+            "the job fails naming what was looked for (default 30; at least 120 once the console says "
+            "qemu-ga started)"),
     Setting("cache_max_bytes", "VMLOADER_CACHE_MAX_BYTES", _size,
             "cache bound in bytes (suffixes K M G T); least recently used images go first; 0 = unbounded"),
     Setting("memory_mib", "VMLOADER_MEMORY", _positive_int, "default guest memory (MiB)"),
@@ -184,6 +189,7 @@ class Config:
     libvirt_uri: Optional[str] = None
     snapshot_policy: str = "on-failure"
     boot_timeout: int = 180
+    stock_boot_grace: int = 30
     cache_max_bytes: int = 50 * 2**30
     memory_mib: int = 1024
     cpus: int = 1

@@ -14,7 +14,7 @@ the image's cloud-init ran but never read the seed (a site's datasource_list wit
 that is what the error says.
 
 With a way remembered for the image (deliverymemory.py), that way is tried alone first: no
-probing of the others unless it has not answered AFTER_LOGIN_GRACE after the boot finished.
+probing of the others unless it has not answered within the grace after the boot finished.
 """
 import io
 import logging
@@ -43,7 +43,7 @@ LOGIN_MARKS = ("login:", "Multi-User System.")
 NO_BOOT_MARKS = ("No bootable device", "Boot failed", "No bootable option")
 log = logging.getLogger(__name__)
 AFTER_LOGIN_GRACE = 30.0     # qemu-ga and cloud-init start around the login prompt; give them this long
-AFTER_LOGIN_GRACE_QGA_STARTED = 120.0   # ... and this long when the console says qemu-ga started
+AFTER_LOGIN_GRACE_QGA_STARTED = 120.0   # ... and at least this long when the console says qemu-ga started
 QGA_STARTED_MARKS = ("Started qemu-guest-agent", "QEMU Guest Agent.")   # systemd's line for its unit
 
 
@@ -110,16 +110,20 @@ def _text(data: bytes) -> str:
 
 def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadline: float,
                 make_client: Callable[[socket.socket], AgentClient],
-                failure: Callable[[str, str], GuestTimeout], remembered: Optional[str] = None) -> Reached:
+                failure: Callable[[str, str], GuestTimeout], remembered: Optional[str] = None,
+                grace: Optional[float] = None) -> Reached:
     """Wait for ours or deliver it; `failure(why, hint)` builds the error for no way in. `remembered`:
-    the way that worked for this image before, tried alone until it is overdue."""
+    the way that worked for this image before, tried alone until it is overdue. `grace`: how long
+    after the boot finished nothing may answer (default AFTER_LOGIN_GRACE; the config's
+    stock_boot_grace)."""
     sock = _connect(agent_socket, deadline, failure)
     client = make_client(sock)
     qga: Optional[QGAClient] = None
     login_seen: Optional[float] = None
     qga_problem = ""
     qga_seen = False
-    grace = AFTER_LOGIN_GRACE
+    grace = AFTER_LOGIN_GRACE if grace is None else grace
+    extended = False
     only = remembered if remembered in (BUILTIN, QEMU_GUEST_AGENT, CLOUD_INIT) else None
     started = time.monotonic()
     try:
@@ -178,11 +182,11 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 # time (e.g. a config it reads from the job); probe every way, with a fresh grace.
                 log.debug("the remembered delivery %s did not answer; trying every way", only)
                 only, login_seen, gave_up = None, time.monotonic(), False
-            if gave_up and grace == AFTER_LOGIN_GRACE and not qga_problem and qga_started(console_log):
+            if gave_up and not extended and not qga_problem and qga_started(console_log):
                 # qemu-ga is up (the console says so) but has not answered yet: on a loaded host
                 # it can lag the login prompt; wait for it longer, still bounded.
-                grace, gave_up = AFTER_LOGIN_GRACE_QGA_STARTED, False
-                qga_seen = True
+                extended, qga_seen = True, True
+                grace, gave_up = max(grace, AFTER_LOGIN_GRACE_QGA_STARTED), False
             if gave_up or time.monotonic() > deadline:
                 why, hint = _nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT
                 # Past the login prompt cloud-init's early stages are over (they come before sysinit.target):

@@ -747,7 +747,8 @@ class JobRunner:
             reached = delivery.reach_agent(
                 job.socket_path, job.qga_socket, job.console_log, deadline,
                 lambda sock: AgentClient(sock, max_file_bytes=self.config.output_max_bytes),
-                lambda why, hint: self._boot_failure(job, why, hint), remembered=remembered)
+                lambda why, hint: self._boot_failure(job, why, hint), remembered=remembered,
+                grace=self.config.stock_boot_grace)
             job.agent_delivery, job.agent_delivery_remembered = reached.delivery, reached.remembered
             if reached.delivery != remembered:
                 memory.remember(sha256, reached.delivery)
