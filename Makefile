@@ -21,19 +21,25 @@ demo: image
 # mypy then: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
 # Unit tests (eight at a time: many wait on purpose, for a fake's timeout) in processes of their
 # own, before the VM tests: nothing a VM test leaves in its process (signal handlers, threads)
-# reaches the fakes. The slowest VM tests are listed at the end (where the suite's minutes go).
+# reaches the fakes. The few VM tests that disturb every VM on the host (`serial`: libvirtd
+# restarted) run beside them, where no other VM runs and the unit tests use no libvirtd; their
+# output is shown once the unit tests end.
 # The VM tests run four at a time on this two-core machine (much of a VM test is waiting:
 # HTCondor's cycles, a guest's timeouts, disk), a module on one worker (`--dist loadfile`: a
 # module's fixtures, such as the HTCondor pool, are made once; the warm-start module's lanes are
-# its own), the longest modules first (tests/integration/conftest.py); the few tests that disturb
-# every VM on the host (`serial`) run alone afterwards.
+# its own), the longest modules first (tests/integration/conftest.py). The slowest are listed at
+# the end (where the suite's minutes go).
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 test: image
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 8 tests/unit
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 4 --dist loadfile --no-loadscope-reorder -m "not serial" \
-		--durations=30 tests/integration
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m serial tests/integration
+	@log=$$(mktemp); $(PYTEST) -m serial tests/integration >"$$log" 2>&1 & serial=$$!; \
+	trap 'kill $$serial 2>/dev/null; rm -f "$$log"' INT TERM; \
+	$(PYTEST) -n 8 tests/unit; unit=$$?; \
+	wait $$serial; serial_status=$$?; \
+	echo "serial VM tests (beside the unit tests):"; cat "$$log"; rm -f "$$log"; \
+	[ $$unit = 0 ] && [ $$serial_status = 0 ]
+	$(PYTEST) -n 4 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 tests/integration
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader
