@@ -57,11 +57,15 @@ def attacker_tries(attacker, paths: list) -> dict:
     return json.loads(done.stdout)
 
 
-def overlay_from_ps(attacker, domain: str) -> Path:
-    """What any local user sees: QEMU's command line names the job's overlay."""
-    listing = subprocess.run(["runuser", "-u", attacker.pw_name, "--", "ps", "-ww", "-eo", "args"],
+def overlay_from_ps(attacker, domain: str, owner: str) -> Path:
+    """What any local user sees: QEMU's command line names the job's overlay. (A warm-started job's VM
+    has its lane's name, which another libvirt daemon's VM restored from the same state also has: a
+    user's session daemon restoring root's shared lane. The job's own QEMU is the one run by `owner`.)"""
+    listing = subprocess.run(["runuser", "-u", attacker.pw_name, "--", "ps", "-ww", "-eo", "user:64=,args="],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
-    line = next(line for line in listing.splitlines() if f"guest={domain}," in line or line.endswith(f"guest={domain}"))
+    rows = [row.split(None, 1) for row in listing.splitlines() if len(row.split(None, 1)) == 2]
+    [line] = [args for user, args in rows
+              if user == owner and (f"guest={domain}," in args or args.endswith(f"guest={domain}"))]
     return Path(re.search(r'"filename":"([^"]*overlay\.qcow2)"', line).group(1))
 
 
@@ -125,7 +129,7 @@ def test_another_user_reads_none_of_a_running_or_finished_root_job(vm_env, state
     job_dir = state_dir / "jobs" / job_id
     try:
         wait_for_ready(job_dir, proc)
-        overlay = overlay_from_ps(attacker, job_domain(job_dir))
+        overlay = overlay_from_ps(attacker, job_domain(job_dir), "libvirt-qemu")    # qemu:///system's QEMU user
         assert overlay == job_dir / "overlay.qcow2"
         running = attacker_tries(attacker, running_paths(job_dir) + [str(old / "metadata.json")])
         assert secret_on_disk(overlay, secret.encode())
@@ -183,7 +187,7 @@ def test_another_user_reads_none_of_a_running_or_finished_unprivileged_job(reada
     job_dir = state / "jobs" / job_id
     try:
         wait_for_ready(job_dir, proc)
-        overlay = overlay_from_ps(attacker, job_domain(job_dir))
+        overlay = overlay_from_ps(attacker, job_domain(job_dir), user.pw_name)     # its session daemon's QEMU
         assert overlay == job_dir / "overlay.qcow2"
         running = attacker_tries(attacker, running_paths(job_dir))
         assert secret_on_disk(overlay, secret.encode())
