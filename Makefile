@@ -43,7 +43,7 @@ test: image
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit
+	$(PYTEST) tests/unit
 
 bench: image
 	$(VENV)/bin/python bench/warm_start.py

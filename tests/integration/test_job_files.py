@@ -63,9 +63,9 @@ def overlay_from_ps(attacker, domain: str, owner: str) -> Path:
     user's session daemon restoring root's shared lane. The job's own QEMU is the one run by `owner`.)"""
     listing = subprocess.run(["runuser", "-u", attacker.pw_name, "--", "ps", "-ww", "-eo", "user:64=,args="],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
-    rows = [row.split(None, 1) for row in listing.splitlines() if len(row.split(None, 1)) == 2]
-    [line] = [args for user, args in rows
-              if user == owner and (f"guest={domain}," in args or args.endswith(f"guest={domain}"))]
+    rows = [row.split(None, 1) for row in listing.splitlines()]
+    [line] = [row[1] for row in rows if len(row) == 2 and row[0] == owner
+              and (f"guest={domain}," in row[1] or row[1].endswith(f"guest={domain}"))]
     return Path(re.search(r'"filename":"([^"]*overlay\.qcow2)"', line).group(1))
 
 

@@ -123,7 +123,6 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
     qga_problem = ""
     qga_seen = False
     grace = AFTER_LOGIN_GRACE if grace is None else grace
-    extended = False
     only = remembered if remembered in (BUILTIN, QEMU_GUEST_AGENT, CLOUD_INIT) else None
     started = time.monotonic()
     try:
@@ -182,11 +181,11 @@ def reach_agent(agent_socket: Path, qga_socket: Path, console_log: Path, deadlin
                 # time (e.g. a config it reads from the job); probe every way, with a fresh grace.
                 log.debug("the remembered delivery %s did not answer; trying every way", only)
                 only, login_seen, gave_up = None, time.monotonic(), False
-            if gave_up and not extended and not qga_problem and qga_started(console_log):
+            if gave_up and not qga_seen and not qga_problem and qga_started(console_log):
                 # qemu-ga is up (the console says so) but has not answered yet: on a loaded host
                 # it can lag the login prompt; wait for it longer, still bounded.
-                extended, qga_seen = True, True
                 grace, gave_up = max(grace, AFTER_LOGIN_GRACE_QGA_STARTED), False
+                qga_seen = True
             if gave_up or time.monotonic() > deadline:
                 why, hint = _nothing_found(qga_problem, gave_up, grace, qga_seen), NO_WAY_IN_HINT
                 # Past the login prompt cloud-init's early stages are over (they come before sysinit.target):
