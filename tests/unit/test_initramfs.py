@@ -6,6 +6,8 @@ from pathlib import Path
 
 from vmloader.bootstrapper import initramfs
 
+from elffiles import make_elf, tree_with      # tests/unit is on sys.path (no package)
+
 KVER = "6.1.0-test"
 
 
@@ -78,9 +80,37 @@ def test_xz_compressed_modules_are_unpacked_for_insmod(tmp_path):
     assert entries(out.read_bytes())["lib/modules/virtio_blk.ko"][1] == b"module kernel/drivers/block/virtio_blk.ko"
 
 
+def test_a_klibc_without_insmod_gets_the_trees_kmod_as_insmod_with_its_loader_and_libraries(tmp_path):
+    """Bullseye's klibc-utils has no insmod: its images still boot without initramfs-tools' udev."""
+    tree = fake_tree(tmp_path / "root")
+    (tree / "usr/lib/klibc/bin/insmod").unlink()
+    kmod = make_elf("/lib64/ld-linux-x86-64.so.2", ("liblzma.so.5", "libc.so.6"))
+    tree_with(tree, {"bin/kmod": kmod, "lib64/ld-linux-x86-64.so.2": make_elf(),
+                     "lib/x86_64-linux-gnu/liblzma.so.5": make_elf(needed=("libc.so.6",)),
+                     "lib/x86_64-linux-gnu/libc.so.6": make_elf()})
+    (tree / "sbin").mkdir()
+    (tree / "sbin/insmod").symlink_to("/bin/kmod")
+    out = tmp_path / "initrd"
+    assert initramfs.build(tree, KVER, out)
+    found = entries(out.read_bytes())
+    assert found["bin/insmod"][1] == kmod and found["bin/insmod"][0] & 0o111
+    for name in ("lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/liblzma.so.5", "lib/x86_64-linux-gnu/libc.so.6"):
+        assert found[name][1] == (tree / name).read_bytes()
+    names = list(found)
+    assert stat.S_ISDIR(found["lib64"][0]) and names.index("lib64") < names.index("lib64/ld-linux-x86-64.so.2")
+    assert "insmod /lib/modules/virtio_blk.ko" in found["init"][1].decode()
+
+
 def test_a_tree_without_klibc_or_with_zstd_modules_keeps_the_distribution_initrd(tmp_path):
     no_klibc = fake_tree(tmp_path / "a")
     (no_klibc / "usr/lib/klibc/bin/run-init").unlink()
     assert not initramfs.build(no_klibc, KVER, tmp_path / "out-a")
     assert not initramfs.build(fake_tree(tmp_path / "b", ".ko.zst"), KVER, tmp_path / "out-b")
-    assert not (tmp_path / "out-a").exists() and not (tmp_path / "out-b").exists()
+    no_insmod = fake_tree(tmp_path / "c")                    # neither klibc's insmod nor a kmod
+    (no_insmod / "usr/lib/klibc/bin/insmod").unlink()
+    assert not initramfs.build(no_insmod, KVER, tmp_path / "out-c")
+    kmod_missing_a_library = fake_tree(tmp_path / "d")
+    (kmod_missing_a_library / "usr/lib/klibc/bin/insmod").unlink()
+    tree_with(kmod_missing_a_library, {"usr/bin/kmod": make_elf(needed=("libcrypto.so.1.1",))})
+    assert not initramfs.build(kmod_missing_a_library, KVER, tmp_path / "out-d")
+    assert not any((tmp_path / f"out-{x}").exists() for x in "abcd")

@@ -5,21 +5,26 @@ long shell library before the root is mounted: most of the time between the kern
 init. Our guests always have the same virtual hardware, so an archive of klibc's tiny tools
 (already in the tree: initramfs-tools depends on klibc-utils), the modules virtio disks need
 and a twenty-line /init does the same job. Built on the host from the image's own tree, as a
-deterministic newc cpio (no cpio binary, no root, no mounts). When the tree lacks something
-(no klibc, modules compressed in a way we do not unpack), the distribution's initrd is kept.
+deterministic newc cpio (no cpio binary, no root, no mounts). Where klibc has no insmod (before
+bookworm's klibc-utils 2.0.10), the tree's own kmod goes in as insmod with the libraries it loads
+(elfdeps.py). When the tree lacks something (no klibc, no kmod, modules compressed in a way we do
+not unpack), the distribution's initrd is kept.
 """
 import gzip
 import lzma
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
-VERSION = "3"           # part of the image key: a change here rebuilds images
+from . import elfdeps
+
+VERSION = "4"           # part of the image key: a change here rebuilds images
 # Loaded in this order (dependencies first, built-in ones skipped): the disk and its filesystem,
 # then what guest-setup would otherwise modprobe one by one in the booted system.
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_net", "virtio_rng")
 NEEDED = ("virtio_pci", "virtio_blk")          # without these the root cannot be mounted
 TOOLS = ("sh", "insmod", "mount", "umount", "mkdir", "sleep", "run-init")
+KMOD = ("sbin/insmod", "usr/sbin/insmod", "bin/kmod", "usr/bin/kmod")   # where a tree has kmod's insmod
 
 INIT = """#!/bin/sh
 # vmloader initramfs /init: load the virtio modules, mount the root named on the kernel
@@ -120,6 +125,7 @@ class _Cpio:
     def __init__(self) -> None:
         self.parts: list = []
         self.inode = 0
+        self.directories: set = set()
 
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple = (0, 0)) -> None:
         self.inode += 1
@@ -130,8 +136,13 @@ class _Cpio:
 
     def directory(self, name: str) -> None:
         self._entry(name, stat.S_IFDIR | 0o755)
+        self.directories.add(name)
 
     def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):         # its directories first (the kernel makes none)
+            if "/".join(parts[:depth]) not in self.directories:
+                self.directory("/".join(parts[:depth]))
         self._entry(name, stat.S_IFREG | mode, data)
 
     def char_device(self, name: str, major: int, minor: int) -> None:
@@ -146,16 +157,31 @@ def _pad(data: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
 
+def _insmod(root: Path, tools: Path) -> Optional[Dict[str, bytes]]:
+    """The archive's insmod, {path: bytes}: klibc's, or the tree's kmod (which acts as insmod by the
+    name it is run as) with its loader and libraries; None if the tree has neither."""
+    if (tools / "insmod").is_file():
+        return {"bin/insmod": (tools / "insmod").read_bytes()}
+    kmod = next((found for found in (elfdeps.inside(root, name) for name in KMOD) if found), None)
+    if kmod is None:
+        return None
+    program = kmod.read_bytes()
+    needs = elfdeps.libraries(root, program)
+    return None if needs is None else {"bin/insmod": program, **needs}
+
+
 def build(root: Path, kernel_version: str, out: Path) -> bool:
     """Write the initramfs for the tree at `root` to `out`; False (nothing written) if the tree
     cannot have one and the distribution's initrd must stay."""
     klibc = sorted((root / "usr/lib").glob("klibc-*.so"))
     tools = root / "usr/lib/klibc/bin"
     modules = root / "lib/modules" / kernel_version
-    if not klibc or not all((tools / t).is_file() for t in TOOLS) or not (modules / "modules.dep").is_file():
+    if not klibc or not all((tools / t).is_file() for t in TOOLS if t != "insmod") \
+            or not (modules / "modules.dep").is_file():
         return False
     order = _load_order(modules, MODULES)
-    if order is None:
+    insmod = _insmod(root, tools)
+    if order is None or insmod is None:
         return False
     archive = _Cpio()
     for name in ("bin", "dev", "proc", "root", "lib", "lib/modules", "usr", "usr/lib"):
@@ -164,7 +190,10 @@ def build(root: Path, kernel_version: str, out: Path) -> bool:
     for where in ("lib/", "usr/lib/"):      # the tools' ELF interpreter: /lib/klibc-* or, merged, /usr/lib/
         archive.file(where + klibc[-1].name, klibc[-1].read_bytes(), 0o755)
     for tool in TOOLS:
-        archive.file("bin/" + tool, (tools / tool).read_bytes(), 0o755)
+        if tool != "insmod":
+            archive.file("bin/" + tool, (tools / tool).read_bytes(), 0o755)
+    for name in sorted(insmod):
+        archive.file(name, insmod[name], 0o755)
     insmods = []
     for rel in order:
         data = _module_bytes(modules / rel)
