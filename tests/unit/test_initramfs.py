@@ -14,7 +14,7 @@ KVER = "6.1.0-test"
 def fake_tree(root: Path, suffix: str = ".ko") -> Path:
     (root / "usr/lib/klibc/bin").mkdir(parents=True)
     (root / "usr/lib/klibc-ABC.so").write_bytes(b"klibc")
-    for tool in initramfs.TOOLS:
+    for tool in initramfs.TOOLS + ("insmod",):
         (root / "usr/lib/klibc/bin" / tool).write_bytes(b"tool " + tool.encode())
     mods = root / "lib/modules" / KVER
     for rel in ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
@@ -58,7 +58,7 @@ def test_the_archive_holds_klibc_the_modules_in_dependency_order_and_an_init(tmp
     found = entries(out.read_bytes())
     assert stat.S_ISCHR(found["dev/console"][0]) and found["dev/console"][2] == (5, 1)
     assert found["lib/klibc-ABC.so"][1] == found["usr/lib/klibc-ABC.so"][1] == b"klibc"
-    assert found["bin/run-init"][1] == b"tool run-init"
+    assert found["bin/run-init"][1] == b"tool run-init" and found["bin/insmod"][1] == b"tool insmod"
     init = found["init"][1].decode()
     assert found["init"][0] & 0o111
     loads = [line.split("/")[-1] for line in init.splitlines() if line.startswith("insmod ")]

@@ -23,7 +23,7 @@ VERSION = "4"           # part of the image key: a change here rebuilds images
 # then what guest-setup would otherwise modprobe one by one in the booted system.
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "virtio_console", "virtio_net", "virtio_rng")
 NEEDED = ("virtio_pci", "virtio_blk")          # without these the root cannot be mounted
-TOOLS = ("sh", "insmod", "mount", "umount", "mkdir", "sleep", "run-init")
+TOOLS = ("sh", "mount", "umount", "mkdir", "sleep", "run-init")       # klibc's, and its insmod if it has one
 KMOD = ("sbin/insmod", "usr/sbin/insmod", "bin/kmod", "usr/bin/kmod")   # where a tree has kmod's insmod
 
 INIT = """#!/bin/sh
@@ -176,8 +176,7 @@ def build(root: Path, kernel_version: str, out: Path) -> bool:
     klibc = sorted((root / "usr/lib").glob("klibc-*.so"))
     tools = root / "usr/lib/klibc/bin"
     modules = root / "lib/modules" / kernel_version
-    if not klibc or not all((tools / t).is_file() for t in TOOLS if t != "insmod") \
-            or not (modules / "modules.dep").is_file():
+    if not klibc or not all((tools / t).is_file() for t in TOOLS) or not (modules / "modules.dep").is_file():
         return False
     order = _load_order(modules, MODULES)
     insmod = _insmod(root, tools)
@@ -190,8 +189,7 @@ def build(root: Path, kernel_version: str, out: Path) -> bool:
     for where in ("lib/", "usr/lib/"):      # the tools' ELF interpreter: /lib/klibc-* or, merged, /usr/lib/
         archive.file(where + klibc[-1].name, klibc[-1].read_bytes(), 0o755)
     for tool in TOOLS:
-        if tool != "insmod":
-            archive.file("bin/" + tool, (tools / tool).read_bytes(), 0o755)
+        archive.file("bin/" + tool, (tools / tool).read_bytes(), 0o755)
     for name in sorted(insmod):
         archive.file(name, insmod[name], 0o755)
     insmods = []
