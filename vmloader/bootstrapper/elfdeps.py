@@ -86,7 +86,7 @@ def dynamic(data: bytes) -> Optional[Tuple[Optional[str], List[str]]]:
 def libraries(root: Path, program: bytes) -> Optional[Dict[str, bytes]]:
     """Everything the ELF `program` needs to run in the tree at `root`, its libraries' own needs
     included: {path relative to the root, where the loader will look for it: bytes}. None when the
-    program or a library is not a readable x86-64 ELF, or a library is not in the tree."""
+    program or a library is not a readable 64-bit little-endian ELF, or a library is not in the tree."""
     found: Dict[str, bytes] = {}
     found_as: Dict[str, str] = {}              # soname -> where it was put
     pending = [program]
