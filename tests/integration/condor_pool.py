@@ -349,6 +349,16 @@ class Pool:
                     pass
         return pids
 
+    def command_lines(self) -> dict:
+        """{pid: command line} of the pool's processes; one that ends while we look is left out."""
+        found = {}
+        for pid in self.namespace_pids():
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+        return found
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -136,14 +136,8 @@ def test_a_vm_that_would_outgrow_its_jobs_cgroup_memory_limit_is_held_with_the_n
 def job_memory_cgroup(pool, job_dir: Path) -> Path:
     """The host's memory cgroup dir of the job whose VM runs from `job_dir` (its QEMU's cgroup)."""
     def qemu():
-        for pid in pool.namespace_pids():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if job_dir.name in cmdline and "qemu" in cmdline:
-                return pid
-        return None
+        return next((pid for pid, cmdline in pool.command_lines().items()
+                     if job_dir.name in cmdline and "qemu" in cmdline), None)
     pid = pool.wait_for(qemu, 120, f"the QEMU of {job_dir.name}")
     line = next(line for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ":memory:" in line)
     return Path("/sys/fs/cgroup/memory") / line.split(":", 2)[2].lstrip("/")
