@@ -111,11 +111,11 @@ def job_user_leftovers(pool) -> dict:
     session daemon, QEMU), its private libvirt runtime dirs (/tmp/vml-*, the daemons' sockets)."""
     uid = pool.run(["id", "-u", USER], user=None, check=True).stdout.strip()
     procs = []
-    for pid in pool.namespace_pids():
+    for pid, cmdline in pool.command_lines().items():
         try:
             if str(Path(f"/proc/{pid}").stat().st_uid) == uid:
-                procs.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
+                procs.append(cmdline)
+        except OSError:                  # ended while we looked
             pass
     return {"processes": procs, "runtime dirs": sorted(p.name for p in pool.path("/tmp").glob("vml-*"))}
 

@@ -40,8 +40,8 @@ def inside(root: Path, name: str) -> Optional[Path]:
             parts = [p for p in target.split("/") if p not in ("", ".")] + parts
             continue
         done.append(part)
-    found = root.joinpath(*done)
-    return found if done and found.is_file() and not found.is_symlink() else None
+    found = root.joinpath(*done)              # (no component of it is a symlink: each was resolved)
+    return found if done and found.is_file() else None
 
 
 def dynamic(data: bytes) -> Optional[Tuple[Optional[str], List[str]]]:
@@ -74,8 +74,9 @@ def dynamic(data: bytes) -> Optional[Tuple[Optional[str], List[str]]]:
                 strtab = value
         if not needed:
             return interpreter, []
-        base = next((offset + strtab - vaddr for vaddr, offset, size in loads
-                     if strtab is not None and vaddr <= strtab < vaddr + size), None)
+        if strtab is None:
+            return None
+        base = next((offset + strtab - vaddr for vaddr, offset, size in loads if vaddr <= strtab < vaddr + size), None)
         if base is None:
             return None
         return interpreter, [data[base + at:data.index(b"\0", base + at)].decode() for at in needed]
@@ -83,33 +84,43 @@ def dynamic(data: bytes) -> Optional[Tuple[Optional[str], List[str]]]:
         return None
 
 
+def _library(root: Path, soname: str) -> Optional[Tuple[str, Path]]:
+    """(where the loader finds `soname`, relative to the root; the file) in the tree, or None."""
+    for directory in LIBRARY_DIRS:
+        path = inside(root, f"{directory}/{soname}")
+        if path is not None:
+            return f"{directory}/{soname}", path
+    return None
+
+
 def libraries(root: Path, program: bytes) -> Optional[Dict[str, bytes]]:
     """Everything the ELF `program` needs to run in the tree at `root`, its libraries' own needs
     included: {path relative to the root, where the loader will look for it: bytes}. None when the
     program or a library is not a readable 64-bit little-endian ELF, or a library is not in the tree."""
     found: Dict[str, bytes] = {}
-    found_as: Dict[str, str] = {}              # soname -> where it was put
+    seen = set()                               # sonames already found
     pending = [program]
     while pending:
         parsed = dynamic(pending.pop(0))
         if parsed is None:
             return None
         interpreter, needed = parsed
-        if interpreter is not None and interpreter.lstrip("/") not in found:
-            path = inside(root, interpreter)
+        loader = interpreter.lstrip("/") if interpreter is not None else None
+        if loader is not None and loader not in found:
+            path = inside(root, loader)
             if path is None:
                 return None
-            found[interpreter.lstrip("/")] = path.read_bytes()
+            found[loader] = path.read_bytes()
         for soname in needed:
             if "/" in soname:
                 return None                    # a path, not a name the loader searches for
-            if soname in found_as:
+            if soname in seen:
                 continue
-            hits = ((f"{d}/{soname}", inside(root, f"{d}/{soname}")) for d in LIBRARY_DIRS)
-            where, path = next(((w, p) for w, p in hits if p is not None), (None, None))
-            if where is None or path is None:
+            hit = _library(root, soname)
+            if hit is None:
                 return None
-            found_as[soname] = where
+            where, path = hit
+            seen.add(soname)
             found[where] = data = path.read_bytes()
             pending.append(data)
     return found
