@@ -20,26 +20,29 @@ demo: image
 # would compile vmloader from source again, about 0.15 s of CPU each (__pycache__ is git-ignored).
 # mypy then: a type error fails in seconds, before any VM boots ([tool.mypy] in pyproject.toml).
 # Unit tests (eight at a time: many wait on purpose, for a fake's timeout) in processes of their
-# own, before the VM tests: nothing a VM test leaves in its process (signal handlers, threads)
-# reaches the fakes. The few VM tests that disturb every VM on the host (`serial`: libvirtd
-# restarted) run beside them, where no other VM runs and the unit tests use no libvirtd; their
-# output is shown once the unit tests end.
-# The VM tests run four at a time on this two-core machine (much of a VM test is waiting:
+# own, beside the VM tests: they use no libvirtd and no VM, and nothing a VM test leaves in its
+# process (signal handlers, threads) reaches the fakes; their output is shown once the VM tests end
+# (`make unit` alone for a quick answer). Beside the VM tests, not before them: started first they
+# held the VM tests back by their length (about 45 s) on a machine that was not yet busy.
+# The few VM tests that disturb every VM on the host (`serial`: libvirtd restarted) run first,
+# where no other VM runs.
+# The VM tests run $(VM_WORKERS) at a time on this two-core machine (much of a VM test is waiting:
 # HTCondor's cycles, a guest's timeouts, disk), a module on one worker (`--dist loadfile`: a
 # module's fixtures, such as the HTCondor pool, are made once; the warm-start module's lanes are
 # its own), the longest modules first (tests/integration/conftest.py). The slowest are listed at
 # the end (where the suite's minutes go).
 PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+VM_WORKERS ?= 4
 test: image
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader
-	@log=$$(mktemp); $(PYTEST) -m serial tests/integration >"$$log" 2>&1 & serial=$$!; \
-	trap 'kill $$serial 2>/dev/null; rm -f "$$log"' INT TERM; \
-	$(PYTEST) -n 8 tests/unit; unit=$$?; \
-	wait $$serial; serial_status=$$?; \
-	echo "serial VM tests (beside the unit tests):"; cat "$$log"; rm -f "$$log"; \
-	[ $$unit = 0 ] && [ $$serial_status = 0 ]
-	$(PYTEST) -n 4 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 tests/integration
+	@log=$$(mktemp); $(PYTEST) -n 8 tests/unit >"$$log" 2>&1 & unit=$$!; \
+	trap 'kill $$unit 2>/dev/null; rm -f "$$log"' INT TERM; \
+	$(PYTEST) -m serial tests/integration && \
+	$(PYTEST) -n $(VM_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 tests/integration; \
+	vm=$$?; wait $$unit; unit=$$?; \
+	echo "unit tests (beside the VM tests):"; cat "$$log"; rm -f "$$log"; \
+	[ $$vm = 0 ] && [ $$unit = 0 ]
 
 unit: setup
 	$(VENV)/bin/python -m mypy vmloader

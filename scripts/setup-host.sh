@@ -38,7 +38,6 @@ want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: creating the Python environment in .venv"
   python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
