@@ -234,8 +234,11 @@ def test_the_cloud_init_seed_is_a_cidata_vfat_holding_per_job_meta_data_and_the_
     user = subprocess.run(["mtype", "-i", str(seed), "::user-data"], capture_output=True, text=True,
                           check=True).stdout
     assert user.startswith("#cloud-config\n")
-    command = json.loads(user.split("\n", 1)[1])["bootcmd"][0][2]
+    config = json.loads(user.split("\n", 1)[1])
+    command = config["bootcmd"][0][2]
     assert command.endswith("adopt.sh /run/vmloader-agent cloud-init")
+    # One host key made per VM, the one `snapshot boot --ssh` pins: no RSA key generated beside the job.
+    assert config["ssh_genkeytypes"] == ["ed25519"]
     subprocess.run(["sh", "-n", "-c", command], check=True)
 
 
