@@ -38,6 +38,26 @@ want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: creating the Python environment in .venv"
   python3 -m venv .venv
-  .venv/bin/pip install -q -e '.[test]'
+  # The packages as wheels, kept outside the clone (per user) under a key of what they are built
+  # from: pyproject.toml, this Python, libvirt's headers (libvirt-python is built from source).
+  # A fresh clone then installs without asking the index: about 11 s instead of 20.
+  key=$({ cat pyproject.toml; python3 --version; dpkg-query -W -f='${Version}' libvirt-dev; } | sha256sum | cut -c1-16)
+  wheels="${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/vmloader-setup/wheels-$key"
+  if [ ! -d "$wheels" ] && mkdir -p "$(dirname "$wheels")" 2>/dev/null; then
+    echo "setup: keeping the packages as wheels in $wheels"
+    made=$(mktemp -d "$wheels.XXXXXX")
+    if .venv/bin/pip wheel -q -w "$made" '.[test]' setuptools wheel; then
+      rm -f "$made"/vmloader-*.whl                      # this checkout is installed from itself
+      mv -T "$made" "$wheels" 2>/dev/null || rm -rf "$made"   # another setup kept them first
+    else
+      rm -rf "$made"
+    fi
+  fi
+  if [ -d "$wheels" ] && .venv/bin/pip install -q --no-index --find-links "$wheels" -e '.[test]'; then
+    :
+  else
+    [ -d "$wheels" ] && echo "setup: the wheels in $wheels did not install; installing from the index"
+    .venv/bin/pip install -q -e '.[test]'
+  fi
   echo "$want" > "$stamp"
 fi
