@@ -39,6 +39,7 @@ from .download import Progress
 from .errors import ImageError, VMLoaderError
 from .integrity import Stamps
 from .ownedfiles import owner_of, read_trusted
+from .serving import serve_until_signalled
 from .warmkeeper import WarmKeeper, lanes_wanted
 
 MAX_REQUEST = 4096
@@ -148,10 +149,12 @@ def serve(cfg, socket_path: Optional[Path] = None, ready: Callable[[], None] = l
         keeper.start()
     ready()
     try:
-        server.serve_forever()
+        stopped_by = serve_until_signalled(server)
     finally:
         server.server_close()
         path.unlink(missing_ok=True)
+    if stopped_by:
+        log(f"stopped by {stopped_by}")
 
 
 def _keeper(cfg, log: Callable[[str], None]) -> Optional[WarmKeeper]:

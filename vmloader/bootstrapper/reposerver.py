@@ -7,10 +7,13 @@ import email.utils
 import hashlib
 import os
 import re
+import sys
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from .serving import serve_until_signalled
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 COPY_CHUNK = 1 << 20
@@ -77,4 +80,6 @@ def serve(directory: Path, host: str, port: int) -> None:
     handler = partial(RepositoryHandler, directory=os.fspath(directory))
     with ThreadingHTTPServer((host, port), handler) as server:
         print(f"serving {directory} on http://{host}:{server.server_address[1]}/", flush=True)
-        server.serve_forever()
+        stopped_by = serve_until_signalled(server)
+    if stopped_by:
+        print(f"vmloader repo serve: stopped by {stopped_by}", file=sys.stderr)
