@@ -28,8 +28,9 @@ demo: image
 # where no other VM runs.
 # The VM tests run $(VM_WORKERS) at a time on this two-core machine (much of a VM test is waiting:
 # HTCondor's cycles, a guest's timeouts, disk; with four, all four sometimes waited at once, the
-# cores idle for up to 20 s, a fifth kept them busy, and five guests doing a fixed piece of work
-# at once took no more CPU each than four did), a module on one worker (`--dist loadfile`: a
+# cores idle for up to 20 s; a fifth keeps them busy, and five guests doing a fixed piece of work
+# at once took about the CPU each that four did: 19.7 against 19.2 CPU-s, within the spread of
+# 17.3-22.3), a module on one worker (`--dist loadfile`: a
 # module's fixtures, such as the HTCondor pool, are made once; the warm-start module's lanes are
 # its own), the longest modules first (tests/integration/conftest.py). The slowest are listed at
 # the end (where the suite's minutes go).
