@@ -27,15 +27,12 @@ demo: image
 # The few VM tests that disturb every VM on the host (`serial`: libvirtd restarted) run first,
 # where no other VM runs.
 # The VM tests run $(VM_WORKERS) at a time on this two-core machine (much of a VM test is waiting:
-# HTCondor's cycles, a guest's timeouts, disk; with four, all four sometimes waited at once, the
-# cores idle for up to 20 s; a fifth keeps them busy, and five guests doing a fixed piece of work
-# at once took about the CPU each that four did: 19.7 against 19.2 CPU-s, within the spread of
-# 17.3-22.3), a module on one worker (`--dist loadfile`: a
+# HTCondor's cycles, a guest's timeouts, disk), a module on one worker (`--dist loadfile`: a
 # module's fixtures, such as the HTCondor pool, are made once; the warm-start module's lanes are
 # its own), the longest modules first (tests/integration/conftest.py). The slowest are listed at
 # the end (where the suite's minutes go).
 PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider
-VM_WORKERS ?= 5
+VM_WORKERS ?= 4
 test: image
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader

@@ -50,7 +50,7 @@ class Run:
         return json.loads(self.stdout)
 
 
-# `make test` runs whole modules on five workers (Makefile), each taking the next module in
+# `make test` runs whole modules on four workers (Makefile), each taking the next module in
 # collection order when it runs low (`--dist loadfile --no-loadscope-reorder`). The longest modules go first, so the
 # long ones start at once and the short ones fill in beside them; otherwise the stock images,
 # collected late, started once the others were done and ran alone. The HTCondor tests are two
