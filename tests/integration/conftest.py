@@ -50,8 +50,8 @@ class Run:
         return json.loads(self.stdout)
 
 
-# `make test` runs whole modules on four workers (Makefile), each taking the next module in
-# collection order when it runs low (`--dist loadfile --no-loadscope-reorder`). The longest modules go first, so the
+# `make test` runs whole modules on four workers, each taking the next module in collection order
+# when it runs low (`--dist loadfile --no-loadscope-reorder`). The longest modules go first, so the
 # long ones start at once and the short ones fill in beside them; otherwise the stock images,
 # collected late, started once the others were done and ran alone. The HTCondor tests are two
 # modules with a pool each, and the stock images three, so that no module alone sets the suite's length.

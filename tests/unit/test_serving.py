@@ -6,7 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
-from vmloader.bootstrapper.serving import serve_until_signalled
+from vmloader.bootstrapper.serving import STOP_SIGNALS, serve_until_signalled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_a_sigterm_landing_while_a_request_is_handled_still_stops_the_server():
 
 def test_a_loop_ended_by_shutdown_returns_none_and_puts_the_previous_handlers_back():
     server = socketserver.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         threading.Thread(target=server.shutdown, daemon=True).start()
         assert serve_until_signalled(server) is None

@@ -35,7 +35,8 @@ def user_data() -> str:
                f"echo {script_b64} | base64 -d > {GUEST_DIR}/adopt.sh && "
                f"sh {GUEST_DIR}/adopt.sh {GUEST_DIR} {CLOUD_INIT}")
     # JSON is YAML: no hand-quoting of the command.
-    return "#cloud-config\n" + json.dumps({"bootcmd": [["sh", "-c", command]], "ssh_genkeytypes": ["ed25519"]}) + "\n"
+    config = {"bootcmd": [["sh", "-c", command]], "ssh_genkeytypes": ["ed25519"]}
+    return "#cloud-config\n" + json.dumps(config) + "\n"
 
 
 def meta_data(job_id: str, hostname: str) -> str:

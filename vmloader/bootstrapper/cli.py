@@ -19,6 +19,7 @@ from .cache import ImageCache
 from .console import escape_log
 from .errors import EXIT_INFRA, ImageError, Interrupted, SnapshotError, UsageError, VMLoaderError
 from .job import JobSpec
+from .serving import STOP_SIGNALS
 from .snapshots import POLICIES, SnapshotStore
 
 RAW_CONSOLE_HELP = ("with --console: the guest's console bytes exactly as written, its escape sequences "
@@ -693,10 +694,10 @@ def _stop_on_signals() -> None:
     keep its state, remove the overlay) still happens. Only the first one: the cleanup must
     not be interrupted by a second (HTCondor follows up with SIGKILL if it takes too long)."""
     def handler(signum, _frame):
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         raise Interrupted(signum, signal.Signals(signum).name)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
 
 
