@@ -51,6 +51,24 @@ def test_a_loop_ended_by_shutdown_returns_none_and_puts_the_previous_handlers_ba
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_ready_runs_once_a_sigterm_would_stop_the_server():
+    # The banner a test (or a site's script) waits for before signalling is printed from
+    # `ready`: printed before the handlers went in, a SIGTERM sent on seeing it met the CLI's
+    # handler and ended `repo serve` with 143 (seen in CI).
+    server = socketserver.TCPServer(("127.0.0.1", 0), socketserver.BaseRequestHandler)
+    seen = []
+
+    def ready():
+        seen.append({sig: signal.getsignal(sig) for sig in STOP_SIGNALS})
+        signal.raise_signal(signal.SIGTERM)
+    try:
+        assert serve_until_signalled(server, ready=ready) == "SIGTERM"
+    finally:
+        server.server_close()
+    assert len(seen) == 1 and all(handler not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
+                                  for handler in seen[0].values()), seen
+
+
 def test_repo_serve_ends_on_sigterm_and_says_so(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     server = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "repo", "serve", str(tmp_path),

@@ -144,12 +144,14 @@ def serve(cfg, socket_path: Optional[Path] = None, ready: Callable[[], None] = l
     keeper = _keeper(cfg, log)
     server = CacheServer(path, lambda: ImageCache.writer(cfg), log, keeper.wake if keeper else lambda: None)
     os.chmod(path, 0o666)
-    log(f"serving {cfg.cache_dir} on {path} (uid {os.geteuid()})")
     if keeper is not None:
         keeper.start()
-    ready()
+
+    def serving() -> None:          # once a SIGTERM would stop the server
+        log(f"serving {cfg.cache_dir} on {path} (uid {os.geteuid()})")
+        ready()
     try:
-        stopped_by = serve_until_signalled(server)
+        stopped_by = serve_until_signalled(server, ready=serving)
     finally:
         server.server_close()
         path.unlink(missing_ok=True)

@@ -79,7 +79,7 @@ class RepositoryHandler(SimpleHTTPRequestHandler):
 def serve(directory: Path, host: str, port: int) -> None:
     handler = partial(RepositoryHandler, directory=os.fspath(directory))
     with ThreadingHTTPServer((host, port), handler) as server:
-        print(f"serving {directory} on http://{host}:{server.server_address[1]}/", flush=True)
-        stopped_by = serve_until_signalled(server)
+        banner = f"serving {directory} on http://{host}:{server.server_address[1]}/"
+        stopped_by = serve_until_signalled(server, ready=lambda: print(banner, flush=True))
     if stopped_by:
         print(f"vmloader repo serve: stopped by {stopped_by}", file=sys.stderr)

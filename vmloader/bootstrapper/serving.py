@@ -12,15 +12,18 @@ ends at its next poll, between requests.
 import signal
 import socketserver
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def serve_until_signalled(server: socketserver.BaseServer) -> Optional[str]:
-    """Serve until SIGTERM, SIGINT or SIGHUP (call from the main thread). Returns the signal's
-    name, or None when the loop ended otherwise (another thread's `server.shutdown()`); the
-    previous handlers are back either way."""
+def serve_until_signalled(server: socketserver.BaseServer,
+                          ready: Callable[[], None] = lambda: None) -> Optional[str]:
+    """Serve until SIGTERM, SIGINT or SIGHUP (call from the main thread). `ready` runs once those
+    signals would stop the server, so a banner printed there promises a server that a SIGTERM
+    ends (printed before, a signal sent on seeing it met the CLI's handler instead). Returns the
+    signal's name, or None when the loop ended otherwise (another thread's `server.shutdown()`);
+    the previous handlers are back either way."""
     received: list = []
 
     def on_signal(signum, _frame) -> None:
@@ -30,6 +33,7 @@ def serve_until_signalled(server: socketserver.BaseServer) -> Optional[str]:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
+        ready()
         server.serve_forever()
     finally:
         for sig, handler in previous.items():
