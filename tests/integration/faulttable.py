@@ -56,6 +56,7 @@ FAULTS = (
     "a restored warm state whose agent does not answer (saved with its agent stopped)",
     "root (qemu:///system) and a user (qemu:///session) warming the same image",
     "vmloader killed (SIGKILL) while it builds a warm state",
+    "vmloader stopped (SIGTERM: condor_rm) while it builds a warm state",
     # a hostile agent in a real guest
     "hostile agent (a root job replaces it in the guest): offers `../escaped`, `/etc/cron.d/evil`, "
     "`sub/../../x` as new outputs",

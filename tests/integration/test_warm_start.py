@@ -304,6 +304,51 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
                "the job record; the next job of the shape builds the state again")
 
 
+def test_a_vmloader_stopped_while_it_builds_a_warm_state_ends_the_job_there_and_leaves_no_vm(vm_env, state_dir,
+                                                                                            tmp_path):
+    """SIGTERM (condor_rm, preemption, walltime) while the first job of a shape builds its warm
+    state: the job ends there (143; before, the build took the signal for a failed build and the
+    job booted cold and ran on with every later signal ignored), the build's VM is destroyed and
+    nothing of the state is left."""
+    shape = ("--memory", "688")                     # a shape of its own: its state is built now
+    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                             *shape, "--snapshot", "never", "--job-id", "warm-stopped", "--", "echo", "ran"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
+    owner, domain, key = state_dir / "jobs" / "warm-stopped" / "owner.json", "", ""
+    try:
+        deadline = time.monotonic() + 900
+        console = state_dir / "jobs" / "warm-stopped" / "console.log"  # the build's guest is booting:
+        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
+                   and console.exists() and b"vmloader-init" in console.read_bytes()):
+            assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no warm build's VM within 900 s"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                domain = json.loads(owner.read_text())["domain"]
+            time.sleep(0.2)
+        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-STORE8-N)
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+        built = list(warm.warm_root(config.load()).glob(f"{key}*/lane-*/meta.json"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        root = warm.warm_root(config.load())        # this shape's states: not kept for other runs
+        for state in root.iterdir() if key and root.is_dir() else []:
+            if state.name.startswith(key):
+                shutil.rmtree(state, ignore_errors=True)
+    text = err.decode()
+    assert proc.returncode == 143 and "vmloader: [warm build] vmloader was stopped by SIGTERM" in text, text
+    assert out == b"" and "boots cold" not in text
+    assert built == [] and domains_left({domain}) == set()
+    meta = json.loads((state_dir / "jobs" / "warm-stopped" / "metadata.json").read_text())
+    assert meta["exit_status"] == 143 and meta["error"]["phase"] == "warm build"
+    record_row("vmloader stopped (SIGTERM: condor_rm) while it builds a warm state", meta["exit_status"],
+               meta["outcome"], meta["error"]["phase"], meta["error"]["message"],
+               "the job record (the build's VM destroyed, its partial state dropped)")
+
+
 def test_a_second_cache_warming_the_image_and_shape_of_a_running_warm_job_starts_warm_too(
         vmloader, vm_env, state_dir, tmp_path, published_repo):
     """Two caches on one libvirt daemon (a second vmloader instance, a test's cache beside root's)

@@ -87,7 +87,10 @@ class FakeMachine:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return                                # stopped before the host connected
         self.agent = MappedAgent(SocketTransport(conn), self.owner.workdir, poweroff=self._poweroff,
                                  identity=RecordedIdentity(self.owner, self.name))
         self.agent.serve()

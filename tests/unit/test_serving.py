@@ -6,7 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
-from vmloader.bootstrapper.serving import STOP_SIGNALS, serve_until_signalled
+from vmloader.bootstrapper.serving import serve_until_signalled
+from vmloader.bootstrapper.stopsignals import STOP_SIGNALS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SIGNALLED_MID_REQUEST = f"""
 import os, signal, socket, socketserver, sys, threading
 sys.path.insert(0, {str(REPO)!r})
-from vmloader.bootstrapper.cli import _stop_on_signals
+from vmloader.bootstrapper import stopsignals
 from vmloader.bootstrapper.serving import serve_until_signalled
 
 class Handler(socketserver.BaseRequestHandler):
@@ -24,7 +25,7 @@ class Handler(socketserver.BaseRequestHandler):
         os.kill(os.getpid(), signal.SIGTERM)
         self.request.sendall(b"ok")
 
-_stop_on_signals()                  # as the CLI sets them up before any command runs
+stopsignals.install()               # as the CLI sets them up before any command runs
 server = socketserver.TCPServer(("127.0.0.1", 0), Handler)
 def client():
     with socket.create_connection(server.server_address) as conn:

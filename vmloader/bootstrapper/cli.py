@@ -3,7 +3,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import pwd
 import shutil
 import sqlite3
@@ -13,13 +12,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import bootmode, build, catalog, config as config_mod, forward, hypervisors, orphans, proc, publish
-from . import job as job_mod, runners, sessions, status, virt, warm
+from . import job as job_mod, runners, sessions, status, stopsignals, virt, warm
 from . import snapshots as snapshots_mod
 from .cache import ImageCache
 from .console import escape_log
-from .errors import EXIT_INFRA, ImageError, Interrupted, SnapshotError, UsageError, VMLoaderError
+from .errors import EXIT_INFRA, ImageError, Interrupted, Reported, SnapshotError, UsageError, VMLoaderError
 from .job import JobSpec
-from .serving import STOP_SIGNALS
 from .snapshots import POLICIES, SnapshotStore
 
 RAW_CONSOLE_HELP = ("with --console: the guest's console bytes exactly as written, its escape sequences "
@@ -689,28 +687,16 @@ COMMANDS = {"cache": cmd_cache, "run": cmd_run, "hypervisors": cmd_hypervisors, 
             "status": cmd_status}
 
 
-def _stop_on_signals() -> None:
-    """Turn SIGTERM/SIGINT/SIGHUP into an exception, so a running job's cleanup (stop the VM,
-    keep its state, remove the overlay) still happens. Only the first one: the cleanup must
-    not be interrupted by a second (HTCondor follows up with SIGKILL if it takes too long)."""
-    def handler(signum, _frame):
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum, signal.Signals(signum).name)
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="vmloader: %(message)s")
     virt.silence_libvirt_errors()
-    _stop_on_signals()
+    stopsignals.install()       # a running job's VM is still stopped and its state kept
     try:
         cfg = config_mod.load()
         return COMMANDS[args.cmd](args, cfg)
-    except VMLoaderError as exc:
+    except Reported as exc:
         if args.debug:
             raise
         print(exc.user_text(), file=sys.stderr)

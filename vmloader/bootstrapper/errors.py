@@ -13,8 +13,8 @@ EXIT_NOT_FOUND = 127
 EXIT_TIMEOUT = 124
 
 
-class VMLoaderError(Exception):
-    """Base class: a failure vmloader itself reports (exit 125 by default)."""
+class Reported(BaseException):
+    """What the CLI reports as a message, a hint and an exit code: a VMLoaderError, or Interrupted."""
 
     exit_code = EXIT_INFRA
 
@@ -37,6 +37,10 @@ class VMLoaderError(Exception):
     def to_dict(self) -> dict:
         return {"error": type(self).__name__, "message": self.message,
                 "hint": self.hint, "phase": self.phase, "exit_code": self.exit_code}
+
+
+class VMLoaderError(Reported, Exception):
+    """Base class: a failure vmloader itself reports (exit 125 by default)."""
 
 
 class UsageError(VMLoaderError):
@@ -102,8 +106,12 @@ class SnapshotError(VMLoaderError):
     """A snapshot id is unknown or a snapshot cannot be read or written."""
 
 
-class Interrupted(VMLoaderError):
-    """vmloader itself got a termination signal (condor_rm, preemption, walltime, Ctrl-C)."""
+class Interrupted(Reported):
+    """vmloader itself got a termination signal (condor_rm, preemption, walltime, Ctrl-C).
+
+    Not a VMLoaderError (not even an Exception, as KeyboardInterrupt is not): code that tolerates
+    a failure (`except VMLoaderError`: a warm state that cannot be used, an output that cannot be
+    copied back) must not tolerate being stopped (stopsignals.py)."""
 
     def __init__(self, signum: int, name: str):
         super().__init__(f"vmloader was stopped by {name}",

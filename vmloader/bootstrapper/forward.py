@@ -117,7 +117,7 @@ def start_all(client: AgentClient, forwards: List[Forward], directory: PrivateDi
     try:
         for forward in dict.fromkeys(forwards):         # one socket per guest port
             started.append(Forwarder(client, forward, directory))
-    except VMLoaderError:
+    except BaseException:               # (a stop signal too)
         for forwarder in started:
             forwarder.close()
         raise

@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable, Mapping, Optional, TypeVar
 
 from .. import protocol as P
 from . import (bootmode, cgroups, cidata, delivery, diskfull, disklimit, firmware, guesttext, launch, privatefiles,
-               proc, qemucgroup, sandboxnames, virt, warm)
+               proc, qemucgroup, sandboxnames, stopsignals, virt, warm)
 from .agentclient import AgentClient, ByteSink, ExecResult, ExecTimeout, guest_text
 from .cache import ImageCache, ResolvedImage
 from .console import ConsoleFollower, crash_line, failure_tail
@@ -32,8 +32,8 @@ from .deliverymemory import DELIVERIES_DIR, DeliveryMemory
 from .domain import (QGA_CHANNEL, BootSpec, ChannelSpec, ConsoleSpec, DiskSpec, DomainSpec, JobMetadata,
                      NetworkSpec, domain_xml, machine_type)
 from .errors import (EXIT_INFRA, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, AgentError,
-                     GuestTimeout, ImageError, JobCommandNotExecutable, JobCommandNotFound, SnapshotError,
-                     UsageError, VMLoaderError)
+                     GuestTimeout, ImageError, Interrupted, JobCommandNotExecutable, JobCommandNotFound, Reported,
+                     SnapshotError, UsageError, VMLoaderError)
 from .hypervisors import Hypervisor
 from .launch import LaunchPlan
 from .repository import is_url, url_image
@@ -205,7 +205,7 @@ class Job:
         self.before: Optional[dict] = None      # work dir files after stage-in (collect_new)
         self.pins = ExitStack()                 # entered by JobRunner.run, closed after teardown
         self.status = EXIT_INFRA
-        self.error: Optional[VMLoaderError] = None
+        self.error: Optional[Reported] = None
         self.keep_memory = False                # a timeout leaves the command running: save the VM's memory
         self.output_errors: list = []
         self.agent_delivery: Optional[str] = None   # delivery.BUILTIN, QEMU_GUEST_AGENT, ...
@@ -309,6 +309,8 @@ class JobRunner:
                 self._boot_and_exec(job, out, err)
             except ExecTimeout:
                 job.status = EXIT_TIMEOUT
+            except Interrupted as stop:     # condor_rm, preemption, Ctrl-C (its phase: timings.py)
+                job.error, job.status = stop, stop.exit_code
             except VMLoaderError as exc:
                 if job.watch is not None and job.watch.breach is not None:
                     exc = job.watch.breach          # what made the guest stop answering
@@ -317,8 +319,9 @@ class JobRunner:
             except OSError as exc:          # e.g. the job dir's disk filled up under the command's output
                 job.error, job.status = diskfull.host_write_error(exc, job.timer.current, job.job_dir), EXIT_INFRA
             finally:
-                snapshot_id = self._finish(job)
-        diskfull.best_effort("the output tails", self._write_tails, job, out, err)
+                with stopsignals.held():    # the VM stopped, its state kept: a stop signal waits for that
+                    snapshot_id = self._finish(job)
+                    diskfull.best_effort("the output tails", self._write_tails, job, out, err)
         self._prune_snapshots()
         return self._result(job, job_id, snapshot_id)
 
@@ -602,13 +605,17 @@ class JobRunner:
             return None
         except GuestTimeout:
             raise
-        except (OSError, VMLoaderError) as exc:
+        except (OSError, VMLoaderError, Interrupted) as exc:
+            stopped = isinstance(exc, Interrupted)      # the job ends here: no cold boot after it
             why = str(getattr(exc, 'message', exc))
-            print(f"vmloader: could not save a warm state for {image.entry.ref} ({why}); this job boots cold",
-                  file=sys.stderr)
+            if not stopped:
+                print(f"vmloader: could not save a warm state for {image.entry.ref} ({why}); this job boots "
+                      "cold", file=sys.stderr)
             if machine is not None:
                 machine.destroy()
             diskfull.best_effort("the partial warm state", lane.drop)
+            if stopped:
+                raise
             return why
         finally:
             if not built:                           # the job goes on (or fails) as its own VM

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .errors import CgroupError, VMLoaderError
+from .errors import CgroupError
 from .virt import Machine, Machines
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class AccountedMachines:
             move(pid, self.placement)
             if not paused:
                 machine.resume()
-        except VMLoaderError:
+        except BaseException:           # (a stop signal too: the VM is not left running outside any job)
             machine.destroy()
             raise
         return machine

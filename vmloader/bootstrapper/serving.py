@@ -1,20 +1,20 @@
 """How vmloader's servers (`repo serve`, `cache serve`) stop on SIGTERM, SIGINT or SIGHUP.
 
-The CLI turns those signals into an exception (cli._stop_on_signals), which suits a job: its
-cleanup runs on the way out. A socketserver loop swallows it: a signal that lands while the loop
-accepts or dispatches a request raises inside `_handle_request_noblock`, whose `except
-Exception` prints it as a failed request and serves on, and the handler has already set the
-signals to be ignored, so the server outlives every later SIGTERM (seen: `repo serve` left
-running after a test's `terminate()`). Here a signal only asks the loop to end, from a thread
-of its own (`shutdown()` waits for the loop, so the loop's thread cannot call it), and the loop
-ends at its next poll, between requests.
+The CLI turns those signals into an exception (stopsignals.py), which suits a job: its
+cleanup runs on the way out. A server's loop is the wrong place for it: raised while the loop
+dispatches a request it would end the server mid-request with its socket and files as they
+were (and while that exception was an Exception, socketserver's `except Exception` printed it
+as a failed request and served on with the signals ignored: `repo serve` outlived a test's
+`terminate()`). Here a signal only asks the loop to end, from a thread of its own
+(`shutdown()` waits for the loop, so the loop's thread cannot call it), and the loop ends at
+its next poll, between requests.
 """
 import signal
 import socketserver
 import threading
 from typing import Callable, Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+from .stopsignals import STOP_SIGNALS
 
 
 def serve_until_signalled(server: socketserver.BaseServer,

@@ -3,6 +3,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Optional
 
+from .errors import Interrupted
+
 
 class PhaseTimer:
     """Times named phases; remembers which phase is running so errors can name it.
@@ -22,6 +24,9 @@ class PhaseTimer:
         started = time.monotonic()
         try:
             yield
+        except Interrupted as stop:         # raised wherever the signal landed: name the phase it stopped
+            stop.phase = stop.phase or name
+            raise
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
             self.current = previous
