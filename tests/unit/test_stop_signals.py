@@ -12,6 +12,7 @@ from vmloader.bootstrapper import stopsignals
 from vmloader.bootstrapper.errors import Interrupted, VMLoaderError
 from vmloader.bootstrapper.job import JobRunner
 
+from fakemachine import FakeMachines
 from test_job_runner import Rig, torn_down, world  # noqa: F401  (world: a fixture)
 from test_warm_start import lanes_of
 
@@ -54,15 +55,19 @@ def test_a_stop_signal_inside_a_held_block_is_raised_once_the_block_is_done(stop
     assert done == ["teardown"] and stopped.value.exit_code == 128 + signal.SIGINT
 
 
-def _signalling(method, sig: signal.Signals):
-    """`method`, sending `sig` on its first call before it runs."""
+def _signalling(method, sig: signal.Signals, after: bool = False):
+    """`method`, sending `sig` on its first call before it runs (`after`: once it has run)."""
     sent = []
 
     def wrapped(*args, **kwargs):
-        if not sent:
+        if not sent and not after:
             sent.append(sig)
             _deliver(sig)
-        return method(*args, **kwargs)
+        result = method(*args, **kwargs)
+        if not sent and after:
+            sent.append(sig)
+            _deliver(sig)
+        return result
     return wrapped
 
 
@@ -94,3 +99,13 @@ def test_a_stop_signal_during_teardown_waits_until_the_state_is_kept(world, stop
     assert rig.store.get("stopped-in-teardown").meta.exit_status == 0
     record = json.loads(Path(rig.config.jobs_dir, "stopped-in-teardown", "metadata.json").read_text())
     assert record["exit_status"] == 0 and record["snapshot"] == "stopped-in-teardown"
+
+
+def test_a_stop_signal_as_the_vm_is_created_still_stops_that_vm(world, stop_handlers, monkeypatch):
+    # Landing while libvirt creates the VM, it was raised before the runner held the machine:
+    # the VM ran on after vmloader had gone (until another vmloader reaped it).
+    rig = Rig(world)
+    monkeypatch.setattr(FakeMachines, "create", _signalling(FakeMachines.create, signal.SIGTERM, after=True))
+    result = rig.run("echo", "ran anyway", snapshot="never")
+    assert result.exit_status == 128 + signal.SIGTERM and result.error["phase"] == "define"
+    assert rig.out.getvalue() == b"" and torn_down(rig.fake)

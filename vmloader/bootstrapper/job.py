@@ -440,8 +440,9 @@ class JobRunner:
         if plan.warm:
             with job.timer.phase("restore"):
                 try:
-                    job.machine = launch.start(plan, _known(job.machines, "machines"), spec,
-                                               job.job_dir / "domain.xml")
+                    with stopsignals.held():        # a VM started is one the teardown knows of
+                        job.machine = launch.start(plan, _known(job.machines, "machines"), spec,
+                                                   job.job_dir / "domain.xml")
                 finally:
                     if job.borrowed is not None:
                         job.borrowed.restored()       # QEMU holds root's files now: root may drop them
@@ -452,7 +453,7 @@ class JobRunner:
                     raise WarmUnusable(f"its agent did not answer within {warm.AGENT_SILENCE:.0f} s "
                                        "after restore") from None
         else:
-            with job.timer.phase("define"):
+            with job.timer.phase("define"), stopsignals.held():     # (as above)
                 job.machine = launch.start(plan, _known(job.machines, "machines"), spec, job.job_dir / "domain.xml")
             with job.timer.phase("boot"):
                 client = job.client = self._connect_agent(job, resumed=plan.restores_memory)
@@ -574,7 +575,8 @@ class JobRunner:
         try:
             _private_overlay(image.disk, lane.disk, "warm build")
             spec = self._domain_spec(job, launch.cold_image(image.entry.ref), image, hypervisor, build=lane)
-            machine = machines.create(domain_xml(spec))
+            with stopsignals.held():                # (a VM started is one the cleanup below knows of)
+                machine = machines.create(domain_xml(spec))
             try:
                 client = self._connect_agent(job)
             except GuestTimeout:
