@@ -1,5 +1,3 @@
-import shutil
-
 import pytest
 
 from vmloader.bootstrapper import hypervisors
@@ -90,12 +88,3 @@ def test_xen_is_used_when_forced_on_a_dom0():
     found = hypervisors.detect(FakeProbes(xen=True))
     xen = hypervisors.choose(found, "xen")
     assert xen.domain_type == "xen" and xen.uri == "xen:///system"
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(shutil.which("libvirtd") is None, reason="libvirt not installed")
-def test_this_pvm_machine_is_probed_for_real():
-    found = by_name(hypervisors.detect(hypervisors.HostProbes()))
-    assert found["qemu"].usable
-    if hypervisors.HostProbes().kvm_modules() == {"kvm_pvm"}:
-        assert not found["kvm"].usable and "kvm_pvm" in found["kvm"].reason
