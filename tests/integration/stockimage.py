@@ -13,6 +13,7 @@ below and reused until the recipe changes. Needs root (debootstrap, chroot); no
 loop devices, no mounts (losetup -P makes no partitions on some hosts).
 
     sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
+    sudo python3 -m tests.integration.stockimage --trees  # only the debootstrap trees (make test)
 """
 import fcntl
 import hashlib
@@ -353,5 +354,19 @@ RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QG
                                                   BOOKWORM_BIOS_BAKED,
                                                   BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
 
+def prepare_trees() -> None:
+    """Every recipe's debootstrap tree (the long, mostly network-bound part of a first build), one
+    at a time under the build lock. `make test` starts this beside its own image's build on a fresh
+    machine, where the first stock test would otherwise start it minutes later."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for recipe in {tree_hash(r): r for r in RECIPES.values()}.values():
+        with open(CACHE / "build.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _debootstrap(recipe, CACHE / f"tree-{tree_hash(recipe)}")
+
+
 if __name__ == "__main__":
-    print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))
+    if sys.argv[1:] == ["--trees"]:
+        prepare_trees()
+    else:
+        print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))
