@@ -33,20 +33,20 @@ demo: image
 # the end (where the suite's minutes go).
 PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider
 VM_WORKERS ?= 4
-# On a fresh machine the stock images' debootstrap trees (minutes, much of it download) are begun
-# at once, beside debian-12's build and the first test, where one core would idle; the stock tests
-# wait for them (a lock) and find them there. In a process group of its own, ended with the suite.
-test: setup
-	@trees=; log=$$(mktemp); \
-	if [ "$$(id -u)" = 0 ]; then setsid $(VENV)/bin/python -m tests.integration.stockimage --trees >"$$log" 2>&1 & \
-	  trees=$$!; fi; \
-	stop() { [ -z "$$trees" ] || kill -- -$$trees 2>/dev/null; trees=; rm -f "$$log"; }; \
+# On a fresh machine the images and trees later tests build first (scripts/prepare-test-images) are
+# begun once debian-12 is built, beside the first tests, where a core idled (begun before, beside
+# debian-12's own build, they slowed its downloads by half a minute). In a process group of its own,
+# ended with the suite.
+test: image
+	@prepared=; log=$$(mktemp); \
+	if [ "$$(id -u)" = 0 ]; then setsid scripts/prepare-test-images >"$$log" 2>&1 & prepared=$$!; fi; \
+	stop() { [ -z "$$prepared" ] || kill -- -$$prepared 2>/dev/null; prepared=; rm -f "$$log"; }; \
 	trap stop EXIT; trap 'stop; exit 130' INT; trap 'stop; exit 143' TERM; \
 	$(MAKE) --no-print-directory suite || exit $$?; \
-	if [ -n "$$trees" ] && ! wait $$trees; then echo "stock image trees (begun beside the suite):"; tail -n 20 "$$log"; fi; \
-	trees=
+	if [ -n "$$prepared" ] && ! wait $$prepared; then echo "scripts/prepare-test-images:"; tail -n 20 "$$log"; fi; \
+	prepared=
 
-suite: image
+suite:
 	$(VENV)/bin/python -m compileall -q vmloader tests
 	$(VENV)/bin/python -m mypy vmloader
 	@log=$$(mktemp); $(PYTEST) -n 8 tests/unit >"$$log" 2>&1 & unit=$$!; \
