@@ -253,32 +253,54 @@ def test_a_warm_state_deleted_while_a_job_takes_it_is_dropped_and_the_job_boots_
                "nothing (the next job builds the state again)")
 
 
+def start_warm_build(vm_env, cwd: Path, shape: tuple, job_id: str, command: tuple) -> subprocess.Popen:
+    """`vmloader run` of a shape with no warm state yet: its first job builds one."""
+    return subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
+                             *shape, "--snapshot", "never", "--job-id", job_id, "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=cwd,
+                            stdin=subprocess.DEVNULL)
+
+
+def warm_build_booting(proc: subprocess.Popen, job_dir: Path) -> str:
+    """The VM of the warm build `proc` began, once its guest is booting (its owner.json names it)."""
+    owner, console, domain = job_dir / "owner.json", job_dir / "console.log", ""
+    deadline = time.monotonic() + 900
+    while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
+               and console.exists() and b"vmloader-init" in console.read_bytes()):
+        assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no warm build's VM within 900 s"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            domain = json.loads(owner.read_text())["domain"]
+        time.sleep(0.2)
+    return domain
+
+
+def saved_states(domain: str) -> list:
+    """The lanes saved for the state of a warm build's VM (vmloader-warm-KEY12-STORE8-N)."""
+    return list(warm.warm_root(config.load()).glob(f"{domain.split('-')[2]}*/lane-*/meta.json"))
+
+
+def drop_states(domain: str) -> None:
+    """The states of a warm build's shape: not kept for other runs."""
+    root = warm.warm_root(config.load())
+    for state in root.iterdir() if domain and root.is_dir() else []:
+        if state.name.startswith(domain.split("-")[2]):
+            shutil.rmtree(state, ignore_errors=True)
+
+
 def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleaned_up(vmloader, vm_env, state_dir,
                                                                                     tmp_path):
     """SIGKILL (the OOM killer, a node's daemon going) while the first job of a shape builds its warm
     state: the build's VM outlives vmloader; `vmloader cleanup` finds it by the job's owner.json
     and destroys it, and the next job of that shape builds the state again and starts warm."""
     shape = ("--memory", "704")                     # a shape of its own: its state is built now
-    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
-                             *shape, "--snapshot", "never", "--job-id", "warm-killed", "--", "true"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path,
-                            stdin=subprocess.DEVNULL)
-    owner, domain, key = state_dir / "jobs" / "warm-killed" / "owner.json", "", ""
+    proc = start_warm_build(vm_env, tmp_path, shape, "warm-killed", ("true",))
+    domain = ""
     try:
-        deadline = time.monotonic() + 900
-        console = state_dir / "jobs" / "warm-killed" / "console.log"   # the build's guest is booting:
-        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
-                   and console.exists() and b"vmloader-init" in console.read_bytes()):
-            assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no warm build's VM within 900 s"
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                domain = json.loads(owner.read_text())["domain"]
-            time.sleep(0.2)
-        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-STORE8-N)
+        domain = warm_build_booting(proc, state_dir / "jobs" / "warm-killed")
         proc.kill()
         proc.wait()
-        built = list(warm.warm_root(config.load()).glob(f"{key}*/lane-*/meta.json"))
-        assert built == [], "killed after the build (a restored job's VM), not during it"
+        assert saved_states(domain) == [], "killed after the build (a restored job's VM), not during it"
         assert domain in libvirt_domains()          # the build's VM outlived its vmloader
         cleaned = vmloader("cleanup", "--json")
         assert cleaned.returncode == 0, cleaned.err
@@ -295,10 +317,7 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        root = warm.warm_root(config.load())        # this shape's states: not kept for other runs
-        for state in root.iterdir() if key and root.is_dir() else []:
-            if state.name.startswith(key):
-                shutil.rmtree(state, ignore_errors=True)
+        drop_states(domain)
     record_row("vmloader killed (SIGKILL) while it builds a warm state", meta["exit_status"], "orphaned, cleaned up",
                "", "(vmloader cleanup destroyed the build's VM, named in the job's owner.json)",
                "the job record; the next job of the shape builds the state again")
@@ -310,38 +329,22 @@ def test_a_vmloader_stopped_while_it_builds_a_warm_state_ends_the_job_there_and_
     state: the job ends there (143; before, the build took the signal for a failed build and the
     job booted cold and ran on with every later signal ignored), the build's VM is destroyed and
     nothing of the state is left."""
-    shape = ("--memory", "688")                     # a shape of its own: its state is built now
-    proc = subprocess.Popen([sys.executable, "-m", "vmloader.bootstrapper.cli", "run", "--image", "debian-12",
-                             *shape, "--snapshot", "never", "--job-id", "warm-stopped", "--", "echo", "ran"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm_env, cwd=tmp_path,
-                            stdin=subprocess.DEVNULL)
-    owner, domain, key = state_dir / "jobs" / "warm-stopped" / "owner.json", "", ""
+    proc = start_warm_build(vm_env, tmp_path, ("--memory", "688"), "warm-stopped", ("echo", "ran"))
+    domain = ""
     try:
-        deadline = time.monotonic() + 900
-        console = state_dir / "jobs" / "warm-stopped" / "console.log"  # the build's guest is booting:
-        while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
-                   and console.exists() and b"vmloader-init" in console.read_bytes()):
-            assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no warm build's VM within 900 s"
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                domain = json.loads(owner.read_text())["domain"]
-            time.sleep(0.2)
-        key = domain.split("-")[2]                  # (vmloader-warm-KEY12-STORE8-N)
+        domain = warm_build_booting(proc, state_dir / "jobs" / "warm-stopped")
         proc.terminate()
         out, err = proc.communicate(timeout=120)
-        built = list(warm.warm_root(config.load()).glob(f"{key}*/lane-*/meta.json"))
+        saved = saved_states(domain)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        root = warm.warm_root(config.load())        # this shape's states: not kept for other runs
-        for state in root.iterdir() if key and root.is_dir() else []:
-            if state.name.startswith(key):
-                shutil.rmtree(state, ignore_errors=True)
+        drop_states(domain)
     text = err.decode()
     assert proc.returncode == 143 and "vmloader: [warm build] vmloader was stopped by SIGTERM" in text, text
     assert out == b"" and "boots cold" not in text
-    assert built == [] and domains_left({domain}) == set()
+    assert saved == [] and domains_left({domain}) == set()
     meta = json.loads((state_dir / "jobs" / "warm-stopped" / "metadata.json").read_text())
     assert meta["exit_status"] == 143 and meta["error"]["phase"] == "warm build"
     record_row("vmloader stopped (SIGTERM: condor_rm) while it builds a warm state", meta["exit_status"],
