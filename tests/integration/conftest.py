@@ -59,8 +59,8 @@ class Run:
 # (Measured in one run, each module's span on its worker: the stock delivery tests 10 min, the fault
 # tests 7.5, each HTCondor module about 7.3, the warm-start tests 7, the stock images 6; started
 # seventh, the fault tests ran alone for the suite's last minute.)
-# On a fresh machine (CI's case) the systemd variant's module builds its image first (over 2 min):
-# started eleventh, it began when the others were nearly done.
+# On a fresh machine (CI's case) the systemd variant's module builds its image first (over 2 min),
+# so it starts eighth, among the long ones.
 LONGEST_FIRST = ("test_stock_delivery.py", "test_faults.py", "test_condor_site.py", "test_condor.py",
                  "test_warm_start.py", "test_stock_images.py", "test_stock_bad_input.py", "test_systemd_variant.py",
                  "test_snapshot_sessions.py", "test_run.py", "test_repository.py")

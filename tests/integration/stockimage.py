@@ -354,10 +354,11 @@ RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QG
                                                   BOOKWORM_BIOS_BAKED,
                                                   BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
 
+
 def prepare_trees() -> None:
     """Every recipe's debootstrap tree (the long, mostly network-bound part of a first build), one
-    at a time under the build lock. `make test` starts this beside its own image's build on a fresh
-    machine, where the first stock test would otherwise start it minutes later."""
+    at a time under the build lock. `make test` begins this once its own image is built
+    (scripts/prepare-test-images): on a fresh machine the first stock test would begin it later."""
     CACHE.mkdir(parents=True, exist_ok=True)
     for recipe in {tree_hash(r): r for r in RECIPES.values()}.values():
         with open(CACHE / "build.lock", "a") as lock:

@@ -39,7 +39,8 @@ def install() -> None:
 @contextmanager
 def held() -> Iterator[None]:
     """A block a stop signal does not cut short (a job's teardown): a signal meanwhile is raised
-    as Interrupted when the block ends (unless the block raised: its error goes first)."""
+    as Interrupted when the block ends (if the block raised, its error goes up and the signal
+    waits for the end of the next held block: a job's teardown)."""
     global _held
     _held += 1
     try:
