@@ -12,8 +12,8 @@ from vmloader.bootstrapper.stopsignals import STOP_SIGNALS
 REPO = Path(__file__).resolve().parents[2]
 
 # A server whose one request sends the server SIGTERM: the signal lands while the loop dispatches
-# that request (a plain TCPServer handles it in the loop's own thread), where socketserver turns
-# an exception into a failed request and serves on.
+# that request (a plain TCPServer handles it in the loop's own thread), where the CLI's exception
+# would end the server mid-request (and, while it was an Exception, socketserver served on).
 SIGNALLED_MID_REQUEST = f"""
 import os, signal, socket, socketserver, sys, threading
 sys.path.insert(0, {str(REPO)!r})

@@ -608,16 +608,14 @@ class JobRunner:
         except GuestTimeout:
             raise
         except (OSError, VMLoaderError, Interrupted) as exc:
-            stopped = isinstance(exc, Interrupted)      # the job ends here: no cold boot after it
-            why = str(getattr(exc, 'message', exc))
-            if not stopped:
-                print(f"vmloader: could not save a warm state for {image.entry.ref} ({why}); this job boots "
-                      "cold", file=sys.stderr)
             if machine is not None:
                 machine.destroy()
             diskfull.best_effort("the partial warm state", lane.drop)
-            if stopped:
-                raise
+            if isinstance(exc, Interrupted):
+                raise                               # the job ends here: no cold boot after it
+            why = str(getattr(exc, 'message', exc))
+            print(f"vmloader: could not save a warm state for {image.entry.ref} ({why}); this job boots cold",
+                  file=sys.stderr)
             return why
         finally:
             if not built:                           # the job goes on (or fails) as its own VM
