@@ -261,18 +261,51 @@ def start_warm_build(vm_env, cwd: Path, shape: tuple, job_id: str, command: tupl
                             stdin=subprocess.DEVNULL)
 
 
-def warm_build_booting(proc: subprocess.Popen, job_dir: Path) -> str:
-    """The VM of the warm build `proc` began, once its guest is booting (its owner.json names it)."""
-    owner, console, domain = job_dir / "owner.json", job_dir / "console.log", ""
+AGENT_STARTING = b"vmloader-init: starting agent"      # (printed before the guest's agent can answer)
+
+
+def _paused_build_vm(proc: subprocess.Popen, job_dir: Path) -> str:
+    """The VM of the warm build `proc` began, paused by the test as soon as libvirt runs it."""
+    owner, domain = job_dir / "owner.json", ""
     deadline = time.monotonic() + 900
-    while not (domain.startswith("vmloader-warm-") and domain in libvirt_domains()   # (not still starting)
-               and console.exists() and b"vmloader-init" in console.read_bytes()):
+    while True:
         assert proc.poll() is None, f"the job ended before its warm build was seen: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "no warm build's VM within 900 s"
         with contextlib.suppress(OSError, ValueError, KeyError):
             domain = json.loads(owner.read_text())["domain"]
-        time.sleep(0.2)
-    return domain
+        if domain.startswith("vmloader-warm-") and subprocess.run(     # (fails while it is still starting)
+                ["virsh", "-c", "qemu:///system", "suspend", domain], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=120).returncode == 0:
+            return domain
+        time.sleep(0.1)
+
+
+def paused_warm_build(vm_env, cwd: Path, jobs_dir: Path, shape: tuple, job_id: str, command: tuple) -> tuple:
+    """`vmloader run` of a shape with no warm state yet, its build's VM paused before the guest began
+    its agent: the build waits for an agent that cannot answer, so it has not saved the state and
+    cannot while the test acts on it. (Paused too late, with the agent begun, the build could be
+    saving: that job is let finish, its state dropped, and another begun.) (proc, job id, domain)."""
+    for attempt in range(1, 4):
+        attempt_id = job_id if attempt == 1 else f"{job_id}-{attempt}"
+        proc = start_warm_build(vm_env, cwd, shape, attempt_id, command)
+        domain = ""
+        try:
+            domain = _paused_build_vm(proc, jobs_dir / attempt_id)
+            console = jobs_dir / attempt_id / "console.log"
+            if not (console.exists() and AGENT_STARTING in console.read_bytes()):
+                return proc, attempt_id, domain
+            subprocess.run(["virsh", "-c", "qemu:///system", "resume", domain], stdout=subprocess.DEVNULL,
+                           timeout=120)
+            proc.communicate(timeout=900)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            if proc.poll() is not None:
+                drop_states(domain)
+    raise AssertionError("three warm builds' guests began their agents before the test could pause them")
 
 
 def saved_states(domain: str) -> list:
@@ -294,20 +327,18 @@ def test_a_vmloader_killed_while_it_builds_a_warm_state_leaves_no_vm_once_cleane
     state: the build's VM outlives vmloader; `vmloader cleanup` finds it by the job's owner.json
     and destroys it, and the next job of that shape builds the state again and starts warm."""
     shape = ("--memory", "704")                     # a shape of its own: its state is built now
-    proc = start_warm_build(vm_env, tmp_path, shape, "warm-killed", ("true",))
-    domain = ""
+    proc, job_id, domain = paused_warm_build(vm_env, tmp_path, state_dir / "jobs", shape, "warm-killed", ("true",))
     try:
-        domain = warm_build_booting(proc, state_dir / "jobs" / "warm-killed")
         proc.kill()
         proc.wait()
-        assert saved_states(domain) == [], "killed after the build (a restored job's VM), not during it"
+        assert saved_states(domain) == []
         assert domain in libvirt_domains()          # the build's VM outlived its vmloader
         cleaned = vmloader("cleanup", "--json")
         assert cleaned.returncode == 0, cleaned.err
         [reaped] = cleaned.json()
-        assert reaped["job_id"] == "warm-killed" and reaped["domain_destroyed"], reaped
+        assert reaped["job_id"] == job_id and reaped["domain_destroyed"], reaped
         assert domains_left({domain}) == set()
-        meta = json.loads((state_dir / "jobs" / "warm-killed" / "metadata.json").read_text())
+        meta = json.loads((state_dir / "jobs" / job_id / "metadata.json").read_text())
         assert (meta["exit_status"], meta["outcome"]) == (125, "orphaned")
         again = vmloader("run", "--image", "debian-12", *shape, "--snapshot", "never", "--json", "--", "true")
         result = json.loads(again.stdout)
@@ -329,10 +360,9 @@ def test_a_vmloader_stopped_while_it_builds_a_warm_state_ends_the_job_there_and_
     state: the job ends there (143; before, the build took the signal for a failed build and the
     job booted cold and ran on with every later signal ignored), the build's VM is destroyed and
     nothing of the state is left."""
-    proc = start_warm_build(vm_env, tmp_path, ("--memory", "688"), "warm-stopped", ("echo", "ran"))
-    domain = ""
+    proc, job_id, domain = paused_warm_build(vm_env, tmp_path, state_dir / "jobs", ("--memory", "688"),
+                                             "warm-stopped", ("echo", "ran"))
     try:
-        domain = warm_build_booting(proc, state_dir / "jobs" / "warm-stopped")
         proc.terminate()
         out, err = proc.communicate(timeout=120)
         saved = saved_states(domain)
@@ -345,7 +375,7 @@ def test_a_vmloader_stopped_while_it_builds_a_warm_state_ends_the_job_there_and_
     assert proc.returncode == 143 and "vmloader: [warm build] vmloader was stopped by SIGTERM" in text, text
     assert out == b"" and "boots cold" not in text
     assert saved == [] and domains_left({domain}) == set()
-    meta = json.loads((state_dir / "jobs" / "warm-stopped" / "metadata.json").read_text())
+    meta = json.loads((state_dir / "jobs" / job_id / "metadata.json").read_text())
     assert meta["exit_status"] == 143 and meta["error"]["phase"] == "warm build"
     record_row("vmloader stopped (SIGTERM: condor_rm) while it builds a warm state", meta["exit_status"],
                meta["outcome"], meta["error"]["phase"], meta["error"]["message"],
