@@ -25,9 +25,9 @@ demo: image
 # core busy, not two) and the VM tests; they use no libvirtd, no image and no VM, and their output
 # is shown at the end (`make unit` alone for a quick answer).
 # Once debian-12 is built, what later tests would otherwise build first on a fresh machine is begun
-# in the background too (scripts/prepare-test-images: the pools' debian-11/13, the stock images'
-# trees; begun beside debian-12's own build, they slowed its downloads by half a minute), in a
-# process group of its own, ended with the suite.
+# in the background too (scripts/prepare-test-images: the pools' debian-11/13, the stock images, in
+# the order their tests need them; begun beside debian-12's own build, they slowed its downloads by
+# half a minute), in a process group of its own, ended with the suite.
 # The few VM tests that disturb every VM on the host (`serial`: libvirtd restarted) run first,
 # where no other VM runs.
 # The VM tests run $(VM_WORKERS) at a time on this two-core machine (much of a VM test is waiting:

@@ -13,7 +13,7 @@ below and reused until the recipe changes. Needs root (debootstrap, chroot); no
 loop devices, no mounts (losetup -P makes no partitions on some hosts).
 
     sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
-    sudo python3 -m tests.integration.stockimage --trees  # only the debootstrap trees (make test)
+    sudo python3 -m tests.integration.stockimage --prepare  # every image, in the tests' order (make test)
 """
 import fcntl
 import hashlib
@@ -364,19 +364,25 @@ RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QG
                                                   BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
 
 
-def prepare_trees() -> None:
-    """Every recipe's debootstrap tree (the long, mostly network-bound part of a first build), one
-    at a time under the build lock. `make test` begins this once its own image is built
-    (scripts/prepare-test-images): on a fresh machine the first stock test would begin it later."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for recipe in {tree_hash(r): r for r in RECIPES.values()}.values():
-        with open(CACHE / "build.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            _debootstrap(recipe, CACHE / f"tree-{tree_hash(recipe)}")
+# The order the tests first need them in (test_stock_delivery.py, then test_condor_site.py and
+# test_stock_images.py, test_stock_bad_input.py), each recipe's tree just before its first image.
+PREPARE_ORDER = (BOOKWORM_BIOS_BARE, BOOKWORM_BIOS_BAKED, BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
+                 BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS, BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)
+
+
+def prepare() -> None:
+    """Every image in RECIPES, in the order the tests need them. `make test` begins this once its own
+    image is built (scripts/prepare-test-images): on a fresh machine the stock tests would
+    otherwise build each image (and first its tree: the long, mostly network-bound part) one
+    after the other on their one worker, between their boots. Each build takes the build lock,
+    so a test needing an image meanwhile waits for the build under way and then finds its own."""
+    assert {r["name"] for r in PREPARE_ORDER} == set(RECIPES), "an image missing from PREPARE_ORDER"
+    for recipe in PREPARE_ORDER:
+        build(recipe)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--trees"]:
-        prepare_trees()
+    if sys.argv[1:] == ["--prepare"]:
+        prepare()
     else:
         print(build(RECIPES[sys.argv[1]] if len(sys.argv) > 1 else BOOKWORM_BIOS))
