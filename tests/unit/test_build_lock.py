@@ -1,4 +1,4 @@
-"""Image builds on one cache take turns (they share debootstrap trees and the built manifest)."""
+"""Image builds on one cache take turns: at a recipe's debootstrap tree, and at assembling (the built manifest)."""
 import threading
 
 import pytest
@@ -35,6 +35,7 @@ def test_an_image_built_while_waiting_is_not_built_again(tmp_path, monkeypatch):
     def must_not_build(*args):
         raise AssertionError("built twice")
     monkeypatch.setattr(build, "_build_locked", must_not_build)
+    monkeypatch.setattr(build, "_debootstrap", lambda *a: tmp_path / "tree")
     said = []
     assert build.build_image(entry, cache, progress=said.append) is entry
     assert "built while waiting" in said[-1]
@@ -49,3 +50,37 @@ def test_the_lock_is_never_taken_through_a_link(tmp_path):
         with build._one_build_at_a_time(cache, lambda m: None):
             pass
     assert (tmp_path / "elsewhere").read_text() == ""
+
+
+def _recipe(suite: str) -> catalog.Recipe:
+    return catalog.Recipe(suite=suite, packages=("python3-minimal",))
+
+
+def _enters_at_once(lock, timeout: float) -> bool:
+    """Whether a thread entering `lock` (a context manager) gets in within `timeout` s (it leaves at once)."""
+    entered = threading.Event()
+
+    def enter():
+        with lock:
+            entered.set()
+    threading.Thread(target=enter, daemon=True).start()
+    return entered.wait(timeout)
+
+
+def test_builds_of_two_recipes_debootstrap_at_once(tmp_path):
+    cache = ImageCache(tmp_path / "cache")
+    said = []
+    with build._one_debootstrap_of(_recipe("bullseye"), cache, said.append):
+        assert _enters_at_once(build._one_debootstrap_of(_recipe("trixie"), cache, said.append), 30)
+        assert _enters_at_once(build._one_build_at_a_time(cache, said.append), 30)   # and assemble meanwhile
+    assert said == []
+
+
+def test_builds_of_one_recipe_take_turns_at_its_tree_and_say_so(tmp_path):
+    cache = ImageCache(tmp_path / "cache")
+    said = []
+    with build._one_debootstrap_of(_recipe("trixie"), cache, said.append):
+        assert not _enters_at_once(build._one_debootstrap_of(_recipe("trixie"), cache, said.append), 1.0)
+        assert said == ["waiting for another build's debootstrap of trixie in this cache"]
+    lock = build.tree_path(cache.root, _recipe("trixie")).with_suffix(".lock")
+    assert lock.is_file() and not lock.is_symlink()

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 from . import initramfs, proc
 from .cache import ImageCache, sha256_file
@@ -215,12 +215,14 @@ def build_image(entry: ImageEntry, cache: ImageCache, *, force: bool = False,
     if existing and not force:
         progress(f"image {entry.name} is up to date ({version})")
         return existing
+    with _one_debootstrap_of(recipe, cache, progress):     # (other recipes' trees are made meanwhile)
+        tree = _debootstrap(recipe, cache, progress)
     with _one_build_at_a_time(cache, progress):
         existing = _up_to_date(entry, version, cache)
         if existing and not force:         # another build made it while this one waited
             progress(f"image {entry.name} is up to date ({version}): built while waiting")
             return existing
-        return _build_locked(entry, recipe, version, cache, progress)
+        return _build_locked(entry, recipe, version, tree, cache, progress)
 
 
 def _up_to_date(entry: ImageEntry, version: str, cache: ImageCache) -> Optional[ImageEntry]:
@@ -229,23 +231,40 @@ def _up_to_date(entry: ImageEntry, version: str, cache: ImageCache) -> Optional[
 
 
 @contextmanager
-def _one_build_at_a_time(cache: ImageCache, progress: Progress) -> Iterator[None]:
-    """Builds on one cache take turns: they share the debootstrap trees (a second build would
-    remove the tree the first is writing) and the built manifest. The lock is the cache's own
-    file, never opened through a link."""
+def _turn(cache: ImageCache, lock: Path, waiting: str, progress: Progress) -> Iterator[None]:
+    """Holds `lock` (the cache's own file, never opened through a link), saying `waiting` first
+    when another build holds it."""
     cache.ensure_dirs()
-    with open_lock(cache.root / "build.lock") as handle:
+    with open_lock(lock) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress("waiting for another image build in this cache to finish")
+            progress(waiting)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
-def _build_locked(entry: ImageEntry, recipe: Recipe, version: str, cache: ImageCache,
+def _one_debootstrap_of(recipe: Recipe, cache: ImageCache, progress: Progress) -> ContextManager[None]:
+    """Builds of one recipe take turns at its debootstrap tree (a second would remove the tree the
+    first is writing); builds of other recipes debootstrap meanwhile (on a fresh worker, the
+    minutes of downloads and dpkg of two suites overlap)."""
+    tree = tree_path(cache.root, recipe)
+    cache.ensure_dirs()
+    tree.parent.mkdir(mode=0o755, exist_ok=True)
+    _owned_by_us(tree.parent, stat.S_ISDIR)         # (refused: a link, or writable by others)
+    return _turn(cache, tree.with_name(tree.name + ".lock"),
+                 f"waiting for another build's debootstrap of {recipe.suite} in this cache", progress)
+
+
+def _one_build_at_a_time(cache: ImageCache, progress: Progress) -> ContextManager[None]:
+    """Builds on one cache assemble their images in turn: they share the built manifest (and the
+    scratch space, and the disk's bandwidth)."""
+    return _turn(cache, cache.root / "build.lock", "waiting for another image build in this cache to finish",
+                 progress)
+
+
+def _build_locked(entry: ImageEntry, recipe: Recipe, version: str, tree: Path, cache: ImageCache,
                   progress: Progress) -> ImageEntry:
-    tree = _debootstrap(recipe, cache, progress)
     work = cache.scratch_dir(f"build-{entry.name}")
     try:
         return _assemble(entry, recipe, version, tree, work, cache, progress)
