@@ -352,8 +352,9 @@ def pool():
     from .condor_pool import IMAGES, REPO, build_chroot, start_pool
     if os.geteuid() != 0:
         pytest.skip("the test pool needs root (debootstrap, namespaces)")
-    # On a fresh machine the HTCondor chroot (about two minutes) is built beside the images (one
-    # after another: one build at a time per cache), not after them; fast when both are there.
+    # On a fresh machine the HTCondor chroot (about a minute) is built beside the images, not after
+    # them (make test's prepare step has begun debian-11 and debian-13 at once: these builds wait
+    # for theirs and find them); fast when all are there.
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
         chroot = beside.submit(build_chroot)
         for image in IMAGES:

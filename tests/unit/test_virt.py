@@ -1,11 +1,12 @@
 """virt.py's parts that need no libvirt daemon: telling that a killed QEMU has exited, and bounding
-the calls that wait on QEMU moving a VM's memory."""
+the calls that wait on QEMU moving a VM's memory, trying again a name libvirt still removes."""
 import os
 import signal
 import subprocess
 import threading
 import time
 
+import libvirt
 import pytest
 
 from vmloader.bootstrapper import virt
@@ -84,3 +85,36 @@ def test_a_stop_signal_during_a_memory_save_surfaces_once_the_save_returned():
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert "save returned" in order                           # when the stop surfaced, the save had returned
+
+
+class NameStillRemoved:
+    """A libvirt that refuses a new VM of a name while it removes an ended one, `times` times."""
+    def __init__(self, times: int, message: str = "Requested operation is not valid: domain 'vmloader-warm-x-0' "
+                                                    "is already being removed"):
+        self.times, self.message, self.calls = times, message, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.times:
+            raise libvirt.libvirtError(self.message)
+        return "domain"
+
+
+def test_a_vm_name_libvirt_still_removes_is_tried_again_until_it_is_free():
+    call = NameStillRemoved(3)
+    assert virt.while_name_removed(call) == "domain" and call.calls == 4
+
+
+def test_a_name_removed_for_longer_than_the_wait_gives_libvirts_error(monkeypatch):
+    monkeypatch.setattr(virt, "NAME_WAIT", 0.1)
+    call = NameStillRemoved(10 ** 6)
+    with pytest.raises(libvirt.libvirtError, match="already being removed"):
+        virt.while_name_removed(call)
+    assert 2 <= call.calls < 10 ** 6
+
+
+def test_other_libvirt_errors_are_not_tried_again():
+    call = NameStillRemoved(1, "operation failed: domain 'vmloader-warm-x-0' already exists with uuid 1234")
+    with pytest.raises(libvirt.libvirtError, match="already exists"):
+        virt.while_name_removed(call)
+    assert call.calls == 1

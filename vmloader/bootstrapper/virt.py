@@ -8,11 +8,13 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, TypeVar
 
 import libvirt
 
 from .errors import LibvirtError
+
+T = TypeVar("T")
 
 _START_HINTS = {
     "qemu:///system": "start the daemons as root: `virtlogd -d; libvirtd -d` (make demo does this)",
@@ -279,6 +281,23 @@ def wait_exited(pidfd: int, seconds: float) -> bool:
     return bool(poller.poll(int(seconds * 1000)))
 
 
+def while_name_removed(call: Callable[[], T]) -> T:
+    """`call` (a libvirt call making a VM of a name), again while libvirt still removes an ended VM
+    of that name, up to NAME_WAIT seconds. libvirt's lookups no longer see a VM it is removing (so
+    `_wait_name_free` finds the name free), but it refuses a new one of that name until it is gone
+    ("domain '...' is already being removed"): a lane's next job, restored at once after the last
+    one's VM was killed, met that on a busy host and took the warm state for unusable."""
+    deadline = time.monotonic() + NAME_WAIT
+    while True:
+        try:
+            return call()
+        except libvirt.libvirtError as exc:
+            if "is already being removed" not in (exc.get_error_message() or str(exc)) \
+                    or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.02)
+
+
 class LibvirtMachines:
     """The real hypervisor connection (libvirt + QEMU or Xen)."""
 
@@ -308,7 +327,7 @@ class LibvirtMachines:
         if name:
             self._wait_name_free(name)
         try:
-            domain = self.conn.createXML(xml, flags)
+            domain = while_name_removed(lambda: self.conn.createXML(xml, flags))
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
         return LibvirtMachine(domain, domain.name(), self.uri)
@@ -323,7 +342,8 @@ class LibvirtMachines:
         flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         self._wait_name_free(name)
         try:
-            finished = within(MEMORY_STATE_LIMIT, lambda: self.conn.restoreFlags(str(state), xml, flags))
+            finished = within(MEMORY_STATE_LIMIT,
+                              lambda: while_name_removed(lambda: self.conn.restoreFlags(str(state), xml, flags)))
             machine = LibvirtMachine(self.conn.lookupByName(name), name, self.uri)
         except libvirt.libvirtError as exc:
             raise translate(exc, "define") from None
