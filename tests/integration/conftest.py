@@ -353,8 +353,8 @@ def pool():
     if os.geteuid() != 0:
         pytest.skip("the test pool needs root (debootstrap, namespaces)")
     # On a fresh machine the HTCondor chroot (about a minute) is built beside the images, not after
-    # them (make test's prepare step has begun debian-11 and debian-13 at once: these builds wait
-    # for theirs and find them); fast when all are there.
+    # them (make test's prepare step has begun debian-11 and debian-13: these builds wait for its
+    # and find them); fast when all are there.
     with concurrent.futures.ThreadPoolExecutor(1) as beside:
         chroot = beside.submit(build_chroot)
         for image in IMAGES:
