@@ -10,7 +10,8 @@ and no qemu-guest-agent.
 
 Built once (several minutes) into the test cache under a hash of the recipe
 below and reused until the recipe changes. Needs root (debootstrap, chroot); no
-loop devices, no mounts (losetup -P makes no partitions on some hosts).
+loop devices (losetup -P makes no partitions on some hosts), and no mount outside a build's own
+mount namespace (its root: an overlay over the tree).
 
     sudo python3 -m tests.integration.stockimage [NAME]   # build (or find) it, print its path
     sudo python3 -m tests.integration.stockimage --prepare  # every image, in the tests' order (make test)
@@ -281,10 +282,9 @@ def root_fs_offset(layout: str) -> int:
 
 
 def root_fs_bytes(recipe: dict) -> int:
-    size = recipe["disk_gib"] * 2 ** 30
-    if recipe.get("layout") == "gpt-esp":
-        return size - (2 + ESP_MIB) * 2 ** 20
-    return size - 2 ** 20
+    """The root partition's size: the disk less what lies before it (and on GPT the backup table's MiB)."""
+    layout = recipe.get("layout", "mbr")
+    return recipe["disk_gib"] * 2 ** 30 - root_fs_offset(layout) - (2 ** 20 if layout == "gpt-esp" else 0)
 
 
 def build(recipe: dict = BOOKWORM_BIOS) -> Path:
@@ -377,16 +377,12 @@ def _assemble(recipe: dict, tree: Path, work: Path) -> None:
     os.chmod(tmp, 0o644)
 
 
-RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS_BARE,
-                                                  BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
-                                                  BOOKWORM_BIOS_BAKED,
+# In the order the tests first need them (test_stock_delivery.py, then test_condor_site.py and
+# test_stock_images.py, test_stock_bad_input.py): prepare() builds them so, each recipe's tree just
+# before its first image.
+RECIPES = {recipe["name"]: recipe for recipe in (BOOKWORM_BIOS_BARE, BOOKWORM_BIOS_BAKED, BOOKWORM_BIOS_XFS_QGA_ONLY,
+                                                  BOOKWORM_BIOS_QGA_NO_EXEC, BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS,
                                                   BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)}
-
-
-# The order the tests first need them in (test_stock_delivery.py, then test_condor_site.py and
-# test_stock_images.py, test_stock_bad_input.py), each recipe's tree just before its first image.
-PREPARE_ORDER = (BOOKWORM_BIOS_BARE, BOOKWORM_BIOS_BAKED, BOOKWORM_BIOS_XFS_QGA_ONLY, BOOKWORM_BIOS_QGA_NO_EXEC,
-                 BOOKWORM_BIOS_QGA_ONLY, BOOKWORM_BIOS, BOOKWORM_BIOS_CLOUD_INIT_NO_SEED, TRIXIE_UEFI)
 
 
 def prepare() -> None:
@@ -395,8 +391,7 @@ def prepare() -> None:
     otherwise build each image (and first its tree: the long, mostly network-bound part) one
     after the other on their one worker, between their boots. Each build takes the build lock,
     so a test needing an image meanwhile waits for the build under way and then finds its own."""
-    assert {r["name"] for r in PREPARE_ORDER} == set(RECIPES), "an image missing from PREPARE_ORDER"
-    for recipe in PREPARE_ORDER:
+    for recipe in RECIPES.values():
         build(recipe)
 
 

@@ -231,10 +231,9 @@ def _up_to_date(entry: ImageEntry, version: str, cache: ImageCache) -> Optional[
 
 
 @contextmanager
-def _turn(cache: ImageCache, lock: Path, waiting: str, progress: Progress) -> Iterator[None]:
+def _turn(lock: Path, waiting: str, progress: Progress) -> Iterator[None]:
     """Holds `lock` (the cache's own file, never opened through a link), saying `waiting` first
     when another build holds it."""
-    cache.ensure_dirs()
     with open_lock(lock) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,15 +251,15 @@ def _one_debootstrap_of(recipe: Recipe, cache: ImageCache, progress: Progress) -
     cache.ensure_dirs()
     tree.parent.mkdir(mode=0o755, exist_ok=True)
     _owned_by_us(tree.parent, stat.S_ISDIR)         # (refused: a link, or writable by others)
-    return _turn(cache, tree.with_name(tree.name + ".lock"),
+    return _turn(tree.with_name(tree.name + ".lock"),
                  f"waiting for another build's debootstrap of {recipe.suite} in this cache", progress)
 
 
 def _one_build_at_a_time(cache: ImageCache, progress: Progress) -> ContextManager[None]:
     """Builds on one cache assemble their images in turn: they share the built manifest (and the
     scratch space, and the disk's bandwidth)."""
-    return _turn(cache, cache.root / "build.lock", "waiting for another image build in this cache to finish",
-                 progress)
+    cache.ensure_dirs()
+    return _turn(cache.root / "build.lock", "waiting for another image build in this cache to finish", progress)
 
 
 def _build_locked(entry: ImageEntry, recipe: Recipe, version: str, tree: Path, cache: ImageCache,
